@@ -1,0 +1,184 @@
+"""`ember` command line: pull, list, generate, chat. Every command consumes the engine's one stream."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ember.errors import EmberError
+
+app = typer.Typer(
+    name="ember",
+    help="ember — a local LLM runtime. Run GGUF models on your CPU or GPU: generate, chat, batch.\n\n"
+    "The default model (smollm2-135m, SmolLM2-135M-Instruct) is pulled on first use.\n\n"
+    "Examples:\n\n  ember generate \"The capital of France is\" --max-tokens 16\n\n"
+    "  ember chat --system \"You are terse.\"\n\n  ember pull gemma3-270m",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model alias (see `ember list`) or a .gguf path.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, npu or auto (cuda > npu > cpu).")]
+DtypeOpt = Annotated[str, typer.Option(help="Compute dtype: auto, float32, bfloat16, float16.")]
+TemplateOpt = Annotated[Path | None, typer.Option("--chat-template", help="Jinja chat template file to use instead of the model's.")]
+CtxOpt = Annotated[int | None, typer.Option("--max-model-len", help="Context length to allow (default: the model's).")]
+
+
+def sampling_options(max_tokens: int | None, temperature: float, top_k: int, top_p: float, min_p: float,
+                     repetition_penalty: float, presence_penalty: float, frequency_penalty: float,
+                     seed: int | None, stop: list[str] | None, min_tokens: int = 0, ignore_eos: bool = False):
+    from ember.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                          frequency_penalty=frequency_penalty, seed=seed, stop=stop or [], min_tokens=min_tokens,
+                          ignore_eos=ignore_eos)
+
+
+def load_model(model: str | None, device: str, dtype: str, chat_template: Path | None, max_model_len: int | None):
+    import ember
+
+    err = sys.stderr
+    t0 = time.perf_counter()
+    llm = ember.load(model, device=device, dtype=dtype, chat_template=chat_template, max_model_len=max_model_len,
+                     quiet=False)
+    print(f"[ember] {llm!r} loaded in {time.perf_counter() - t0:.1f}s", file=err)
+    return llm
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to continue ('-' reads standard input).")],
+    model: ModelOpt = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (deterministic).")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 40,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 0.95,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability (0 = off).")] = 0.05,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off).")] = 1.0,
+    presence_penalty: Annotated[float, typer.Option(help="OpenAI-style, -2..2.")] = 0.0,
+    frequency_penalty: Annotated[float, typer.Option(help="OpenAI-style, -2..2.")] = 0.0,
+    min_tokens: Annotated[int, typer.Option(help="Generate at least this many tokens.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same text.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop before this string (repeatable).")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-sequence tokens.")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message through the chat template.")] = False,
+    system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
+    chat_template: TemplateOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_model_len: CtxOpt = None,
+    stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Print token counts and speed to stderr.")] = True,
+) -> None:
+    """Stream a continuation of PROMPT to standard output."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if system is not None and not chat:
+        raise EmberError("--system only applies with --chat (it is a chat message)")
+    params = sampling_options(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                              frequency_penalty, seed, stop, min_tokens, ignore_eos)
+    llm = load_model(model, device, dtype, chat_template, max_model_len)
+    if chat:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        stream = llm.chat(msgs, params, stream=True)
+    else:
+        stream = llm.stream(prompt, params)
+    t0 = time.perf_counter()
+    t_first = None
+    last = None
+    for out in stream:
+        if t_first is None:
+            t_first = time.perf_counter()
+        sys.stdout.write(out.text)
+        sys.stdout.flush()
+        last = out
+    t_end = time.perf_counter()
+    sys.stdout.write("\n")
+    if stats and last is not None and t_first is not None:
+        n = last.usage.completion_tokens
+        decode = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else float("nan")
+        print(f"[ember] prompt {last.usage.prompt_tokens} tokens, first token {1000 * (t_first - t0):.0f} ms; "
+              f"{n} tokens, decode {decode:.1f} tok/s; finish_reason={last.finish_reason}", file=sys.stderr)
+
+
+@app.command(name="chat")
+def chat_cmd(
+    model: ModelOpt = None,
+    system: Annotated[str | None, typer.Option(help="System message for the conversation.")] = None,
+    input_file: Annotated[Path | None, typer.Option("-i", "--input", help="Load a saved conversation (JSON) and continue it.")] = None,
+    output_file: Annotated[Path | None, typer.Option("-o", "--output", help="Save the conversation here (JSON).")] = None,
+    io_file: Annotated[Path | None, typer.Option("-io", "--io", help="Load from and save to this file.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
+    top_k: Annotated[int, typer.Option(help="0 = off.")] = 40,
+    top_p: Annotated[float, typer.Option(help="1 = off.")] = 0.95,
+    min_p: Annotated[float, typer.Option(help="0 = off.")] = 0.05,
+    repetition_penalty: Annotated[float, typer.Option(help="1 = off.")] = 1.0,
+    presence_penalty: Annotated[float, typer.Option()] = 0.0,
+    frequency_penalty: Annotated[float, typer.Option()] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible replies.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop strings (repeatable).")] = None,
+    chat_template: TemplateOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_model_len: CtxOpt = None,
+) -> None:
+    """Chat with a model. Type `exit`, `quit`, `bye` or Ctrl-D to leave (the history is saved);
+    Ctrl-C stops a reply while it streams."""
+    from ember.cli.chat import ChatSession
+
+    if io_file is not None and (input_file is not None or output_file is not None):
+        raise EmberError("use either -io FILE, or -i FILE and/or -o FILE, not both")
+    load_from = io_file or input_file
+    save_to = io_file or output_file
+    params = sampling_options(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                              frequency_penalty, seed, stop)
+    history = ChatSession.read_history(load_from) if load_from else []
+    llm = load_model(model, device, dtype, chat_template, max_model_len)
+    ChatSession(llm, params, history, system=system, save_to=save_to).run()
+
+
+@app.command()
+def pull(
+    name: Annotated[str, typer.Argument(help="Model alias, e.g. smollm2-135m or gemma3-270m (see `ember list`).")],
+    force: Annotated[bool, typer.Option("--force", help="Download again even when cached.")] = False,
+) -> None:
+    """Download a model into the cache (EMBER_HOME, default ~/.cache/ember) and verify its sha256."""
+    from ember.hub import pull as do_pull
+
+    print(do_pull(name, force=force))
+
+
+@app.command(name="list")
+def list_cmd() -> None:
+    """List known model aliases and the models in the cache."""
+    from ember.hub import ember_home, list_models
+
+    rows = list_models()
+    print(f"{'NAME':<16} {'SIZE':>9}  {'CACHED':<6}  DESCRIPTION")
+    for r in rows:
+        size = f"{r.size / 1e6:.0f} MB" if r.size else "?"
+        mark = "yes" if r.cached else "no"
+        name = r.name + (" *" if r.is_default else "")
+        print(f"{name:<16} {size:>9}  {mark:<6}  {r.description}")
+    print(f"\n* default model. Cache: {ember_home()}. Any local .gguf path works wherever a model is named.")
+
+
+def main() -> None:
+    try:
+        app()
+    except EmberError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)

@@ -1,0 +1,112 @@
+"""ModelConfig (architecture hyper-parameters) and EngineConfig (runtime knobs), checked on construction."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ember.errors import ParameterError
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_dim: int | None = None  # rotated dims per head (None = all of head_dim)
+    rope_scaling: dict[str, Any] | None = None  # {"type": "llama3" | "linear", "factor": ..., ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2-style q/k/v bias
+    extra: dict[str, Any] = field(default_factory=dict)  # architecture-specific values (e.g. sliding window)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ParameterError(f"ModelConfig.{name}={v!r} is invalid: it must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ParameterError(
+                f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.rope_dim is None:
+            self.rope_dim = self.head_dim
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' is fp32 on CPU (dequantized weights run fastest there) and bf16 on accelerators."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ParameterError(f"dtype={dtype!r} is invalid: use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' picks cuda, then npu (when torch_npu imports), then cpu."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        try:
+            import torch_npu  # noqa: F401
+
+            if torch.npu.is_available():  # type: ignore[attr-defined]
+                return torch.device("npu")
+        except ImportError:
+            pass
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ParameterError(f"device={device!r} is invalid: use auto, cpu, cuda, cuda:N or npu ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError("device='cuda' was asked for but this torch build sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def _default_kv_bytes() -> int:
+    """A fifth of the available RAM, capped at 2 GiB: room for many requests, little risk of swapping."""
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        avail = 8 << 30
+    return int(min(2 << 30, max(256 << 20, avail // 5)))
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int | None = None  # None: the model's context length
+    kv_cache_memory: int | None = None  # bytes for the KV cache; None: a fifth of free RAM, <= 2 GiB
+    block_size: int = 16  # tokens per KV-cache block
+    max_num_seqs: int = 64  # requests running at once
+    max_num_batched_tokens: int = 512  # token budget per engine step (chunked prefill beyond it)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ParameterError(f"EngineConfig.{name}={v!r} is invalid: it must be a positive integer")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ParameterError(f"EngineConfig.max_model_len={self.max_model_len!r} must be an integer >= 2")
+        if self.kv_cache_memory is None:
+            self.kv_cache_memory = _default_kv_bytes()
+        elif not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0:
+            raise ParameterError(f"EngineConfig.kv_cache_memory={self.kv_cache_memory!r} must be a positive byte count")

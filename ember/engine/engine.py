@@ -1,0 +1,114 @@
+"""Engine: add requests, step (schedule -> run -> postprocess), abort. Every surface drives this."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ember.config import EngineConfig, ModelConfig
+from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.engine.kv_cache import KVCache
+from ember.engine.outputs import RequestOutput, Usage
+from ember.engine.request import Request
+from ember.engine.runner import ModelRunner
+from ember.engine.sampler import Sampler, SamplingState
+from ember.engine.scheduler import Scheduler, SchedulerOutput
+from ember.errors import ContextLengthError, ParameterError
+from ember.sampling_params import SamplingParams
+from ember.tokenizer import Tokenizer
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, model_config: ModelConfig,
+                 engine_config: EngineConfig, kv: KVCache) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, engine_config
+        self.max_model_len = min(engine_config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings)
+        self.kv = kv
+        self.scheduler = Scheduler(engine_config, kv)
+        self.runner = ModelRunner(model, kv, kv.k[0].device)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ParameterError("the prompt is empty: give at least one token of text")
+        room = self.max_model_len - n
+        if room < 1:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens but the context holds {self.max_model_len}; shorten the prompt")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ContextLengthError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} tokens, "
+                f"over the context of {self.max_model_len}; lower max_tokens to {room} or shorten the prompt")
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if self.kv.blocks_needed(n + max_tokens) > self.kv.num_blocks:
+            raise ContextLengthError(
+                f"this request needs up to {n + max_tokens} tokens of KV cache but it holds "
+                f"{self.kv.capacity_tokens}; give the cache more memory or lower max_tokens")
+        vocab = self.tokenizer.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ParameterError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
+        kwargs = {"request_id": request_id} if request_id else {}
+        req = Request(list(prompt_token_ids), params, max_tokens, eos | frozenset(params.stop_token_ids), **kwargs)
+        if req.request_id in self.requests:
+            raise ParameterError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self._detok[req.request_id] = IncrementalDetokenizer(
+            self.tokenizer, req.prompt_token_ids, stop=params.stop, skip_special_tokens=params.skip_special_tokens)
+        self.scheduler.add(req)
+        return req.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request at once and free its blocks; returns its final (empty) output."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req, "abort")
+        self._detok.pop(request_id, None)
+        return RequestOutput(request_id, "", [], True, "abort", Usage(req.num_prompt_tokens, req.num_output_tokens))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        logits = self.runner.run(batch)
+        return self._postprocess(batch, logits)
+
+    def _postprocess(self, batch: SchedulerOutput, logits) -> list[RequestOutput]:
+        sampling = [s.request for s in batch.seqs if s.samples]
+        if not sampling:
+            return []
+        states = [SamplingState(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.eos_token_ids)
+                  for r in sampling]
+        sampled = self.sampler(logits, states)
+        outs = []
+        for req, tok, lp in zip(sampling, sampled.token_ids, sampled.logprobs, strict=True):
+            outs.append(self._append(req, tok, lp))
+        return outs
+
+    def _append(self, req: Request, tok: int, lp) -> RequestOutput:
+        req.output_token_ids.append(tok)
+        detok = self._detok[req.request_id]
+        reason = None
+        if tok in req.eos_token_ids and req.num_output_tokens > req.params.min_tokens - 1:
+            reason, text = "stop", detok.finish()  # the terminator itself is not part of the text
+        else:
+            text = detok.add(tok)
+            if detok.stopped:
+                reason = "stop"
+            elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+                reason, text = "length", text + detok.finish()
+        usage = Usage(req.num_prompt_tokens, req.num_output_tokens)
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+            del self.requests[req.request_id], self._detok[req.request_id]
+        return RequestOutput(req.request_id, text, [tok], reason is not None, reason, usage,
+                             None if lp is None else [lp])

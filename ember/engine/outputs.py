@@ -1,0 +1,50 @@
+"""What the engine hands back: a stream of RequestOutput deltas, joined into CompletionOutput."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ember.engine.sampler import TokenLogprobs
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class RequestOutput:
+    """One engine step's news for one request: the text and tokens added since the last one."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    usage: Usage
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """A whole generation: what generate() and chat(stream=False) return."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    logprobs: list[TokenLogprobs] | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.token_ids.extend(out.token_ids)
+        if out.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + out.logprobs
+        self.finish_reason, self.usage = out.finish_reason, out.usage

@@ -1,0 +1,155 @@
+"""Offline API over the engine: generate(), stream(), chat(). One generation path for every surface."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from ember.engine.engine import Engine
+from ember.engine.kv_cache import KVCache
+from ember.engine.outputs import CompletionOutput, RequestOutput
+from ember.errors import ParameterError, TemplateError
+from ember.sampling_params import SamplingParams
+from ember.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+Messages = list[dict[str, Any]]
+
+
+class LLM:
+    """A loaded model with its engine. Build one with `ember.load(...)`."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_config: ModelConfig, source: Path,
+                 device: torch.device, dtype: torch.dtype, chat_template: str | None = None,
+                 load_seconds: float = 0.0) -> None:
+        self.engine, self.tokenizer, self.config, self.source = engine, tokenizer, model_config, source
+        self.device, self.dtype, self.chat_template = device, dtype, chat_template
+        self.load_seconds = load_seconds
+
+    def __repr__(self) -> str:
+        return (f"LLM({self.source.name}, arch={self.config.architecture}, device={self.device}, "
+                f"dtype={str(self.dtype).removeprefix('torch.')}, context={self.engine.max_model_len})")
+
+    # ---- prompts ----------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ParameterError("a prompt must be a string or a list of token ids (ints)")
+        return ids
+
+    def encode_chat(self, messages: Messages, *, chat_template: str | None = None,
+                    add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt,
+                                          chat_template=chat_template or self.chat_template, **template_kwargs)
+
+    def logits(self, prompt: Prompt) -> torch.Tensor:
+        """Next-token logits [S, V] (fp32) at every position of the prompt: scoring, perplexity."""
+        ids = self.encode(prompt)
+        if not 0 < len(ids) <= min(self.engine.max_model_len, self.engine.kv.capacity_tokens):
+            raise ParameterError(f"cannot score {len(ids)} tokens: give 1..{self.engine.max_model_len}")
+        return self.engine.runner.score(ids)
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
+                 ) -> list[CompletionOutput]:
+        """Generate for one or many prompts (batched by the engine); outputs in prompt order."""
+        batch = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
+        return self._run([self.encode(p) for p in batch], params or SamplingParams())
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield RequestOutput deltas (text, token ids, logprobs) as they are generated.
+
+        Leaving the loop early (break, exception, Ctrl-C) aborts the request and frees its cache.
+        """
+        return self._stream_ids(self.encode(prompt), params or SamplingParams())
+
+    def chat(self, messages: Messages, params: SamplingParams | None = None, *, stream: bool = False,
+             chat_template: str | None = None, add_generation_prompt: bool = True, **template_kwargs: Any
+             ) -> CompletionOutput | Iterator[RequestOutput]:
+        """Reply to a conversation rendered with the model's chat template (or `chat_template`)."""
+        ids = self.encode_chat(messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                               **template_kwargs)
+        params = params or SamplingParams()
+        if stream:
+            return self._stream_ids(ids, params)
+        return self._run([ids], params)[0]
+
+    def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[CompletionOutput]:
+        ids = [self.engine.add_request(p, params) for p in prompts]
+        results = {rid: CompletionOutput(rid, p) for rid, p in zip(ids, prompts, strict=True)}
+        try:
+            while any(r.finish_reason is None for r in results.values()):
+                for out in self.engine.step():
+                    if out.request_id in results:
+                        results[out.request_id].add(out)
+        finally:
+            for rid, r in results.items():
+                if r.finish_reason is None:
+                    self.engine.abort(rid)
+        return [results[rid] for rid in ids]
+
+    def _stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        rid = self.engine.add_request(prompt_ids, params)  # errors surface here, before the first next()
+        return self._stream_loop(rid)
+
+    def _stream_loop(self, rid: str) -> Iterator[RequestOutput]:
+        done = False
+        try:
+            while not done:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
+        finally:
+            if not done:
+                self.engine.abort(rid)
+
+
+def _is_token_list(x: object) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
+
+
+def _read_template(chat_template: str | os.PathLike[str] | None) -> str | None:
+    """A template is given inline or as a file path."""
+    if chat_template is None:
+        return None
+    text = str(chat_template)
+    if "{%" in text or "{{" in text:
+        return text
+    path = Path(text)
+    if not path.is_file():
+        raise TemplateError(f"chat template file {path} does not exist (give a jinja file or the template text)")
+    return path.read_text(encoding="utf-8")
+
+
+def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", dtype: str = "auto",
+         chat_template: str | os.PathLike[str] | None = None, max_model_len: int | None = None,
+         kv_cache_memory: int | None = None, quantize: str | None = None, quiet: bool = True) -> LLM:
+    """Load a model by alias ('smollm2-135m', the default) or local .gguf path, ready to generate."""
+    from ember.hub import DEFAULT_MODEL, ember_home, resolve_model
+    from ember.models.loader import build_model
+    from ember.weights.gguf import GGUFFile
+
+    if quantize is not None:
+        raise ParameterError(f"quantize={quantize!r}: on-load quantization is not available yet in this version")
+    t0 = time.perf_counter()
+    path = resolve_model(model or DEFAULT_MODEL, quiet=quiet)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    gguf = GGUFFile(path)
+    cfg = gguf.config()
+    engine_cfg = EngineConfig(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory)
+    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, cache_dir=ember_home() / "tokenizers")
+    net = build_model(cfg, gguf.tensors(), dt, dev)
+    kv = KVCache(cfg, engine_cfg.kv_cache_memory, engine_cfg.block_size, dt, dev)  # type: ignore[arg-type]
+    engine = Engine(net, tokenizer, cfg, engine_cfg, kv)
+    return LLM(engine, tokenizer, cfg, Path(path), dev, dt, _read_template(chat_template),
+               time.perf_counter() - t0)

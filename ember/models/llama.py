@@ -1,0 +1,91 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM): RMSNorm, RoPE, GQA, SwiGLU, tied or separate head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.config import ModelConfig
+from ember.layers.attention import ForwardContext, paged_attention
+from ember.layers.embedding import Embedding
+from ember.layers.linear import Linear
+from ember.layers.norm import RMSNorm
+from ember.layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.h, self.hkv, self.dh = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, kv = self.h * self.dh, self.hkv * self.dh
+        self.qkv_proj = Linear(cfg.hidden_size, [q, kv, kv], bias=cfg.attention_bias, shards=("q", "k", "v"))
+        self.o_proj = Linear(q, cfg.hidden_size)
+        self.scale = self.dh**-0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.h * self.dh, self.hkv * self.dh, self.hkv * self.dh], dim=-1)
+        q = apply_rope(q.view(t, self.h, self.dh), cos, sin)  # [T, H, Dh]
+        k = apply_rope(k.view(t, self.hkv, self.dh), cos, sin)  # [T, Hkv, Dh]
+        o = paged_attention(q, k, v.view(t, self.hkv, self.dh), self.layer, ctx, self.scale)
+        return self.o_proj(o.reshape(t, self.h * self.dh))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, [self.inter, self.inter], shards=("gate", "up"))
+        self.down_proj = Linear(self.inter, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint module name -> (fused module, shard): parameters know how to load themselves
+    packed_modules = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                      "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.register_buffer("rope_freqs", torch.ones(cfg.rope_dim // 2), persistent=False)  # type: ignore[operator]
+        self.inv_freq: torch.Tensor | None = None
+
+    def post_load(self) -> None:
+        """Called once weights are in: derive the rotary frequencies (they may depend on a loaded tensor)."""
+        c = self.config
+        self.inv_freq = rope_inv_freq(c.rope_dim, c.rope_theta, c.rope_scaling, self.rope_freqs).to(
+            self.rope_freqs.device)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids: [T] flat tokens of all sequences -> hidden states [T, D]."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(ctx.positions, self.inv_freq, x.dtype)  # [T, rd/2]
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, D] (last position of each sequence) -> logits [B, V] in fp32."""
+        return self.lm_head(hidden).float()

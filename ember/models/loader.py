@@ -1,0 +1,73 @@
+"""Walk a checkpoint's named tensors into a model: each tensor goes to the layer that owns it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ember.config import ModelConfig
+from ember.errors import ModelFormatError
+from ember.layers.embedding import Embedding
+from ember.layers.linear import Linear
+from ember.layers.norm import RMSNorm
+from ember.models.registry import model_class
+from ember.weights.base import RawTensor
+
+
+def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtype: torch.dtype,
+                device: torch.device, quantize: str | None = None) -> nn.Module:
+    model = model_class(cfg)(cfg)
+    packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    embed_raw: RawTensor | None = None
+    for name, raw in tensors:
+        path, _, suffix = name.rpartition(".")
+        parent, _, leaf = path.rpartition(".")
+        shard = ""
+        if leaf in packed:
+            fused, shard = packed[leaf]
+            path = f"{parent}.{fused}" if parent else fused
+        mod = modules.get(path)
+        if isinstance(mod, Linear):
+            _guard(lambda m=mod, s=shard, r=raw, b=suffix == "bias": m.load(s, r, b), name)
+        elif isinstance(mod, Embedding):
+            embed_raw = raw
+            _check_shape(raw, (mod.num_embeddings, mod.dim))
+            mod.weight = nn.Parameter(raw.dequantize(torch.float32).to(dtype).to(device), requires_grad=False)
+        elif name in params or name in buffers:
+            target = params.get(name, buffers.get(name))
+            _check_shape(raw, tuple(target.shape))
+            target.data = raw.dequantize(torch.float32).to(device)
+        # tensors the model doesn't use are skipped on purpose (e.g. unused rope caches)
+    lm_head = getattr(model, "lm_head", None)
+    if cfg.tie_word_embeddings and isinstance(lm_head, Linear) and embed_raw is not None:
+        lm_head.load("", embed_raw)
+    missing = [f"{n}: {m.missing}" for n, m in modules.items() if isinstance(m, Linear) and m.missing]
+    if missing:
+        raise ModelFormatError(f"the checkpoint lacks weights for: {'; '.join(missing[:5])}")
+    for m in modules.values():
+        if isinstance(m, Linear):
+            m.finalize(dtype, device, quantize)
+    if cfg.tie_word_embeddings and isinstance(lm_head, Linear) and lm_head.method.name == "dense":
+        lm_head.weight = model.embed_tokens.weight  # share, don't hold a second dense copy
+    for m in modules.values():
+        if isinstance(m, RMSNorm):
+            m.weight.data = m.weight.data.to(device=device, dtype=torch.float32)  # norms stay fp32: cheap, exact
+    model.post_load()
+    return model.eval()
+
+
+def _check_shape(raw: RawTensor, expect: tuple[int, ...]) -> None:
+    if tuple(raw.shape) != expect:
+        raise ModelFormatError(f"tensor {raw.name} has shape {tuple(raw.shape)}; the model config implies {expect}")
+
+
+def _guard(fn, name: str) -> None:
+    try:
+        fn()
+    except (KeyError, ValueError) as e:
+        raise ModelFormatError(f"cannot load tensor {name}: {e}") from None

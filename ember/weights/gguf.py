@@ -1,0 +1,170 @@
+"""GGUF reader: metadata -> ModelConfig + tokenizer + chat template; tensors memory-mapped, kept packed.
+
+Tensor names are mapped to ember's (HF-style) module names here, so the model only sees one naming.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ember.config import ModelConfig
+from ember.errors import ModelFormatError
+from ember.weights.base import RawTensor
+
+# Encodings ember reads. IQ*/TQ* and MXFP4 are not supported (yet).
+SUPPORTED_KINDS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
+                   "Q5_K", "Q6_K")
+# Architectures with a native model file; the message for others lists these.
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "smollm")
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_attention_norm": "post_attention_norm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+                 "rope_freqs": "rope_freqs"}
+_BLK = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
+
+
+def map_name(gguf_name: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'layers.3.self_attn.q_proj.weight'; None for names ember doesn't use."""
+    m = _BLK.match(gguf_name)
+    if m:
+        layer, part, suffix = m.groups()
+        if part not in _LAYER_NAMES:
+            return None
+        return f"layers.{layer}.{_LAYER_NAMES[part]}.{suffix}"
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[base]}.{suffix}"
+    return None
+
+
+def _unpermute(n_head: int, rows: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's Q/K permutation (interleaved-pair rotary -> rotate-half)."""
+    # llama.cpp stored row (h, i, j) of the HF weight at (h, j, i) with i in 2, j in head_dim/2.
+    idx = np.arange(rows).reshape(n_head, rows // n_head // 2, 2)
+    return idx.transpose(0, 2, 1).reshape(-1)
+
+
+class GGUFFile:
+    """An opened GGUF file: `metadata`, `config()`, `tensors()`. Errors are ModelFormatError."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        import gguf
+
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ModelFormatError(f"cannot read model file {self.path}: {e.strerror}") from None
+        if magic != b"GGUF":
+            raise ModelFormatError(
+                f"{self.path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); ember reads .gguf files "
+                "(and, later, Hugging Face model directories)"
+            )
+        try:
+            self.reader = gguf.GGUFReader(str(self.path))
+            from ember.weights.gguf_tokenizer import read_gguf_metadata
+
+            self.metadata: dict[str, Any] = read_gguf_metadata(self.path, reader=self.reader)
+        except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError, EOFError) as e:
+            raise ModelFormatError(
+                f"{self.path} is truncated or corrupt ({type(e).__name__}: {e}). Download it again "
+                "(for an alias: `ember pull --force NAME`)."
+            ) from None
+        self._check_complete()
+        self.arch = str(self.metadata.get("general.architecture", "?"))
+
+    def _check_complete(self) -> None:
+        size = self.path.stat().st_size
+        for t in self.reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size:
+                raise ModelFormatError(
+                    f"{self.path} is truncated: tensor {t.name} ends at byte {end:,} but the file has {size:,} "
+                    "bytes. Download it again (for an alias: `ember pull --force NAME`)."
+                )
+
+    def _get(self, key: str, default: Any = None, required: bool = True) -> Any:
+        full = f"{self.arch}.{key}"
+        if full in self.metadata:
+            return self.metadata[full]
+        if required and default is None:
+            raise ModelFormatError(f"{self.path}: metadata key {full!r} is missing; the file is incomplete")
+        return default
+
+    def config(self) -> ModelConfig:
+        if self.arch not in LLAMA_FAMILY:
+            raise ModelFormatError(
+                f"{self.path}: architecture {self.arch!r} is not supported yet; ember runs these GGUF "
+                f"architectures: {', '.join(LLAMA_FAMILY)}"
+            )
+        hidden = int(self._get("embedding_length"))
+        heads = int(self._get("attention.head_count"))
+        head_dim = int(self._get("attention.key_length", hidden // heads, required=False))
+        names = {t.name for t in self.reader.tensors}
+        vocab = self._get("vocab_size", None, required=False) or len(self.metadata["tokenizer.ggml.tokens"])
+        scaling = None
+        if self._get("rope.scaling.type", None, required=False) == "linear":
+            scaling = {"type": "linear", "factor": float(self._get("rope.scaling.factor"))}
+        elif "rope_freqs.weight" in names:
+            scaling = {"type": "freq_factors"}  # Llama-3.1 style: per-frequency divisors stored as a tensor
+        return ModelConfig(
+            architecture=self.arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(self._get("feed_forward_length")),
+            num_layers=int(self._get("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(self._get("attention.head_count_kv", heads, required=False)),
+            head_dim=head_dim,
+            max_position_embeddings=int(self._get("context_length", 4096, required=False)),
+            rms_norm_eps=float(self._get("attention.layer_norm_rms_epsilon", 1e-5, required=False)),
+            rope_theta=float(self._get("rope.freq_base", 10000.0, required=False)),
+            rope_dim=int(self._get("rope.dimension_count", head_dim, required=False)),
+            rope_scaling=scaling,
+            tie_word_embeddings="output.weight" not in names,
+            attention_bias="blk.0.attn_q.bias" in names,
+        )
+
+    def tensors(self) -> Iterator[tuple[str, RawTensor]]:
+        """(ember name, RawTensor) for every tensor ember uses; Q/K rows restored to HF order."""
+        from gguf import quants
+
+        cfg = self.config()
+        for t in self.reader.tensors:
+            name = map_name(t.name)
+            if name is None:
+                continue
+            kind = t.tensor_type.name
+            if kind not in SUPPORTED_KINDS:
+                raise ModelFormatError(
+                    f"{self.path}: tensor {t.name} uses {kind}, which ember does not read yet; supported: "
+                    f"{', '.join(SUPPORTED_KINDS)}"
+                )
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+            qtype = t.tensor_type
+            raw = RawTensor(name, kind, shape, t.data, lambda a, q=qtype: quants.dequantize(a, q))
+            if self.arch in LLAMA_FAMILY and (".q_proj." in name or ".k_proj." in name):
+                n = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
+                raw = raw.permute_rows(_unpermute(n, shape[0]))
+            yield name, raw

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set-up for ember on a fresh machine. `bash setup.sh` installs ember; `bash setup.sh --dev` adds what the
+# test suite needs. A PyTorch that is already installed (CPU, CUDA or NPU build) is kept as it is; when
+# there is none, the CPU build is installed (a bare `pip install torch` would pull several GB of CUDA wheels).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY="${PYTHON:-python3}"
+extras=""
+[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+
+if "$PY" -c "import torch" 2>/dev/null; then
+  echo "[setup] keeping the installed PyTorch $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+  echo "[setup] no PyTorch found: installing the CPU build (torch==2.13.0)"
+  "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+echo "[setup] ember $("$PY" -c 'import ember; print(ember.__version__)') is installed: try \`ember --help\`"
