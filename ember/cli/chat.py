@@ -102,6 +102,15 @@ class ChatSession:
         return True
 
     def turn(self, user_text: str) -> None:
+        """One exchange; Ctrl-C anywhere in it stops the reply at the next engine step (never mid-model)."""
+        self._interrupted = False
+        old = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            self._turn(user_text)
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+    def _turn(self, user_text: str) -> None:
         self.messages.append({"role": "user", "content": user_text})
         try:
             ids = self._fit_context()
@@ -146,9 +155,6 @@ class ChatSession:
         return ids
 
     def _stream(self, ids: list[int], params: SamplingParams) -> tuple[str, str | None]:
-        """Stream one reply; Ctrl-C stops it at the next engine step (never inside the model)."""
-        self._interrupted = False
-        old = signal.signal(signal.SIGINT, self._on_sigint)
         parts: list[str] = []
         reason = None
         stream = self.llm._stream_ids(ids, params)
@@ -163,7 +169,6 @@ class ChatSession:
                     break
         finally:
             stream.close()  # aborts the request and frees its cache if it is still running
-            signal.signal(signal.SIGINT, old)
         return "".join(parts), reason
 
     def _on_sigint(self, signum: int, frame: object) -> None:

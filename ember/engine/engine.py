@@ -105,7 +105,8 @@ class Engine:
             if detok.stopped:
                 reason = "stop"
             elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
-                reason, text = "length", text + detok.finish()
+                text += detok.finish()
+                reason = "stop" if detok.stopped else "length"  # held-back text may complete a stop string
         usage = Usage(req.num_prompt_tokens, req.num_output_tokens)
         if reason is not None:
             self.scheduler.finish(req, reason)

@@ -26,8 +26,8 @@ class RawTensor:
     _dequant: Callable[[np.ndarray], np.ndarray]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        arr = self._dequant(self.data)  # float32 numpy, shape [out, in] (or 1-D)
-        return torch.from_numpy(np.ascontiguousarray(arr).reshape(self.shape)).to(dtype)
+        arr = np.asarray(self._dequant(np.ascontiguousarray(self.data)), dtype=np.float32)  # copies off the map
+        return torch.from_numpy(arr.reshape(self.shape).copy() if not arr.flags.writeable else arr.reshape(self.shape)).to(dtype)
 
     def permute_rows(self, perm: np.ndarray) -> RawTensor:
         """Reorder output rows (used to undo the GGUF Q/K rotary permutation) without dequantizing."""

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ember.config import ModelConfig
 from ember.errors import ModelFormatError
 from ember.weights.base import RawTensor
+from ember.weights.gguf_header import TensorInfo, read_gguf_header
 
 # Encodings ember reads. IQ*/TQ* and MXFP4 are not supported (yet).
 SUPPORTED_KINDS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
@@ -68,8 +70,6 @@ class GGUFFile:
     """An opened GGUF file: `metadata`, `config()`, `tensors()`. Errors are ModelFormatError."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        import gguf
-
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
@@ -82,22 +82,35 @@ class GGUFFile:
                 "(and, later, Hugging Face model directories)"
             )
         try:
-            self.reader = gguf.GGUFReader(str(self.path))
-            from ember.weights.gguf_tokenizer import read_gguf_metadata
-
-            self.metadata: dict[str, Any] = read_gguf_metadata(self.path, reader=self.reader)
-        except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError, EOFError) as e:
+            self.metadata, self.infos = read_gguf_header(self.path)
+        except ModelFormatError as e:
             raise ModelFormatError(
-                f"{self.path} is truncated or corrupt ({type(e).__name__}: {e}). Download it again "
-                "(for an alias: `ember pull --force NAME`)."
+                f"{e} — the file is truncated or corrupt. Download it again (for an alias: `ember pull --force NAME`)."
             ) from None
-        self._check_complete()
         self.arch = str(self.metadata.get("general.architecture", "?"))
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._check_complete()
+
+    def _nbytes(self, t: TensorInfo) -> int:
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t.type_id)]
+        return int(np.prod(t.dims)) // block * type_size
+
+    def _kind(self, t: TensorInfo) -> str:
+        try:
+            return GGMLQuantizationType(t.type_id).name
+        except ValueError:
+            return f"type {t.type_id}"
 
     def _check_complete(self) -> None:
-        size = self.path.stat().st_size
-        for t in self.reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
+        size = self._data.size
+        for t in self.infos:
+            kind = self._kind(t)
+            if kind not in SUPPORTED_KINDS:
+                raise ModelFormatError(
+                    f"{self.path}: tensor {t.name} uses {kind}, which ember does not read yet; supported: "
+                    f"{', '.join(SUPPORTED_KINDS)}"
+                )
+            end = t.offset + self._nbytes(t)
             if end > size:
                 raise ModelFormatError(
                     f"{self.path} is truncated: tensor {t.name} ends at byte {end:,} but the file has {size:,} "
@@ -121,7 +134,7 @@ class GGUFFile:
         hidden = int(self._get("embedding_length"))
         heads = int(self._get("attention.head_count"))
         head_dim = int(self._get("attention.key_length", hidden // heads, required=False))
-        names = {t.name for t in self.reader.tensors}
+        names = {t.name for t in self.infos}
         vocab = self._get("vocab_size", None, required=False) or len(self.metadata["tokenizer.ggml.tokens"])
         scaling = None
         if self._get("rope.scaling.type", None, required=False) == "linear":
@@ -151,19 +164,15 @@ class GGUFFile:
         from gguf import quants
 
         cfg = self.config()
-        for t in self.reader.tensors:
+        for t in self.infos:
             name = map_name(t.name)
             if name is None:
                 continue
-            kind = t.tensor_type.name
-            if kind not in SUPPORTED_KINDS:
-                raise ModelFormatError(
-                    f"{self.path}: tensor {t.name} uses {kind}, which ember does not read yet; supported: "
-                    f"{', '.join(SUPPORTED_KINDS)}"
-                )
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
-            qtype = t.tensor_type
-            raw = RawTensor(name, kind, shape, t.data, lambda a, q=qtype: quants.dequantize(a, q))
+            qtype = GGMLQuantizationType(t.type_id)
+            shape = tuple(reversed(t.dims))  # torch order: [out, in]
+            rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+            data = self._data[t.offset : t.offset + self._nbytes(t)].reshape(rows, -1)  # [rows, bytes per row]
+            raw = RawTensor(name, qtype.name, shape, data, lambda a, q=qtype: quants.dequantize(a, q))
             if self.arch in LLAMA_FAMILY and (".q_proj." in name or ".k_proj." in name):
                 n = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
                 raw = raw.permute_rows(_unpermute(n, shape[0]))

@@ -1,0 +1,137 @@
+"""The `ember` command line, run as a user runs it (subprocesses; the chat REPL through a pseudo-terminal)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+EMBER = [sys.executable, "-m", "ember"]
+
+
+def run(*args: str, timeout: int = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EMBER, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_teaches():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("generate", "chat", "pull", "list"):
+        assert cmd in r.stdout
+    r = run("generate", "--help")
+    assert "--max-tokens" in r.stdout and "--temperature" in r.stdout and "--stop" in r.stdout
+
+
+def test_generate_streams_to_stdout(smollm_gguf):
+    r = run("generate", "The capital of France is", "-m", str(smollm_gguf), "--temperature", "0",
+            "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "tok/s" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_model_is_a_clear_error():
+    r = run("generate", "hi", "-m", "smollm2-13m")
+    assert r.returncode == 1
+    assert "unknown model" in r.stderr and "smollm2-135m" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_corrupt_and_truncated_gguf(tmp_path, smollm_gguf):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + os.urandom(1000))
+    r = run("generate", "hi", "-m", str(bad))
+    assert r.returncode == 1 and "not a GGUF file" in r.stderr and "Traceback" not in r.stderr
+    cut = tmp_path / "cut.gguf"
+    with open(smollm_gguf, "rb") as f:
+        cut.write_bytes(f.read(20_000_000))
+    r = run("generate", "hi", "-m", str(cut))
+    assert r.returncode == 1 and "truncated" in r.stderr and "Traceback" not in r.stderr
+    head = tmp_path / "head.gguf"
+    with open(smollm_gguf, "rb") as f:
+        head.write_bytes(f.read(300_000))  # cut inside the metadata (the vocabulary)
+    r = run("generate", "hi", "-m", str(head))
+    assert r.returncode == 1 and ("truncated" in r.stderr or "corrupt" in r.stderr) and "Traceback" not in r.stderr
+
+
+def test_invalid_option_names_the_field(smollm_gguf):
+    r = run("generate", "hi", "-m", str(smollm_gguf), "--top-p", "2")
+    assert r.returncode == 1 and "top_p" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_list_shows_aliases():
+    r = run("list")
+    assert r.returncode == 0 and "smollm2-135m" in r.stdout and "gemma3-270m" in r.stdout
+
+
+def _spawn_chat(*args: str):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TERM="dumb")
+    child = pexpect.spawn(EMBER[0], [*EMBER[1:], "chat", *args], env=env, encoding="utf-8", timeout=180)
+    child.expect_exact("> ")
+    return child
+
+
+def test_chat_repl_through_a_pty(tmp_path, smollm_gguf):
+    hist = tmp_path / "history.json"
+    child = _spawn_chat("-m", str(smollm_gguf), "-o", str(hist), "--temperature", "0", "--max-tokens", "300")
+    child.sendline("What is the capital of France?")
+    child.expect("Paris")
+    child.expect_exact("> ")
+    # a long reply, stopped with Ctrl-C while it streams
+    ask = "Write a 500-word essay about the history of the Roman Empire."
+    child.sendline(ask)
+    child.expect_exact(ask)  # the terminal's echo of what was typed
+    child.expect(r"\w+ \w+ \w+ \w+")  # then some words of the reply have streamed
+    child.sendintr()
+    child.expect_exact("[reply stopped]")
+    child.expect_exact("> ")
+    child.sendline("exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    msgs = json.loads(hist.read_text())
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert "Paris" in msgs[1]["content"]
+    assert msgs[3].get("truncated") is True and msgs[3]["content"]
+    assert "truncated" not in msgs[1]
+
+    # reload it with -i (and keep saving with -io) and continue the conversation
+    child = _spawn_chat("-m", str(smollm_gguf), "-io", str(hist), "--temperature", "0", "--max-tokens", "40")
+    child.sendline("Thanks! And of Germany?")
+    child.expect_exact("> ")
+    child.sendeof()  # Ctrl-D ends and saves too
+    child.expect(pexpect.EOF)
+    child.close()
+    msgs2 = json.loads(hist.read_text())
+    assert len(msgs2) == 6 and msgs2[:4] == msgs and msgs2[4]["content"] == "Thanks! And of Germany?"
+
+
+def test_chat_ctrl_c_at_empty_prompt_exits_and_saves(tmp_path, smollm_gguf):
+    hist = tmp_path / "h.json"
+    child = _spawn_chat("-m", str(smollm_gguf), "-o", str(hist), "--system", "Be brief.")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert json.loads(hist.read_text()) == [{"role": "system", "content": "Be brief."}]
+
+
+def test_chat_drops_oldest_turns_when_context_fills(tmp_path, smollm_gguf):
+    hist = tmp_path / "long.json"
+    old = []
+    for i in range(6):
+        old += [{"role": "user", "content": f"Question {i}: " + "tell me more " * 20},
+                {"role": "assistant", "content": "Sure. " * 30}]
+    hist.write_text(json.dumps(old))
+    child = _spawn_chat("-m", str(smollm_gguf), "-io", str(hist), "--max-model-len", "400",
+                        "--temperature", "0", "--max-tokens", "16")
+    child.sendline("Last question?")
+    child.expect_exact("context full: dropped")
+    child.expect_exact("> ")
+    child.sendline("bye")
+    child.expect(pexpect.EOF)
+    msgs = json.loads(hist.read_text())
+    assert msgs[-2]["content"] == "Last question?" and len(msgs) < len(old) + 2
