@@ -83,9 +83,12 @@ class LLM:
         return self._run([ids], params)[0]
 
     def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[CompletionOutput]:
-        ids = [self.engine.add_request(p, params) for p in prompts]
-        results = {rid: CompletionOutput(rid, p) for rid, p in zip(ids, prompts, strict=True)}
+        ids: list[str] = []
+        results: dict[str, CompletionOutput] = {}
         try:
+            for p in prompts:  # a bad prompt anywhere in the batch leaves nothing running
+                ids.append(self.engine.add_request(p, params))
+                results[ids[-1]] = CompletionOutput(ids[-1], p)
             while any(r.finish_reason is None for r in results.values()):
                 for out in self.engine.step():
                     if out.request_id in results:

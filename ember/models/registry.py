@@ -12,7 +12,7 @@ def model_class(cfg: ModelConfig) -> type[nn.Module]:
     from ember.models.llama import LlamaForCausalLM
 
     table: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM,
-                                         "qwen2": LlamaForCausalLM, "smollm": LlamaForCausalLM}
+                                         "qwen2": LlamaForCausalLM}
     if cfg.architecture not in table:
         raise ModelFormatError(
             f"architecture {cfg.architecture!r} is not supported yet; supported: {', '.join(sorted(table))}")

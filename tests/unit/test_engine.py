@@ -1,0 +1,94 @@
+"""Engine behaviour on a tiny random model: terminators, min_tokens, preemption, abort, block accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+import ember
+from ember import SamplingParams
+from ember.errors import ContextLengthError, ParameterError
+from tests.models.tiny_gguf import write_tiny_gguf
+
+PROMPTS = [[5, 17, 200, 33], [90, 12, 255, 1, 64, 100, 7], [3, 3, 3], list(range(40, 70))]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_path):
+    return ember.load(tiny_path, dtype="float32")
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)
+
+
+def test_stop_token_ids_finish_with_stop(llm):
+    free = llm.generate([PROMPTS[0]], greedy(12))[0]
+    target = free.token_ids[5]
+    out = llm.generate([PROMPTS[0]], greedy(12, stop_token_ids=[target]))[0]
+    cut = free.token_ids.index(target)
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: cut + 1]
+
+
+def test_eos_stops_unless_ignored_and_min_tokens_holds(llm):
+    free = llm.generate([PROMPTS[1]], greedy(10))[0]
+    eos = free.token_ids[3]  # pretend this token is the model's end-of-sequence token
+    tok = llm.tokenizer
+    saved = tok.eos_token_ids
+    tok.eos_token_ids = frozenset({eos})
+    try:
+        stopped = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=10))[0]
+        assert stopped.finish_reason == "stop" and len(stopped.token_ids) == free.token_ids.index(eos) + 1
+        held = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=10, min_tokens=8))[0]
+        assert eos not in held.token_ids[:8] and len(held.token_ids) >= 8
+        ignored = llm.generate([PROMPTS[1]], greedy(10))[0]
+        assert ignored.token_ids == free.token_ids and ignored.finish_reason == "length"
+    finally:
+        tok.eos_token_ids = saved
+
+
+def test_preemption_with_a_small_cache_keeps_outputs(tiny_path, llm):
+    alone = [llm.generate([p], greedy(40))[0].token_ids for p in PROMPTS]
+    # 6 blocks of 16 tokens: not enough for all four requests at once, so some get preempted
+    per_block = 2 * 2 * 2 * 16 * 4 * 16  # k+v * layers * kv heads * head dim * fp32 * block
+    small = ember.load(tiny_path, dtype="float32", kv_cache_memory=6 * per_block)
+    assert small.engine.kv.num_blocks == 6
+    start = small.engine.kv.num_free_blocks
+    outs = small.generate(PROMPTS, greedy(40))
+    assert [o.token_ids for o in outs] == alone
+    assert small.engine.kv.num_free_blocks == start
+
+
+def test_abort_frees_blocks(llm):
+    eng = llm.engine
+    start = eng.kv.num_free_blocks
+    rid = eng.add_request(PROMPTS[3], greedy(50))
+    for _ in range(3):
+        eng.step()
+    assert eng.kv.num_free_blocks < start
+    final = eng.abort(rid)
+    assert final.finished and final.finish_reason == "abort"
+    assert eng.kv.num_free_blocks == start and not eng.has_unfinished()
+
+
+def test_seeded_rows_ignore_their_neighbours(llm):
+    p = SamplingParams(temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], p)[0].token_ids
+    mixed = llm.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2]], p)[0].token_ids
+    assert alone == mixed
+
+
+def test_bad_requests(llm):
+    with pytest.raises(ParameterError, match="empty"):
+        llm.generate([[]], greedy(4))
+    with pytest.raises(ParameterError, match="vocabulary"):
+        llm.generate([[1, 99999]], greedy(4))
+    with pytest.raises(ContextLengthError, match="context"):
+        llm.generate([list(range(300))], greedy(4))
+    with pytest.raises(ParameterError, match="vocabulary"):
+        llm.generate([[1, 2, 3], [1, 99999]], greedy(4))  # the good first prompt must not be left running
+    assert not llm.engine.has_unfinished()
