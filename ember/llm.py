@@ -120,16 +120,28 @@ def _is_token_list(x: object) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
 
 
+# Fallbacks a user can choose for a model that ships no template (e.g. a base model).
+BUILTIN_TEMPLATES = {
+    "chatml": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    "plain": "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
+             "{% if add_generation_prompt %}Assistant:{% endif %}",
+}
+
+
 def _read_template(chat_template: str | os.PathLike[str] | None) -> str | None:
-    """A template is given inline or as a file path."""
+    """A template is given inline, as a file path, or by a built-in name (chatml, plain)."""
     if chat_template is None:
         return None
     text = str(chat_template)
+    if text in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[text]
     if "{%" in text or "{{" in text:
         return text
     path = Path(text)
     if not path.is_file():
-        raise TemplateError(f"chat template file {path} does not exist (give a jinja file or the template text)")
+        raise TemplateError(f"chat template file {path} does not exist (give a jinja file, the template text, "
+                            f"or a built-in name: {', '.join(BUILTIN_TEMPLATES)})")
     return path.read_text(encoding="utf-8")
 
 

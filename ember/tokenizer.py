@@ -30,8 +30,8 @@ _CACHE_VERSION = "1"
 
 _NO_TEMPLATE = (
     "this model has no chat template, so chat messages cannot be formatted. Pass one with "
-    "`chat_template=` (a Jinja template string; CLI: `--chat-template FILE`), or use plain text "
-    "generation (`generate`) with a prompt you format yourself."
+    "`chat_template=` (a Jinja template string or file; CLI: `--chat-template FILE`), pick a built-in "
+    "one (`chatml` or `plain`), or use plain text generation (`generate`) with a prompt you format yourself."
 )
 
 

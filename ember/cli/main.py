@@ -27,7 +27,7 @@ app = typer.Typer(
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model alias (see `ember list`) or a .gguf path.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, npu or auto (cuda > npu > cpu).")]
 DtypeOpt = Annotated[str, typer.Option(help="Compute dtype: auto, float32, bfloat16, float16.")]
-TemplateOpt = Annotated[Path | None, typer.Option("--chat-template", help="Jinja chat template file to use instead of the model's.")]
+TemplateOpt = Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template FILE to use instead of the model's, or a built-in: chatml, plain.")]
 CtxOpt = Annotated[int | None, typer.Option("--max-model-len", help="Context length to allow (default: the model's).")]
 
 
@@ -42,7 +42,7 @@ def sampling_options(max_tokens: int | None, temperature: float, top_k: int, top
                           ignore_eos=ignore_eos)
 
 
-def load_model(model: str | None, device: str, dtype: str, chat_template: Path | None, max_model_len: int | None):
+def load_model(model: str | None, device: str, dtype: str, chat_template: str | None, max_model_len: int | None):
     import ember
 
     err = sys.stderr

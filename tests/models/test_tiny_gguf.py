@@ -9,6 +9,7 @@ import torch
 
 import ember
 from ember import SamplingParams
+from tests.reference import reference_greedy
 
 from .tiny_gguf import write_tiny_gguf
 
@@ -25,14 +26,6 @@ def pair(request, tmp_path_factory):
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                             dtype=torch.float32).eval()
     return ours, ref
-
-
-def _ref_greedy(model, ids: list[int], n: int) -> list[int]:
-    seq = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
 
 
 def test_config_read(pair):
@@ -58,7 +51,7 @@ def test_decode_and_batch_of_two_match(pair):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     batched = ours.generate(prompts, params)  # two sequences through prefill + 11 decode steps together
     for p, out in zip(prompts, batched, strict=True):
-        assert out.token_ids == _ref_greedy(ref, p, 12)
+        assert out.token_ids == reference_greedy(ref, p, 12)
 
 
 def test_chunked_prefill_matches(pair):

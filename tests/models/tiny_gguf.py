@@ -28,7 +28,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, seed: int = 0,
+                    template: str | None = None, odd_kind: GGMLQuantizationType | None = None) -> Path:
+    """A 2-layer random model. `odd_kind` stores one weight in that encoding (random bytes), to test errors."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
@@ -55,6 +57,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, seed: in
     w.add_bos_token_id(256 + len(merged))
     w.add_eos_token_id(256 + len(merged) + 2)
     w.add_add_bos_token(False)
+    if template is not None:
+        w.add_chat_template(template)
 
     def t(shape: tuple[int, ...], scale: float = 0.08) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
@@ -88,7 +92,14 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, seed: in
             add(f"blk.{i}.attn_v.bias", t((KV_HEADS * HEAD_DIM,), 0.5))
         add(f"blk.{i}.ffn_gate.weight", t((INTER, HIDDEN)), "Q8_0")
         add(f"blk.{i}.ffn_up.weight", t((INTER, HIDDEN)))
-        add(f"blk.{i}.ffn_down.weight", t((HIDDEN, INTER)))
+        if odd_kind is not None and i == 0:
+            from gguf import GGML_QUANT_SIZES
+
+            block, size = GGML_QUANT_SIZES[odd_kind]
+            raw = rng.integers(0, 255, (HIDDEN, INTER // block * size), dtype=np.uint8)
+            w.add_tensor(f"blk.{i}.ffn_down.weight", raw, raw_dtype=odd_kind)
+        else:
+            add(f"blk.{i}.ffn_down.weight", t((HIDDEN, INTER)))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
