@@ -47,12 +47,13 @@ class ModelConfig:
             self.rope_dim = self.head_dim
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' is fp32 on CPU (dequantized weights run fastest there) and bf16 on accelerators."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, quantized: bool = False) -> torch.dtype:
+    """'auto': bf16 on accelerators, and on CPU for quantized checkpoints (the packed int4 kernel takes
+    bf16 activations); fp32 on CPU for full-precision weights."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return torch.float32 if device.type == "cpu" and not quantized else torch.bfloat16
     if dtype not in _DTYPES:
         raise ParameterError(f"dtype={dtype!r} is invalid: use one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]

@@ -12,3 +12,24 @@ def reference_greedy(model, ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     return seq[len(ids):]
+
+
+def reference_greedy_with_gaps(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and, per step, the reference's top-2 log-probability gap (small = near-tie)."""
+    seq, gaps = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0, -1].float(), -1)
+            top = logp.topk(2).values
+            gaps.append(float(top[0] - top[1]))
+            seq.append(int(logp.argmax()))
+    return seq[len(ids):], gaps
+
+
+def assert_same_until_near_tie(ours: list[int], ref: list[int], gaps: list[float], tie: float = 0.1) -> int:
+    """Tokens must agree until the first step where the reference itself nearly ties; returns steps checked."""
+    for i, (a, b) in enumerate(zip(ours, ref, strict=False)):
+        if gaps[i] < tie:
+            return i
+        assert a == b, f"step {i}: ours {a} vs reference {b} (reference top-2 gap {gaps[i]:.3f})"
+    return len(ref)

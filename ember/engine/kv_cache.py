@@ -22,7 +22,7 @@ class KVCache:
                 f"kv_cache_memory={memory_bytes:,} bytes holds fewer than 2 blocks of {block_size} tokens "
                 f"({per_token * block_size:,} bytes each); give the KV cache more memory")
         slots = self.num_blocks * block_size
-        shape = (slots, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_kv_heads, slots, cfg.head_dim)  # head-major, see layers/attention.py
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.bytes = per_token * slots

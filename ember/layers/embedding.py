@@ -1,4 +1,4 @@
-"""Token embedding loaded from a (possibly quantized) checkpoint tensor."""
+"""Token embedding, kept as block codes when the checkpoint is block-quantized (rows decoded on lookup)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.quant.gguf_blocks import DECODERS, GROUP, decode
+from ember.weights.base import RawTensor
+
 
 class Embedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int) -> None:
         super().__init__()
         self.num_embeddings, self.dim = num_embeddings, dim
-        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # filled by the loader
+        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # dense table, or empty when packed
+        self.codes: torch.Tensor | None = None  # [V, D] uint8 when packed
+        self.scale: torch.Tensor | None = None  # [V, D / 32]
+        self.offset: torch.Tensor | None = None
+        self.out_dtype = torch.float32
+
+    def load(self, raw: RawTensor, dtype: torch.dtype, device: torch.device, packed: bool) -> None:
+        """packed: keep block codes (1 byte per weight + per-group scale/offset) instead of a dense table."""
+        self.out_dtype = dtype
+        if packed and raw.kind in DECODERS and self.dim % GROUP == 0:
+            c = decode(raw.kind, raw.data, (self.num_embeddings, self.dim))
+            self.codes, self.scale, self.offset = c.q.to(device), c.scale.to(device), c.offset.to(device)
+            self.weight = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
+        else:
+            self.weight = nn.Parameter(raw.dequantize(torch.float32).to(dtype).to(device), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)  # ids: [T] -> [T, D]
+        if self.codes is None:
+            return F.embedding(ids, self.weight).float()  # ids: [T] -> [T, D]; the residual stream is fp32
+        t = ids.shape[0]
+        q = self.codes[ids].view(t, -1, GROUP).float()  # [T, D/32, 32]
+        rows = q * self.scale[ids][..., None] + self.offset[ids][..., None]
+        return rows.view(t, self.dim)  # fp32 residual stream

@@ -47,7 +47,7 @@ class Linear(nn.Module):
         bias = None
         if self.has_bias:
             bias = torch.cat([self._pending_bias[s].dequantize() for s in self.shard_names])
-        self.method = select_method(shards, quantize)
+        self.method = select_method(shards, dtype, device, quantize)
         self.method.pack(self, shards, bias, dtype, device)
         self._pending.clear()
         self._pending_bias.clear()

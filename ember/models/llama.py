@@ -71,6 +71,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.register_buffer("rope_freqs", torch.ones(cfg.rope_dim // 2), persistent=False)  # type: ignore[operator]
         self.inv_freq: torch.Tensor | None = None
+        self.refiner: nn.Module | None = None  # set by the loader when the head is packed
 
     def post_load(self) -> None:
         """Called once weights are in: derive the rotary frequencies (they may depend on a loaded tensor)."""
@@ -80,12 +81,13 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids: [T] flat tokens of all sequences -> hidden states [T, D]."""
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(ctx.positions, self.inv_freq, x.dtype)  # [T, rd/2]
+        x = self.embed_tokens(input_ids)  # [T, D] fp32 residual stream
+        cos, sin = rope_cos_sin(ctx.positions, self.inv_freq, self.embed_tokens.out_dtype)  # [T, rd/2]
         for layer in self.layers:
             x = layer(x, cos, sin, ctx)
-        return self.norm(x)
+        return self.norm(x, out_dtype=torch.float32)  # fp32: the head's exact refinement uses it
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [B, D] (last position of each sequence) -> logits [B, V] in fp32."""
-        return self.lm_head(hidden).float()
+        """hidden: [B, D] fp32 (last position of each sequence) -> logits [B, V] in fp32."""
+        logits = self.lm_head(hidden.to(self.embed_tokens.out_dtype)).float()
+        return logits if self.refiner is None else self.refiner(logits, hidden)

@@ -11,8 +11,10 @@ from ember.config import ModelConfig
 from ember.errors import ModelFormatError
 from ember.layers.embedding import Embedding
 from ember.layers.linear import Linear
+from ember.layers.logits import TopRefiner
 from ember.layers.norm import RMSNorm
 from ember.models.registry import model_class
+from ember.quant.gguf_blocks import DECODERS, Canonical, decode
 from ember.weights.base import RawTensor
 
 
@@ -24,6 +26,7 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     embed_raw: RawTensor | None = None
+    head_raw: RawTensor | None = None
     for name, raw in tensors:
         path, _, suffix = name.rpartition(".")
         parent, _, leaf = path.rpartition(".")
@@ -33,11 +36,13 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
             path = f"{parent}.{fused}" if parent else fused
         mod = modules.get(path)
         if isinstance(mod, Linear):
+            if name == "lm_head.weight":
+                head_raw = raw
             _guard(lambda m=mod, s=shard, r=raw, b=suffix == "bias": m.load(s, r, b), name)
         elif isinstance(mod, Embedding):
             embed_raw = raw
             _check_shape(raw, (mod.num_embeddings, mod.dim))
-            mod.weight = nn.Parameter(raw.dequantize(torch.float32).to(dtype).to(device), requires_grad=False)
+            mod.load(raw, dtype, device, packed=dtype == torch.bfloat16 and device.type == "cpu")
         elif name in params or name in buffers:
             target = params.get(name, buffers.get(name))
             _check_shape(raw, tuple(target.shape))
@@ -52,13 +57,32 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
     for m in modules.values():
         if isinstance(m, Linear):
             m.finalize(dtype, device, quantize)
-    if cfg.tie_word_embeddings and isinstance(lm_head, Linear) and lm_head.method.name == "dense":
+    if (cfg.tie_word_embeddings and isinstance(lm_head, Linear) and lm_head.method.name == "dense"
+            and model.embed_tokens.weight.numel()):
         lm_head.weight = model.embed_tokens.weight  # share, don't hold a second dense copy
     for m in modules.values():
         if isinstance(m, RMSNorm):
             m.weight.data = m.weight.data.to(device=device, dtype=torch.float32)  # norms stay fp32: cheap, exact
+            m.out_dtype = dtype  # the residual stream stays fp32; matmul inputs use the compute dtype
+    _attach_refiner(model, cfg, lm_head, embed_raw, head_raw)
     model.post_load()
     return model.eval()
+
+
+def _attach_refiner(model: nn.Module, cfg: ModelConfig, lm_head: Linear | None, embed_raw: RawTensor | None,
+                    head_raw: RawTensor | None) -> None:
+    """A packed head gets exact fp32 top candidates from its block codes (shared with a tied embedding)."""
+    if not isinstance(lm_head, Linear) or lm_head.method is None or lm_head.method.name == "dense":
+        return
+    emb = model.embed_tokens
+    if cfg.tie_word_embeddings and emb.codes is not None:
+        codes = Canonical(emb.codes, emb.scale, emb.offset, 8)
+    else:
+        raw = head_raw if head_raw is not None else embed_raw
+        if raw is None or raw.kind not in DECODERS:
+            return
+        codes = decode(raw.kind, raw.data, (raw.shape[0], raw.shape[1]))
+    model.refiner = TopRefiner(codes)
 
 
 def _check_shape(raw: RawTensor, expect: tuple[int, ...]) -> None:

@@ -44,6 +44,11 @@ class DenseMethod(QuantMethod):
         return F.linear(x, layer.weight, layer.bias)  # x: [T, in] -> [T, out]
 
 
-def select_method(shards: list[RawTensor], quantize: str | None = None) -> QuantMethod:
+def select_method(shards: list[RawTensor], dtype: torch.dtype, device: torch.device,
+                  quantize: str | None = None) -> QuantMethod:
     """Pick the method for one linear from its stored kinds (and an on-load quantization request)."""
+    from ember.quant.int4 import Int4Method, int4_ok
+
+    if int4_ok(shards, dtype, device):
+        return Int4Method()
     return DenseMethod()

@@ -92,6 +92,12 @@ class GGUFFile:
         self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         self._check_complete()
 
+    @property
+    def is_quantized(self) -> bool:
+        """True when most of the weights are block-quantized (not F32/F16/BF16)."""
+        quant = sum(int(np.prod(t.dims)) for t in self.infos if self._kind(t) not in ("F32", "F16", "BF16"))
+        return quant * 2 > sum(int(np.prod(t.dims)) for t in self.infos)
+
     def _nbytes(self, t: TensorInfo) -> int:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t.type_id)]
         return int(np.prod(t.dims)) // block * type_size
@@ -160,22 +166,26 @@ class GGUFFile:
             attention_bias="blk.0.attn_q.bias" in names,
         )
 
-    def tensors(self) -> Iterator[tuple[str, RawTensor]]:
-        """(ember name, RawTensor) for every tensor ember uses; Q/K rows restored to HF order."""
+    def raw_tensors(self) -> Iterator[RawTensor]:
+        """Every tensor as stored, under its GGUF name (no renaming, no row reordering)."""
         from gguf import quants
 
-        cfg = self.config()
         for t in self.infos:
-            name = map_name(t.name)
-            if name is None:
-                continue
             qtype = GGMLQuantizationType(t.type_id)
             shape = tuple(reversed(t.dims))  # torch order: [out, in]
             rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
             data = self._data[t.offset : t.offset + self._nbytes(t)].reshape(rows, -1)  # [rows, bytes per row]
-            raw = RawTensor(name, qtype.name, shape, data, lambda a, q=qtype: quants.dequantize(a, q))
+            yield RawTensor(t.name, qtype.name, shape, data, lambda a, q=qtype: quants.dequantize(a, q))
+
+    def tensors(self) -> Iterator[tuple[str, RawTensor]]:
+        """(ember name, RawTensor) for every tensor ember uses; Q/K rows restored to HF order."""
+        cfg = self.config()
+        for raw in self.raw_tensors():
+            name = map_name(raw.name)
+            if name is None:
+                continue
             # llama.cpp permutes Q/K rows only for the llama architecture (Qwen2 etc. keep HF order)
             if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
                 n = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
-                raw = raw.permute_rows(_unpermute(n, shape[0]))
+                raw = raw.permute_rows(_unpermute(n, raw.shape[0]))
             yield name, raw

@@ -7,7 +7,7 @@ import torch
 
 import ember
 from ember import SamplingParams
-from tests.reference import reference_greedy
+from tests.reference import assert_same_until_near_tie, reference_greedy, reference_greedy_with_gaps
 
 PROMPTS = [
     "The capital of France is",
@@ -41,6 +41,18 @@ def test_greedy_tokens_match_transformers(llm32, hf_model):
         ref = reference_greedy(hf_model, llm32.encode(prompt), N_TOKENS)
         assert out.token_ids == ref, f"{prompt!r}: ember {out.text!r} vs reference {llm32.tokenizer.decode(ref)!r}"
         assert out.finish_reason == "length" and out.usage.completion_tokens == N_TOKENS
+
+
+def test_packed_int4_greedy_matches_until_near_tie(smollm_gguf, hf_model):
+    """The default CPU path (Q4_1/Q8_0 blocks packed as int4, bf16 activations) against the fp32 reference."""
+    llm = ember.load(smollm_gguf)
+    assert llm.engine.model.layers[0].mlp.down_proj.method.name == "int4"
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=N_TOKENS, ignore_eos=True))
+    checked = 0
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ref, gaps = reference_greedy_with_gaps(hf_model, llm.encode(prompt), N_TOKENS)
+        checked += assert_same_until_near_tie(out.token_ids, ref, gaps)
+    assert checked >= 40  # the comparison must not be vacuous
 
 
 def test_last_logits_within_1e3(llm32, hf_model):
