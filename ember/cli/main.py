@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -143,6 +144,45 @@ def chat_cmd(
     history = ChatSession.read_history(load_from) if load_from else []
     llm = load_model(model, device, dtype, chat_template, max_model_len)
     ChatSession(llm, params, history, system=system, save_to=save_to).run()
+
+
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    vs: Annotated[list[str] | None, typer.Option("--vs", help="Peer to measure in the same run: transformers, llama.cpp (repeatable).")] = None,
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens for the prefill measurement.")] = 128,
+    gen_len: Annotated[int, typer.Option(help="Tokens generated for the decode measurement.")] = 64,
+    trials: Annotated[int, typer.Option(help="Measured trials after one warm-up; medians are reported.")] = 3,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for every engine (default: all cores).")] = None,
+) -> None:
+    """Measure load time, prefill and decode speed (batch 1), weights GB/s and peak RSS, beside peers.
+
+    Each engine runs in its own process on the same file, prompt and thread count."""
+    from ember import bench as b
+    from ember.hub import DEFAULT_MODEL, resolve_model
+
+    peers = list(vs or [])
+    for p in peers:
+        if p not in b.ENGINES[1:]:
+            raise EmberError(f"--vs {p!r}: unknown peer; choose from {', '.join(b.ENGINES[1:])}")
+        if not b.available(p):
+            pkg = {"transformers": "transformers accelerate", "llama.cpp": "llama-cpp-python"}[p]
+            raise EmberError(f"--vs {p}: not installed (pip install {pkg}); ember never requires it")
+    if prompt_len < 1 or gen_len < 2 or trials < 1:
+        raise EmberError("--prompt-len >= 1, --gen-len >= 2 and --trials >= 1 are needed")
+    path = resolve_model(model or DEFAULT_MODEL)
+    n_threads = threads or os.cpu_count() or 1
+    ids = b.prompt_ids(path, prompt_len)
+    print(f"[bench] {path.name}: prompt {len(ids)} tokens, {gen_len} generated, {trials} trials, "
+          f"{n_threads} threads", file=sys.stderr)
+    results = []
+    for engine in ["ember", *peers]:
+        print(f"[bench] running {engine} ...", file=sys.stderr)
+        try:
+            results.append(b.run_engine(engine, path, ids, gen_len, trials, n_threads))
+        except RuntimeError as e:
+            raise EmberError(str(e)) from None
+    print(b.table(results, path.stat().st_size))
 
 
 @app.command()

@@ -23,8 +23,9 @@ class KVCache:
                 f"({per_token * block_size:,} bytes each); give the KV cache more memory")
         slots = self.num_blocks * block_size
         shape = (cfg.num_kv_heads, slots, cfg.head_dim)  # head-major, see layers/attention.py
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        # empty, not zeros: a slot is only read after it was written, and untouched pages cost no RAM
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.bytes = per_token * slots
         self._free = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out low ids first
 

@@ -135,3 +135,13 @@ def test_chat_drops_oldest_turns_when_context_fills(tmp_path, smollm_gguf):
     child.expect(pexpect.EOF)
     msgs = json.loads(hist.read_text())
     assert msgs[-2]["content"] == "Last question?" and len(msgs) < len(old) + 2
+
+
+def test_bench_runs_and_names_bad_peers(smollm_gguf):
+    r = run("bench", "-m", str(smollm_gguf), "--trials", "1", "--gen-len", "4", "--prompt-len", "16", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| ember"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[5]) > 0
+    r = run("bench", "-m", str(smollm_gguf), "--vs", "vllm")
+    assert r.returncode == 1 and "unknown peer" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,168 @@
+"""`ember bench`: load time, prefill and decode speed, weights GB/s and peak RSS, beside peers.
+
+Each engine runs in its own subprocess (so peak RSS is its own), one after another, on the same GGUF
+file, the same prompt token ids and the same thread count: warm-up, then several trials, medians
+reported. Peers are optional: transformers (dequantizes GGUF to fp32) and llama.cpp through
+llama-cpp-python, each used only when installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ENGINES = ("ember", "transformers", "llama.cpp")
+TEXT = ("The history of the city stretches back thousands of years, from a small settlement on the river "
+        "to a busy port, a seat of kings and finally a modern capital with museums, parks and markets. ")
+
+
+@dataclass
+class Result:
+    engine: str
+    load_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    peak_rss_mb: float
+    note: str = ""
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def prompt_ids(model: Path, n: int) -> list[int]:
+    """n token ids of plain English text, made with ember's tokenizer (every engine gets these ids)."""
+    from ember.tokenizer import Tokenizer
+    from ember.weights.gguf_header import read_gguf_metadata
+
+    tok = Tokenizer.from_gguf_metadata(read_gguf_metadata(model))
+    ids = tok.encode(TEXT * (1 + n // 20))
+    return ids[:n]
+
+
+# ---- workers (run in a subprocess each) -------------------------------------------------------------
+def _ember(model: Path, ids: list[int], gen: int, trials: int) -> Result:
+    import ember
+    from ember import SamplingParams
+
+    t0 = time.perf_counter()
+    llm = ember.load(model)
+    load = time.perf_counter() - t0
+    prefill, decode = [], []
+    for i in range(trials + 1):  # the first run warms up
+        t = time.perf_counter()
+        llm.generate([ids], SamplingParams(temperature=0, max_tokens=1))
+        p = len(ids) / (time.perf_counter() - t)
+        stamps = []
+        for _ in llm.stream(ids, SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True)):
+            stamps.append(time.perf_counter())
+        if i:
+            prefill.append(p)
+            decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return Result("ember", load, statistics.median(prefill), statistics.median(decode), _peak_rss_mb(),
+                  f"{llm.dtype}".removeprefix("torch."))
+
+
+def _transformers(model: Path, ids: list[int], gen: int, trials: int) -> Result:
+    import torch
+    import transformers
+
+    t0 = time.perf_counter()
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(model.parent), gguf_file=model.name,
+                                                          dtype=torch.float32).eval()
+    load = time.perf_counter() - t0
+    x = torch.tensor([ids])
+    prefill, decode = [], []
+    with torch.no_grad():
+        for i in range(trials + 1):
+            t = time.perf_counter()
+            m(x)
+            t_prefill = time.perf_counter() - t
+            t = time.perf_counter()
+            m.generate(x, max_new_tokens=gen, min_new_tokens=gen, do_sample=False)
+            t_gen = time.perf_counter() - t
+            if i:
+                prefill.append(len(ids) / t_prefill)
+                decode.append((gen - 1) / max(t_gen - t_prefill, 1e-9))
+    return Result("transformers", load, statistics.median(prefill), statistics.median(decode), _peak_rss_mb(),
+                  "fp32 (dequantized)")
+
+
+def _llama_cpp(model: Path, ids: list[int], gen: int, trials: int) -> Result:
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(str(model), n_ctx=len(ids) + gen + 8, n_threads=int(os.environ["EMBER_BENCH_THREADS"]),
+                          n_batch=512, verbose=False)
+    load = time.perf_counter() - t0
+    prefill, decode = [], []
+    for i in range(trials + 1):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        p = len(ids) / (time.perf_counter() - t)
+        llm.reset()
+        stamps = []
+        for _ in llm.generate(ids, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == gen:
+                break
+        if i:
+            prefill.append(p)
+            decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return Result("llama.cpp", load, statistics.median(prefill), statistics.median(decode), _peak_rss_mb(),
+                  f"llama-cpp-python {llama_cpp.__version__}")
+
+
+WORKERS = {"ember": _ember, "transformers": _transformers, "llama.cpp": _llama_cpp}
+
+
+def worker_main(argv: list[str]) -> None:
+    engine, model, ids_json, gen, trials = argv
+    threads = int(os.environ["EMBER_BENCH_THREADS"])
+    import torch
+
+    torch.set_num_threads(threads)
+    res = WORKERS[engine](Path(model), json.loads(ids_json), int(gen), int(trials))
+    print("EMBER_BENCH_RESULT " + json.dumps(asdict(res)))
+
+
+# ---- driver -----------------------------------------------------------------------------------------
+def available(engine: str) -> bool:
+    import importlib.util
+
+    module = {"ember": "ember", "transformers": "transformers", "llama.cpp": "llama_cpp"}[engine]
+    return importlib.util.find_spec(module) is not None
+
+
+def run_engine(engine: str, model: Path, ids: list[int], gen: int, trials: int, threads: int) -> Result:
+    env = dict(os.environ, EMBER_BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "ember.bench", engine, str(model), json.dumps(ids), str(gen), str(trials)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("EMBER_BENCH_RESULT "):
+            return Result(**json.loads(line.split(" ", 1)[1]))
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+    raise RuntimeError(f"{engine} benchmark failed:\n{tail}")
+
+
+def table(results: list[Result], weight_bytes: int) -> str:
+    base = results[0]
+    rows = ["| engine | load s | prefill tok/s | decode tok/s | weights GB/s | peak RSS MB | decode vs ember | note |",
+            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        gbs = r.decode_tok_s * weight_bytes / 1e9
+        rows.append(f"| {r.engine} | {r.load_s:.2f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | {gbs:.1f} | "
+                    f"{r.peak_rss_mb:.0f} | {r.decode_tok_s / base.decode_tok_s:.2f}x | {r.note} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1:])
