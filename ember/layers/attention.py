@@ -30,28 +30,61 @@ class ForwardContext:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: ForwardContext,
-                    scale: float) -> torch.Tensor:
-    """q: [T, H, Dh], k/v: [T, Hkv, Dh] for the new tokens -> [T, H, Dh]."""
+                    scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """q: [T, H, Dh], k/v: [T, Hkv, Dh] for the new tokens -> [T, H, Dh].
+
+    window: sliding-window attention, a query at position p sees keys in (p - window, p].
+    softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2 style).
+    """
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
     k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, T, Dh]
     kc.index_copy_(1, ctx.slot_mapping, k)
     vc.index_copy_(1, ctx.slot_mapping, v)
-    gqa = q.shape[1] != k.shape[0]
     q = q.transpose(0, 1)  # [H, T, Dh]
     outs = []
     for s in ctx.seqs:
         qs = q[:, s.q_start : s.q_start + s.q_len]  # [H, n, Dh]
+        k0 = 0  # position of the first key attended to
         if s.kv_slots is None:  # whole context is in this step: use the fresh k/v, causal mask
             ks, vs = k[:, s.q_start : s.q_start + s.q_len], v[:, s.q_start : s.q_start + s.q_len]
         else:
-            ks, vs = kc.index_select(1, s.kv_slots), vc.index_select(1, s.kv_slots)  # [Hkv, ctx, Dh]
+            slots = s.kv_slots
+            if window is not None:  # keys older than every query's window are not even gathered
+                k0 = max(0, s.ctx_len - s.q_len + 1 - window)
+                slots = slots[k0:]
+            ks, vs = kc.index_select(1, slots), vc.index_select(1, slots)  # [Hkv, ctx - k0, Dh]
+        # plain causal when the step holds the whole context and no window cuts into it
+        causal = s.kv_slots is None and s.q_len > 1 and (window is None or s.q_len <= window)
         mask = None
-        causal = s.kv_slots is None and s.q_len > 1
-        if s.kv_slots is not None and s.q_len > 1:
-            # query i sits at position ctx_len - q_len + i and sees keys 0 .. that position
-            mask = torch.ones(s.q_len, s.ctx_len, dtype=torch.bool, device=q.device).tril(s.ctx_len - s.q_len)
-        o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal,
-                                           scale=scale, enable_gqa=gqa)[0]  # [H, n, Dh]
-        outs.append(o)
+        if s.q_len > 1 and not causal:  # decode (q_len 1) sees every gathered key
+            mask = _mask(s.ctx_len - s.q_len, s.q_len, k0, s.ctx_len, window, q.device)
+        outs.append(_attend(qs, ks, vs, mask, causal, scale, softcap))  # [H, n, Dh]
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return o.transpose(0, 1)  # [T, H, Dh]
+
+
+def _mask(q0: int, n: int, k0: int, k1: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[n, k1 - k0] bool: queries at positions q0.., keys at k0..k1-1; True where the key is visible."""
+    qp = torch.arange(q0, q0 + n, device=device)[:, None]
+    kp = torch.arange(k0, k1, device=device)[None, :]
+    keep = kp <= qp
+    return keep if window is None else keep & (kp > qp - window)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+            scale: float, softcap: float | None) -> torch.Tensor:
+    """q: [H, n, Dh], k/v: [Hkv, m, Dh] -> [H, n, Dh]."""
+    gqa = q.shape[0] != k.shape[0]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=causal,
+                                              scale=scale, enable_gqa=gqa)[0]
+    # SDPA has no soft-capping: explicit scores (Gemma 3 configs leave it off, so this path is rare)
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # [H, m, Dh]
+    s = (q @ k.transpose(1, 2)).float() * scale  # [H, n, m]
+    s = softcap * torch.tanh(s / softcap)
+    if causal:
+        mask = torch.ones(s.shape[1:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return s.softmax(-1).to(v.dtype) @ v

@@ -11,7 +11,9 @@ import torch
 def rope_inv_freq(rope_dim: int, theta: float, scaling: dict[str, Any] | None,
                   freq_factors: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse frequencies [rope_dim / 2] in fp32."""
-    inv = 1.0 / theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+    # base frequencies in fp32, as transformers computes them: a float64 table differs by an ulp, which at
+    # position ~800 turns the angle by ~1e-4 rad and moves the logits by ~1e-3 (scaling below is float64)
+    inv = (1.0 / theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)).double()
     kind = (scaling or {}).get("type")
     if kind == "linear":
         inv = inv / float(scaling["factor"])  # type: ignore[index]

@@ -10,6 +10,7 @@ from ember.config import ModelConfig
 from ember.layers.attention import ForwardContext, paged_attention
 from ember.layers.embedding import Embedding
 from ember.layers.linear import Linear
+from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -25,23 +26,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.h * self.dh, self.hkv * self.dh, self.hkv * self.dh], dim=-1)
-        q = apply_rope(q.view(t, self.h, self.dh), cos, sin)  # [T, H, Dh]
-        k = apply_rope(k.view(t, self.hkv, self.dh), cos, sin)  # [T, Hkv, Dh]
-        o = paged_attention(q, k, v.view(t, self.hkv, self.dh), self.layer, ctx, self.scale)
+        qkv = self.qkv_proj(x).view(t, self.h + 2 * self.hkv, self.dh)  # [T, H + 2 Hkv, Dh]
+        qk = apply_rope(qkv[:, : self.h + self.hkv], cos, sin)  # q and k heads rotated in one go
+        q, k, v = qk[:, : self.h], qk[:, self.h :], qkv[:, self.h + self.hkv :]
+        o = paged_attention(q, k, v, self.layer, ctx, self.scale)
         return self.o_proj(o.reshape(t, self.h * self.dh))
-
-
-class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, [self.inter, self.inter], shards=("gate", "up"))
-        self.down_proj = Linear(self.inter, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -50,7 +39,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, F.silu)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)

@@ -3,8 +3,10 @@
 The kernel computes w = (q - 8) * scale + zero per group of 32 along K, with q in 0..15 and bf16
 activations. A canonical block code q * s + o with up to 8 bits is split into two 4-bit planes,
 q = 16 * hi + lo, laid side by side along K (x is repeated to match):
-    w = 16s * (hi - 8) + s * (lo - 8) + (o + 136 s)
-so Q5_0/Q5_1/Q5_K and Q8_0 run exactly on the same kernel as Q4_0/Q4_1/Q4_K (one plane).
+    w = 16s * (hi - 8) + s * (lo - 8) + (o + 136 s)        (8-bit codes: hi in 0..15)
+    w = 16s * (hi + 8 - 8) + s * (lo - 8) + (o + 8 s)      (5-bit codes: hi stored as 8..9, a small zero)
+so Q5_0/Q5_1/Q5_K and Q8_0 run exactly on the same kernel as Q4_0/Q4_1/Q4_K (one plane); the kernel's
+bf16 scales and zeros then lose no more than a bf16 copy of the weights would.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ def to_planes(c: Canonical, planes: int) -> tuple[torch.Tensor, torch.Tensor, to
     if c.bits <= 4:  # padding plane for a fused layer whose other shards need two planes: contributes 0
         hi, hi_s, lo_z = torch.full_like(c.q, 8), torch.zeros_like(s), o + 8 * s
     else:
-        hi, hi_s, lo_z = c.q >> 4, 16 * s, o + 136 * s
+        # a 5-bit code's hi bit is stored as 8..9, so the kernel's "- 8" cancels and the zero stays o + 8s as
+        # for one plane: o + 136s (~120 steps) would lose ~0.25 of a step per weight to the bf16 zero
+        shift = 8 if c.bits <= 7 else 0
+        hi, hi_s, lo_z = (c.q >> 4) + shift, 16 * s, o + (136 - 16 * shift) * s
     q = torch.cat((hi, c.q & 0xF), dim=1).to(torch.int32)
     return q, torch.cat((hi_s, s), dim=1), torch.cat((torch.zeros_like(o), lo_z), dim=1)
 

@@ -24,6 +24,7 @@ SUPPORTED_KINDS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                    "Q5_K", "Q6_K")
 # Architectures with a native model file; the message for others lists these.
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = (*LLAMA_FAMILY, "gemma3")
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -37,21 +38,28 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
-    "post_attention_norm": "post_attention_norm",
-    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# Per-architecture overrides: the same GGUF name can be a different norm (Gemma's sandwich norms:
+# its `ffn_norm` is the pre-feedforward norm, `post_attention_norm` normalizes the attention output).
+_ARCH_LAYER_NAMES: dict[str, dict[str, str]] = {
+    "gemma3": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
 }
 _GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 _BLK = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 
 
-def map_name(gguf_name: str) -> str | None:
+def map_name(gguf_name: str, arch: str = "llama") -> str | None:
     """'blk.3.attn_q.weight' -> 'layers.3.self_attn.q_proj.weight'; None for names ember doesn't use."""
     m = _BLK.match(gguf_name)
     if m:
         layer, part, suffix = m.groups()
-        if part not in _LAYER_NAMES:
-            return None
-        return f"layers.{layer}.{_LAYER_NAMES[part]}.{suffix}"
+        names = _ARCH_LAYER_NAMES.get(arch, {})
+        target = names.get(part, _LAYER_NAMES.get(part))
+        return None if target is None else f"layers.{layer}.{target}.{suffix}"
     if gguf_name == "rope_freqs.weight":
         return "rope_freqs"  # a buffer of the model, not a module's weight
     base, _, suffix = gguf_name.rpartition(".")
@@ -133,10 +141,10 @@ class GGUFFile:
         return default
 
     def config(self) -> ModelConfig:
-        if self.arch not in LLAMA_FAMILY:
+        if self.arch not in SUPPORTED_ARCHITECTURES:
             raise ModelFormatError(
                 f"{self.path}: architecture {self.arch!r} is not supported yet; ember runs these GGUF "
-                f"architectures: {', '.join(LLAMA_FAMILY)}"
+                f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         hidden = int(self._get("embedding_length"))
         heads = int(self._get("attention.head_count"))
@@ -164,7 +172,37 @@ class GGUFFile:
             rope_scaling=scaling,
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
+            extra=self._gemma3_extra(hidden, heads, head_dim) if self.arch == "gemma3" else {},
         )
+
+    def _gemma3_extra(self, hidden: int, heads: int, head_dim: int) -> dict[str, Any]:
+        """Gemma 3 values the GGUF leaves implicit (llama.cpp hard-codes them; transformers has defaults)."""
+        layers = int(self._get("block_count"))
+        window = int(self._get("attention.sliding_window", 0, required=False))
+        # every 6th layer attends globally (transformers' layer_types default, llama.cpp's swa pattern 6);
+        # no window in the file: every layer is global, as llama.cpp reads it
+        pattern = self._get("attention.sliding_window_pattern", 6, required=False)
+        if isinstance(pattern, list):  # one flag per layer (True: sliding), as gguf-py may write it
+            if len(pattern) != layers:
+                raise ModelFormatError(f"{self.path}: sliding_window_pattern has {len(pattern)} flags for "
+                                       f"{layers} layers; the file is inconsistent")
+            sliding = [bool(f) and window > 0 for f in pattern]
+        else:
+            sliding = [window > 0 and (i + 1) % int(pattern) != 0 for i in range(layers)]
+        # the attention scale is query_pre_attn_scalar**-0.5; the file doesn't store it. It is head_dim for
+        # every size but 27B (62 layers), whose HF config has hidden/heads: llama.cpp's rule (transformers'
+        # GGUF loader always keeps its default 256, right for all sizes but 27B)
+        scalar = hidden / heads if layers == 62 else head_dim
+        softcaps = [self._get(k, None, required=False) for k in ("attn_logit_softcapping", "final_logit_softcapping")]
+        attn_cap, final_cap = (float(c) if c else None for c in softcaps)  # absent or 0: off
+        return {
+            "sliding_window": window or None,
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "rope_local_base": 10000.0,  # local layers' rope base; the file's freq_base is the global one
+            "query_pre_attn_scalar": float(scalar),
+            "attn_logit_softcapping": attn_cap,
+            "final_logit_softcapping": final_cap,
+        }
 
     def raw_tensors(self) -> Iterator[RawTensor]:
         """Every tensor as stored, under its GGUF name (no renaming, no row reordering)."""
@@ -181,7 +219,7 @@ class GGUFFile:
         """(ember name, RawTensor) for every tensor ember uses; Q/K rows restored to HF order."""
         cfg = self.config()
         for raw in self.raw_tensors():
-            name = map_name(raw.name)
+            name = map_name(raw.name, self.arch)
             if name is None:
                 continue
             # llama.cpp permutes Q/K rows only for the llama architecture (Qwen2 etc. keep HF order)

@@ -1,4 +1,4 @@
-"""Write tiny random Llama-family GGUF files (in llama.cpp's conventions) for architecture tests."""
+"""Write tiny random GGUF files (in llama.cpp's conventions) for architecture tests: Llama family, Gemma 3."""
 
 from __future__ import annotations
 
@@ -28,21 +28,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, seed: int = 0,
-                    template: str | None = None, odd_kind: GGMLQuantizationType | None = None) -> Path:
-    """A 2-layer random model. `odd_kind` stores one weight in that encoding (random bytes), to test errors."""
-    rng = np.random.default_rng(seed)
-    w = GGUFWriter(str(path), arch)
-    w.add_block_count(LAYERS)
-    w.add_context_length(CTX)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
+def _add_vocab(w: GGUFWriter, template: str | None) -> None:
+    """A byte-level BPE vocabulary: 256 byte tokens, a few merges, then specials."""
     w.add_vocab_size(VOCAB)
-    # byte-level vocabulary: 256 byte tokens, a few merges, then specials
     alphabet = _bytes_to_unicode()
     merges = ["Ġ t", "h e", "Ġt he", "i n", "a n"]
     merged = ["Ġt", "he", "Ġthe", "in", "an"]
@@ -60,17 +48,45 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, seed: in
     if template is not None:
         w.add_chat_template(template)
 
+
+def _add(w: GGUFWriter, name: str, arr: np.ndarray, kind: str = "F32") -> None:
+    """Store `arr` as F32, F16 or Q8_0 (quantized here with gguf-py, as llama.cpp's quantizer would)."""
+    if kind == "Q8_0":
+        w.add_tensor(name, quants.quantize(arr, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+    elif kind == "F16":
+        w.add_tensor(name, arr.astype(np.float16))
+    else:
+        w.add_tensor(name, arr)
+
+
+def _finish(w: GGUFWriter, path: Path) -> Path:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, seed: int = 0,
+                    template: str | None = None, odd_kind: GGMLQuantizationType | None = None) -> Path:
+    """A 2-layer random model. `odd_kind` stores one weight in that encoding (random bytes), to test errors."""
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(LAYERS)
+    w.add_context_length(CTX)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    _add_vocab(w, template)
+
     def t(shape: tuple[int, ...], scale: float = 0.08) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     def add(name: str, arr: np.ndarray, kind: str = "F32") -> None:
-        if kind == "Q8_0":
-            w.add_tensor(name, quants.quantize(arr, GGMLQuantizationType.Q8_0),
-                         raw_dtype=GGMLQuantizationType.Q8_0)
-        elif kind == "F16":
-            w.add_tensor(name, arr.astype(np.float16))
-        else:
-            w.add_tensor(name, arr)
+        _add(w, name, arr, kind)
 
     add("token_embd.weight", t((VOCAB, HIDDEN), 0.5), "Q8_0")
     add("output_norm.weight", 1 + t((HIDDEN,)))
@@ -100,8 +116,49 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, seed: in
             w.add_tensor(f"blk.{i}.ffn_down.weight", raw, raw_dtype=odd_kind)
         else:
             add(f"blk.{i}.ffn_down.weight", t((HIDDEN, INTER)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
+
+
+# Gemma 3: 6 layers so that layer 5 is global (every 6th layer; the file can't say otherwise to
+# transformers), a window of 4 tokens, and head_dim 256 (transformers assumes query_pre_attn_scalar 256).
+G_LAYERS, G_HEAD_DIM, G_WINDOW = 6, 256, 4
+
+
+def write_tiny_gemma3_gguf(path: Path, seed: int = 0, final_softcap: float | None = None) -> Path:
+    """A random Gemma 3 in llama.cpp's conventions: norm weights stored as 1 + w, Q/K not permuted."""
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), "gemma3")
+    w.add_block_count(G_LAYERS)
+    w.add_context_length(CTX)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_key_length(G_HEAD_DIM)
+    w.add_value_length(G_HEAD_DIM)
+    w.add_rope_freq_base(1e6)  # global layers; local layers use 10000
+    w.add_sliding_window(G_WINDOW)
+    w.add_layer_norm_rms_eps(1e-6)
+    if final_softcap is not None:
+        w.add_final_logit_softcapping(final_softcap)
+    _add_vocab(w, None)
+
+    def t(shape: tuple[int, ...], scale: float = 0.08) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    q, kv = HEADS * G_HEAD_DIM, KV_HEADS * G_HEAD_DIM
+    _add(w, "token_embd.weight", t((VOCAB, HIDDEN), 0.1), "Q8_0")
+    _add(w, "output_norm.weight", 1 + t((HIDDEN,), 0.3))
+    for i in range(G_LAYERS):
+        for norm in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            _add(w, f"blk.{i}.{norm}.weight", 1 + t((HIDDEN,), 0.3))
+        _add(w, f"blk.{i}.attn_q_norm.weight", 1 + t((G_HEAD_DIM,), 0.3))
+        _add(w, f"blk.{i}.attn_k_norm.weight", 1 + t((G_HEAD_DIM,), 0.3))
+        _add(w, f"blk.{i}.attn_q.weight", t((q, HIDDEN)), "Q8_0")
+        _add(w, f"blk.{i}.attn_k.weight", t((kv, HIDDEN)))
+        _add(w, f"blk.{i}.attn_v.weight", t((kv, HIDDEN)), "F16")
+        _add(w, f"blk.{i}.attn_output.weight", t((HIDDEN, q), 0.03))
+        _add(w, f"blk.{i}.ffn_gate.weight", t((INTER, HIDDEN)), "Q8_0")
+        _add(w, f"blk.{i}.ffn_up.weight", t((INTER, HIDDEN)))
+        _add(w, f"blk.{i}.ffn_down.weight", t((HIDDEN, INTER)))
+    return _finish(w, path)

@@ -37,6 +37,20 @@ def test_planes_reconstruct_the_weights(kind, planes):
     assert torch.allclose(w, c.dequantize().double(), rtol=0, atol=1e-5 * c.dequantize().abs().max().item())
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_scales_and_zeros_lose_no_more_than_bf16_weights(kind):
+    """The kernel takes scales and zeros in bf16: the planes must stay as close to the codes as a bf16 copy
+    of the weights (a large zero, e.g. o + 136s for 5-bit codes, would round off a quarter step)."""
+    c = decode(kind, _random_blocks(kind, 8, 256, 3), (8, 256))
+    planes = 2 if c.bits > 4 else 1
+    q, s, z = to_planes(c, planes)
+    g = q.view(8, -1, GROUP).double()
+    s, z = s.bfloat16().double()[..., None], z.bfloat16().double()[..., None]
+    w = ((g - 8) * s + z).view(8, planes, 256).sum(1)
+    ref = c.dequantize().double()
+    assert (w - ref).abs().max() <= 1.25 * (ref.bfloat16().double() - ref).abs().max()
+
+
 def test_fused_linear_with_mixed_kinds_matches_dense():
     """q in Q4_K (1 plane), k in Q5_0 and v in Q8_0 (2 planes): one fused int4 matmul."""
     shards = [_raw("Q4_K", 64, 256, 1), _raw("Q5_0", 32, 256, 2), _raw("Q8_0", 32, 256, 3)]

@@ -1,0 +1,114 @@
+"""Gemma 3 decoder (text): scaled embeddings, q/k norms, sandwich norms, GeGLU, local/global attention.
+
+Layers alternate sliding-window attention (rope base 10000) with a global layer every few layers
+(the file's rope base, plus any rope scaling). Norm weights are used as stored: llama.cpp's converter
+already folded Gemma's `x * (1 + w)` into the GGUF tensors (transformers' GGUF loader subtracts the 1
+again, then adds it back in its RMSNorm, so both see the same multiplier).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.config import ModelConfig
+from ember.layers.attention import ForwardContext, paged_attention
+from ember.layers.embedding import Embedding
+from ember.layers.linear import Linear
+from ember.layers.mlp import GatedMLP
+from ember.layers.norm import RMSNorm
+from ember.layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, Dh/2]
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        x = cfg.extra
+        self.layer, self.h, self.hkv, self.dh = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.sliding = x["layer_types"][layer] == "sliding_attention"
+        self.window: int | None = int(x["sliding_window"]) if self.sliding else None
+        q, kv = self.h * self.dh, self.hkv * self.dh
+        self.qkv_proj = Linear(cfg.hidden_size, [q, kv, kv], bias=cfg.attention_bias, shards=("q", "k", "v"))
+        self.o_proj = Linear(q, cfg.hidden_size)
+        self.q_norm = RMSNorm(self.dh, cfg.rms_norm_eps)  # per head, before rope
+        self.k_norm = RMSNorm(self.dh, cfg.rms_norm_eps)
+        self.scale = float(x["query_pre_attn_scalar"]) ** -0.5
+        self.softcap: float | None = x.get("attn_logit_softcapping")
+
+    def forward(self, x: torch.Tensor, rope: Rope, ctx: ForwardContext) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.h * self.dh, self.hkv * self.dh, self.hkv * self.dh], dim=-1)
+        q = apply_rope(self.q_norm(q.view(t, self.h, self.dh)), *rope)  # [T, H, Dh]
+        k = apply_rope(self.k_norm(k.view(t, self.hkv, self.dh)), *rope)  # [T, Hkv, Dh]
+        o = paged_attention(q, k, v.view(t, self.hkv, self.dh), self.layer, ctx, self.scale,
+                            window=self.window, softcap=self.softcap)
+        return self.o_proj(o.reshape(t, self.h * self.dh))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        d, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(d, eps)
+        self.self_attn = Gemma3Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        self.pre_feedforward_layernorm = RMSNorm(d, eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, partial(F.gelu, approximate="tanh"))
+        self.post_feedforward_layernorm = RMSNorm(d, eps)
+
+    def forward(self, x: torch.Tensor, rope: Rope, ctx: ForwardContext) -> torch.Tensor:
+        # sandwich norms: each block's output is normalized again (back to fp32) before the residual add
+        h = self.self_attn(self.input_layernorm(x), rope, ctx)
+        x = x + self.post_attention_layernorm(h, out_dtype=torch.float32)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        return x + self.post_feedforward_layernorm(h, out_dtype=torch.float32)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    # checkpoint module name -> (fused module, shard): parameters know how to load themselves
+    packed_modules = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                      "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_scale = math.sqrt(cfg.hidden_size)  # fp32 here (HF rounds it to the weight dtype)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.final_softcap: float | None = cfg.extra.get("final_logit_softcapping")
+        self.inv_freq_local: torch.Tensor | None = None
+        self.inv_freq_global: torch.Tensor | None = None
+        self.refiner: nn.Module | None = None  # set by the loader when the head is packed
+
+    def post_load(self) -> None:
+        """Called once weights are in: rotary frequencies for local (no scaling) and global layers."""
+        c, dev = self.config, self.norm.weight.device
+        self.inv_freq_local = rope_inv_freq(c.rope_dim, float(c.extra["rope_local_base"]), None).to(dev)
+        self.inv_freq_global = rope_inv_freq(c.rope_dim, c.rope_theta, c.rope_scaling).to(dev)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids: [T] flat tokens of all sequences -> hidden states [T, D]."""
+        x = self.embed_tokens(input_ids) * self.embed_scale  # [T, D] fp32 residual stream
+        dt = self.embed_tokens.out_dtype
+        local = rope_cos_sin(ctx.positions, self.inv_freq_local, dt)  # [T, Dh/2] each, shared by layers
+        glob = rope_cos_sin(ctx.positions, self.inv_freq_global, dt)
+        for layer in self.layers:
+            x = layer(x, local if layer.self_attn.sliding else glob, ctx)
+        return self.norm(x, out_dtype=torch.float32)  # fp32: the head's exact refinement uses it
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, D] fp32 (last position of each sequence) -> logits [B, V] in fp32."""
+        logits = self.lm_head(hidden.to(self.embed_tokens.out_dtype)).float()
+        if self.refiner is not None:
+            logits = self.refiner(logits, hidden)
+        if self.final_softcap is not None:  # monotonic: the refiner's top candidates stay the top
+            logits = self.final_softcap * torch.tanh(logits / self.final_softcap)
+        return logits
