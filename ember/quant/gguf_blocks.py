@@ -124,13 +124,21 @@ DECODERS = {
 }
 
 
+KIND_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
+CHUNK_ROWS = 8192  # rows decoded at a time: bounds the transient memory of big tensors (a 262k vocab)
+
+
 def decode(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Canonical:
     """Raw GGUF rows [N, bytes per row] of a 2-D tensor [N, K] -> canonical codes, scales and offsets."""
-    block_bytes, block_elems, fn = DECODERS[kind]
+    block_bytes, _, fn = DECODERS[kind]
     n, k = shape
-    c = fn(_blocks(data, n, block_bytes))
-    q = c.q.reshape(n, k)
-    scale, offset = c.scale.reshape(n, k // GROUP), c.offset.reshape(n, k // GROUP)
-    if scale.shape[-1] != k // GROUP:  # one scale per block of 32: broadcast to the groups
-        raise AssertionError("unexpected group layout")
-    return Canonical(q.contiguous(), scale.contiguous(), offset.contiguous(), c.bits)
+    q = torch.empty(n, k, dtype=torch.uint8)
+    scale = torch.empty(n, k // GROUP, dtype=torch.float32)
+    offset = torch.empty(n, k // GROUP, dtype=torch.float32)
+    for r in range(0, n, CHUNK_ROWS):
+        rows = min(CHUNK_ROWS, n - r)
+        c = fn(_blocks(data[r : r + rows], rows, block_bytes))
+        q[r : r + rows] = c.q.reshape(rows, k)
+        scale[r : r + rows] = c.scale.reshape(rows, k // GROUP)  # one scale per 32 (K-quants: per sub-block)
+        offset[r : r + rows] = c.offset.reshape(rows, k // GROUP)
+    return Canonical(q, scale, offset, KIND_BITS[kind])

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from ember.quant.base import QuantMethod
-from ember.quant.gguf_blocks import DECODERS, GROUP, Canonical, decode
+from ember.quant.gguf_blocks import CHUNK_ROWS, DECODERS, GROUP, KIND_BITS, Canonical, decode
 from ember.weights.base import RawTensor
 
 INT4_KINDS = frozenset(DECODERS)
+PACK_ROWS = 64  # _convert_weight_to_int4pack_for_cpu lays rows out in blocks of this many
 
 
 def kernel_available() -> bool:
@@ -49,16 +50,31 @@ class Int4Method(QuantMethod):
 
     def pack(self, layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | None,
              dtype: torch.dtype, device: torch.device) -> None:
-        canon = [decode(s.kind, s.data, (s.shape[0], s.shape[1])) for s in shards]
-        planes = 2 if any(c.bits > 4 for c in canon) else 1
-        parts = [to_planes(c, planes) for c in canon]
-        q = torch.cat([p[0] for p in parts], dim=0)  # [N, P*K]
-        scale = torch.cat([p[1] for p in parts], dim=0)  # [N, P*K/32]
-        zero = torch.cat([p[2] for p in parts], dim=0)
+        planes = 2 if any(KIND_BITS[s.kind] > 4 for s in shards) else 1
+        packed: list[torch.Tensor] = []
+        sz: list[torch.Tensor] = []
+        buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        def flush(final: bool) -> None:
+            # the CPU packing works in blocks of 64 rows: pack whole blocks, carry the rest (a tail is fine last)
+            q, scale, zero = (torch.cat(t) for t in zip(*buf, strict=True))
+            cut = q.shape[0] if final else q.shape[0] // PACK_ROWS * PACK_ROWS
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[:cut].contiguous(), 1))
+            sz.append(torch.stack((scale[:cut].t(), zero[:cut].t()), dim=-1).to(torch.bfloat16))  # [P*K/32, n, 2]
+            buf[:] = [(q[cut:], scale[cut:], zero[cut:])] if cut < q.shape[0] else []
+
+        for shard in shards:  # row chunks keep transients small (a 262k-row head); packing concatenates along N
+            n, k = shard.shape[0], shard.shape[1]
+            for r in range(0, n, CHUNK_ROWS):
+                c = decode(shard.kind, shard.data[r : r + CHUNK_ROWS], (min(CHUNK_ROWS, n - r), k))
+                buf.append(to_planes(c, planes))  # [rows, P*K], [rows, P*K/32] x2
+                if sum(b[0].shape[0] for b in buf) >= CHUNK_ROWS:
+                    flush(final=False)
+        if buf:
+            flush(final=True)
         layer.planes = planes
-        layer.qweight = nn.Parameter(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), requires_grad=False)
-        sz = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()  # [P*K/32, N, 2]
-        layer.scales_zeros = nn.Parameter(sz, requires_grad=False)
+        layer.qweight = nn.Parameter(torch.cat(packed), requires_grad=False)
+        layer.scales_zeros = nn.Parameter(torch.cat(sz, dim=1).contiguous(), requires_grad=False)
         layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -86,3 +86,24 @@ def test_refiner_makes_the_top_candidates_exact():
     top = out.topk(16).indices
     assert torch.allclose(out.gather(1, top), exact.gather(1, top), atol=1e-4)
     assert torch.equal(out.argmax(-1), exact.argmax(-1))
+
+
+def test_row_chunked_packing_equals_one_shot(monkeypatch):
+    """Big heads are packed in row chunks (bounded load memory); chunks that end off a 64-row block
+    boundary, across shards, must give exactly the one-shot layer."""
+    import ember.quant.int4 as int4
+
+    shards = [_raw("Q4_1", 200, 256, 7), _raw("Q8_0", 136, 256, 8)]
+
+    def build():
+        lin = Linear(256, [200, 136], shards=("a", "b"))
+        lin.load("a", shards[0])
+        lin.load("b", shards[1])
+        lin.finalize(torch.bfloat16, torch.device("cpu"))
+        return lin
+
+    whole = build()
+    monkeypatch.setattr(int4, "CHUNK_ROWS", 96)  # not a multiple of 64: exercises the carried rows
+    chunked = build()
+    assert torch.equal(whole.qweight, chunked.qweight)
+    assert torch.equal(whole.scales_zeros, chunked.scales_zeros)
