@@ -26,9 +26,11 @@ class ModelRunner:
             q_start = len(ids)
             ids.extend(req.all_token_ids[s.start : end])
             positions.append(torch.arange(s.start, end))
-            slots.append(self.kv.slots(req.block_table, s.start, end, self.device))
-            # a step that holds the whole context needs no cache read (plain causal attention)
-            kv_slots = None if s.start == 0 else self.kv.slots(req.block_table, 0, end, self.device)
+            # one slot table per request: the new tokens' slots are its tail; a step that holds the whole
+            # context needs no cache read (plain causal attention)
+            ctx_slots = self.kv.slots(req.block_table, 0, end, self.device)  # [end]
+            slots.append(ctx_slots[s.start :])
+            kv_slots = None if s.start == 0 else ctx_slots
             spans.append(SeqSpan(q_start, s.num_tokens, end, kv_slots))
             if s.samples:
                 last_rows.append(len(ids) - 1)
