@@ -8,6 +8,10 @@ from torch import nn
 from ember.quant.base import QuantMethod, select_method
 from ember.weights.base import RawTensor
 
+# checkpoint module name -> (fused ember module, shard) for the usual q/k/v and gate/up fusions
+QKV_GATE_UP = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+               "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
+
 
 class Linear(nn.Module):
     """y = x W^T (+ b), with W possibly fused from several checkpoint tensors (q/k/v, gate/up).

@@ -18,7 +18,7 @@ from torch import nn
 from ember.config import ModelConfig
 from ember.layers.attention import ForwardContext, paged_attention
 from ember.layers.embedding import Embedding
-from ember.layers.linear import Linear
+from ember.layers.linear import QKV_GATE_UP, Linear
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
@@ -72,8 +72,7 @@ class Gemma3DecoderLayer(nn.Module):
 
 class Gemma3ForCausalLM(nn.Module):
     # checkpoint module name -> (fused module, shard): parameters know how to load themselves
-    packed_modules = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-                      "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
+    packed_modules = QKV_GATE_UP
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
