@@ -33,3 +33,21 @@ def assert_same_until_near_tie(ours: list[int], ref: list[int], gaps: list[float
             return i
         assert a == b, f"step {i}: ours {a} vs reference {b} (reference top-2 gap {gaps[i]:.3f})"
     return len(ref)
+
+
+def load_reference(path, **config):
+    """transformers' own model for a GGUF file, dequantized to fp32 (the oracle)."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, **config).eval()
+
+
+def generate_in_chunks(llm, ids: list[int], budget: int, params):
+    """One generation with the engine's per-step token budget lowered, so the prompt is prefilled in chunks."""
+    cfg = llm.engine.config
+    cfg.max_num_batched_tokens, old = budget, cfg.max_num_batched_tokens
+    try:
+        return llm.generate([ids], params)[0]
+    finally:
+        cfg.max_num_batched_tokens = old

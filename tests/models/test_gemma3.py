@@ -10,7 +10,12 @@ import torch
 
 import ember
 from ember import SamplingParams
-from tests.reference import assert_same_until_near_tie, reference_greedy_with_gaps
+from tests.reference import (
+    assert_same_until_near_tie,
+    generate_in_chunks,
+    load_reference,
+    reference_greedy_with_gaps,
+)
 
 PROMPTS = [
     "The capital of France is",
@@ -34,10 +39,8 @@ def llm32(gemma_gguf):
 
 @pytest.fixture(scope="module")
 def hf_model(gemma_gguf):
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gemma_gguf.parent), gguf_file=gemma_gguf.name, dtype=torch.float32)
-    return model.eval()
+    pytest.importorskip("transformers")
+    return load_reference(gemma_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +90,7 @@ def test_packed_int4_greedy_matches_until_near_tie(gemma_gguf, reference):
 def test_chunked_prefill_across_window_matches_one_shot(llm32):
     ids = llm32.encode(LONG_TEXT)
     whole = torch.log_softmax(llm32.logits(ids)[-1], -1)
-    eng = llm32.engine
-    eng.config.max_num_batched_tokens, old = 100, eng.config.max_num_batched_tokens  # chunk 6 straddles 512
-    try:
-        out = llm32.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=0))[0]
-    finally:
-        eng.config.max_num_batched_tokens = old
+    out = generate_in_chunks(llm32, ids, 100, SamplingParams(temperature=0, max_tokens=1, logprobs=0))  # chunk 6 straddles 512
     assert out.token_ids[0] == int(whole.argmax())
     assert abs(out.logprobs[0].logprob - float(whole.max())) < 1e-4
 

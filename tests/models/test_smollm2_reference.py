@@ -7,7 +7,12 @@ import torch
 
 import ember
 from ember import SamplingParams
-from tests.reference import assert_same_until_near_tie, reference_greedy, reference_greedy_with_gaps
+from tests.reference import (
+    assert_same_until_near_tie,
+    load_reference,
+    reference_greedy,
+    reference_greedy_with_gaps,
+)
 
 PROMPTS = [
     "The capital of France is",
@@ -28,10 +33,8 @@ def llm32(smollm_gguf):
 
 @pytest.fixture(scope="module")
 def hf_model(smollm_gguf):
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm_gguf.parent), gguf_file=smollm_gguf.name, dtype=torch.float32)
-    return model.eval()
+    pytest.importorskip("transformers")
+    return load_reference(smollm_gguf)
 
 
 def test_greedy_tokens_match_transformers(llm32, hf_model):

@@ -9,6 +9,7 @@ import torch
 
 import ember
 from ember import SamplingParams
+from tests.reference import generate_in_chunks, load_reference
 
 from .tiny_gguf import G_HEAD_DIM, G_LAYERS, G_WINDOW, write_tiny_gemma3_gguf
 
@@ -17,15 +18,10 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = [[5, 17, 200, 33], [90, 12, 255, 1, 64, 100, 7, 3, 44]]
 
 
-def _reference(path, **config):
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                             dtype=torch.float32, **config).eval()
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     path = write_tiny_gemma3_gguf(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3.gguf")
-    return ember.load(path, dtype="float32"), _reference(path)
+    return ember.load(path, dtype="float32"), load_reference(path)
 
 
 def _ref_logits(ref, ids: list[int]) -> torch.Tensor:
@@ -66,12 +62,7 @@ def test_chunked_prefill_matches(pair):
     ours, ref = pair
     ids = list(range(3, 3 + 40))
     want = torch.log_softmax(_ref_logits(ref, ids)[-1], -1)
-    eng = ours.engine
-    eng.config.max_num_batched_tokens, old = 7, eng.config.max_num_batched_tokens  # 6 chunks, each past the window
-    try:
-        out = ours.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=1))[0]
-    finally:
-        eng.config.max_num_batched_tokens = old
+    out = generate_in_chunks(ours, ids, 7, SamplingParams(temperature=0, max_tokens=1, logprobs=1))  # 6 chunks, each past the window
     assert out.token_ids[0] == int(want.argmax())
     assert abs(out.logprobs[0].logprob - float(want.max())) < 1e-4
 
@@ -79,7 +70,7 @@ def test_chunked_prefill_matches(pair):
 def test_final_logit_softcapping(tmp_path):
     # the GGUF key is read by ember; transformers' GGUF loader ignores it, so give it the same value
     path = write_tiny_gemma3_gguf(tmp_path / "tiny-gemma3-softcap.gguf", final_softcap=1.5)
-    ours, ref = ember.load(path, dtype="float32"), _reference(path, final_logit_softcapping=1.5)
+    ours, ref = ember.load(path, dtype="float32"), load_reference(path, final_logit_softcapping=1.5)
     ids = [5, 17, 200, 33, 90, 12, 255]
     got = ours.logits(ids)
     assert got.abs().max() < 1.5

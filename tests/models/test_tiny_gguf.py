@@ -9,7 +9,7 @@ import torch
 
 import ember
 from ember import SamplingParams
-from tests.reference import reference_greedy
+from tests.reference import generate_in_chunks, load_reference, reference_greedy
 
 from .tiny_gguf import write_tiny_gguf
 
@@ -23,9 +23,7 @@ def pair(request, tmp_path_factory):
     arch, tied = request.param
     path = write_tiny_gguf(tmp_path_factory.mktemp(arch) / f"tiny-{arch}.gguf", arch=arch, tied=tied)
     ours = ember.load(path, dtype="float32")
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                            dtype=torch.float32).eval()
-    return ours, ref
+    return ours, load_reference(path)
 
 
 def test_config_read(pair):
@@ -58,11 +56,6 @@ def test_chunked_prefill_matches(pair):
     ours, _ = pair
     ids = list(range(3, 3 + 40))
     whole = ours.logits(ids)[-1]
-    eng = ours.engine
-    eng.config.max_num_batched_tokens, old = 7, eng.config.max_num_batched_tokens  # force 6 chunks
-    try:
-        out = ours.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=1))[0]
-    finally:
-        eng.config.max_num_batched_tokens = old
+    out = generate_in_chunks(ours, ids, 7, SamplingParams(temperature=0, max_tokens=1, logprobs=1))  # 6 chunks
     assert out.token_ids[0] == int(whole.argmax())
     assert abs(out.logprobs[0].logprob - float(torch.log_softmax(whole, -1).max())) < 1e-4
