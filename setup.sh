@@ -15,4 +15,6 @@ else
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+# ember's CPU kernels are built once per machine (C compiler; without one ember runs plain PyTorch ops)
+"$PY" -c "from ember.kernels import cpu_ops; print('[setup] CPU kernels:', 'ready' if cpu_ops() else 'off (no C compiler)')"
 echo "[setup] ember $("$PY" -c 'import ember; print(ember.__version__)') is installed: try \`ember --help\`"

@@ -42,6 +42,11 @@ class ModelRunner:
             k_cache=self.kv.k,
             v_cache=self.kv.v,
         )
+        if all(sp.q_len == 1 and sp.kv_slots is not None for sp in spans):  # pure decode: one padded table
+            tables = [sp.kv_slots for sp in spans]
+            ctx.decode_slots = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True) if len(tables) > 1 \
+                else tables[0][None]  # [B, max ctx]
+            ctx.decode_lens = torch.tensor([sp.ctx_len for sp in spans], device=self.device)
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)  # [T, D]
         if not last_rows:
             return None

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ember.kernels import ops
+
 
 @dataclass
 class SeqSpan:
@@ -27,6 +29,23 @@ class ForwardContext:
     seqs: list[SeqSpan]
     k_cache: list[torch.Tensor]  # per layer: [Hkv, num_slots, Dh] (head-major: a gather reads runs of Dh)
     v_cache: list[torch.Tensor]
+    # set by the runner when every sequence decodes one token: padded slot tables for the decode kernel
+    decode_slots: torch.Tensor | None = None  # [B, max ctx] int64
+    decode_lens: torch.Tensor | None = None  # [B] int64
+
+
+def qkv_attention(qkv: torch.Tensor, h: int, hkv: int, layer: int, ctx: ForwardContext,
+                  rope: tuple[torch.Tensor, torch.Tensor], scale: float, window: int | None = None,
+                  softcap: float | None = None, q_norm: torch.Tensor | None = None,
+                  k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """qkv: [T, H + 2 Hkv, Dh] straight from the fused projection (modified in place) -> [T, H, Dh].
+
+    Optional per-head q/k norms, RoPE (cos/sin [T, rd/2] fp32) and the cache write happen in one fused op.
+    """
+    ops.rope_store(qkv, h, hkv, *rope, ctx.k_cache[layer], ctx.v_cache[layer], ctx.slot_mapping,
+                   q_norm, k_norm, eps)
+    q, k, v = qkv[:, :h], qkv[:, h : h + hkv], qkv[:, h + hkv :]
+    return attend(q, k, v, layer, ctx, scale, window, softcap)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: ForwardContext,
@@ -37,9 +56,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2 style).
     """
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
+    kc.index_copy_(1, ctx.slot_mapping, k.transpose(0, 1))
+    vc.index_copy_(1, ctx.slot_mapping, v.transpose(0, 1))
+    return attend(q, k, v, layer, ctx, scale, window, softcap)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: ForwardContext, scale: float,
+           window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Attention for the new tokens, whose k/v are already in the cache. q: [T, H, Dh], k/v: [T, Hkv, Dh]."""
+    kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
+    if ctx.decode_slots is not None and ops.decode_attention_ok(q, kc):
+        return ops.decode_attention(q, kc, vc, ctx.decode_slots, ctx.decode_lens, scale, window, softcap)
     k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, T, Dh]
-    kc.index_copy_(1, ctx.slot_mapping, k)
-    vc.index_copy_(1, ctx.slot_mapping, v)
     q = q.transpose(0, 1)  # [H, T, Dh]
     outs = []
     for s in ctx.seqs:

@@ -1,10 +1,12 @@
-"""RMSNorm."""
+"""RMSNorm, with the residual add fused in (`add_forward`) for the decoder's pre-norm pattern."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ember.kernels import ops
 
 
 class RMSNorm(nn.Module):
@@ -18,3 +20,10 @@ class RMSNorm(nn.Module):
         # fp32 statistics keep bf16 activations close to the reference
         y = F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps)
         return y.to(out_dtype or self.out_dtype or x.dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None, post: RMSNorm | None = None,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x: [T, D] fp32 residual stream, updated in place with x += delta (first normalized by `post`, a
+        sandwich norm, when given); returns this norm of the new x. One fused op on CPU."""
+        out = out_dtype or self.out_dtype or x.dtype
+        return ops.add_rmsnorm(x, delta, self.weight, self.eps, out, None if post is None else post.weight)

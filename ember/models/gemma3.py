@@ -9,21 +9,20 @@ again, then adds it back in its RMSNorm, so both see the same multiplier).
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ember.config import ModelConfig
-from ember.layers.attention import ForwardContext, paged_attention
+from ember.layers.attention import ForwardContext, qkv_attention
 from ember.layers.embedding import Embedding
 from ember.layers.linear import QKV_GATE_UP, Linear
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
-from ember.layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
+from ember.layers.rotary import rope_cos_sin, rope_inv_freq
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, Dh/2]
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, Dh/2] fp32
+Pending = tuple[torch.Tensor | None, RMSNorm | None]  # a block output not yet added, and its post-norm
 
 
 class Gemma3Attention(nn.Module):
@@ -43,11 +42,9 @@ class Gemma3Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.h * self.dh, self.hkv * self.dh, self.hkv * self.dh], dim=-1)
-        q = apply_rope(self.q_norm(q.view(t, self.h, self.dh)), *rope)  # [T, H, Dh]
-        k = apply_rope(self.k_norm(k.view(t, self.hkv, self.dh)), *rope)  # [T, Hkv, Dh]
-        o = paged_attention(q, k, v.view(t, self.hkv, self.dh), self.layer, ctx, self.scale,
-                            window=self.window, softcap=self.softcap)
+        qkv = self.qkv_proj(x).view(t, self.h + 2 * self.hkv, self.dh)  # [T, H + 2 Hkv, Dh]
+        o = qkv_attention(qkv, self.h, self.hkv, self.layer, ctx, rope, self.scale, self.window, self.softcap,
+                          self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)  # [T, H, Dh]
         return self.o_proj(o.reshape(t, self.h * self.dh))
 
 
@@ -59,15 +56,16 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn = Gemma3Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(d, eps)
         self.pre_feedforward_layernorm = RMSNorm(d, eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, partial(F.gelu, approximate="tanh"))
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, "gelu_tanh")
         self.post_feedforward_layernorm = RMSNorm(d, eps)
 
-    def forward(self, x: torch.Tensor, rope: Rope, ctx: ForwardContext) -> torch.Tensor:
-        # sandwich norms: each block's output is normalized again (back to fp32) before the residual add
-        h = self.self_attn(self.input_layernorm(x), rope, ctx)
-        x = x + self.post_attention_layernorm(h, out_dtype=torch.float32)
-        h = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(h, out_dtype=torch.float32)
+    def forward(self, x: torch.Tensor, pending: Pending, rope: Rope, ctx: ForwardContext) -> Pending:
+        """x: [T, D] fp32 residual, updated in place. Sandwich norms: each block's output is normalized
+        again (fp32) before its residual add, which is fused into the next norm: `pending` is the previous
+        layer's (output, its post-norm), and the return value is this layer's."""
+        h = self.self_attn(self.input_layernorm.add_forward(x, *pending), rope, ctx)
+        h = self.mlp(self.pre_feedforward_layernorm.add_forward(x, h, self.post_attention_layernorm))
+        return h, self.post_feedforward_layernorm
 
 
 class Gemma3ForCausalLM(nn.Module):
@@ -96,12 +94,12 @@ class Gemma3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids: [T] flat tokens of all sequences -> hidden states [T, D]."""
         x = self.embed_tokens(input_ids) * self.embed_scale  # [T, D] fp32 residual stream
-        dt = self.embed_tokens.out_dtype
-        local = rope_cos_sin(ctx.positions, self.inv_freq_local, dt)  # [T, Dh/2] each, shared by layers
-        glob = rope_cos_sin(ctx.positions, self.inv_freq_global, dt)
+        local = rope_cos_sin(ctx.positions, self.inv_freq_local, torch.float32)  # [T, Dh/2] each, all layers
+        glob = rope_cos_sin(ctx.positions, self.inv_freq_global, torch.float32)
+        pending: Pending = (None, None)
         for layer in self.layers:
-            x = layer(x, local if layer.self_attn.sliding else glob, ctx)
-        return self.norm(x, out_dtype=torch.float32)  # fp32: the head's exact refinement uses it
+            pending = layer(x, pending, local if layer.self_attn.sliding else glob, ctx)
+        return self.norm.add_forward(x, *pending, out_dtype=torch.float32)  # fp32: the head's refinement uses it
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, D] fp32 (last position of each sequence) -> logits [B, V] in fp32."""

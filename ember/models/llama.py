@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ember.config import ModelConfig
-from ember.layers.attention import ForwardContext, paged_attention
+from ember.layers.attention import ForwardContext, qkv_attention
 from ember.layers.embedding import Embedding
 from ember.layers.linear import QKV_GATE_UP, Linear
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
-from ember.layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
+from ember.layers.rotary import rope_cos_sin, rope_inv_freq
 
 
 class LlamaAttention(nn.Module):
@@ -24,12 +23,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(q, cfg.hidden_size)
         self.scale = self.dh**-0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.h + 2 * self.hkv, self.dh)  # [T, H + 2 Hkv, Dh]
-        qk = apply_rope(qkv[:, : self.h + self.hkv], cos, sin)  # q and k heads rotated in one go
-        q, k, v = qk[:, : self.h], qk[:, self.h :], qkv[:, self.h + self.hkv :]
-        o = paged_attention(q, k, v, self.layer, ctx, self.scale)
+        o = qkv_attention(qkv, self.h, self.hkv, self.layer, ctx, rope, self.scale)  # [T, H, Dh]
         return self.o_proj(o.reshape(t, self.h * self.dh))
 
 
@@ -39,11 +36,14 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, F.silu)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, "silu")
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                ctx: ForwardContext) -> torch.Tensor:
+        """x: [T, D] fp32 residual stream, updated in place; delta: the previous layer's output, still to be
+        added (its add is fused into this layer's first norm). Returns this layer's pending output."""
+        a = self.self_attn(self.input_layernorm.add_forward(x, delta), rope, ctx)
+        return self.mlp(self.post_attention_layernorm.add_forward(x, a))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -70,10 +70,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids: [T] flat tokens of all sequences -> hidden states [T, D]."""
         x = self.embed_tokens(input_ids)  # [T, D] fp32 residual stream
-        cos, sin = rope_cos_sin(ctx.positions, self.inv_freq, self.embed_tokens.out_dtype)  # [T, rd/2]
+        rope = rope_cos_sin(ctx.positions, self.inv_freq, torch.float32)  # cos, sin: [T, rd/2]
+        delta = None
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.norm(x, out_dtype=torch.float32)  # fp32: the head's exact refinement uses it
+            delta = layer(x, delta, rope, ctx)
+        return self.norm.add_forward(x, delta, out_dtype=torch.float32)  # fp32: the head's refinement uses it
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, D] fp32 (last position of each sequence) -> logits [B, V] in fp32."""

@@ -48,7 +48,10 @@ def select_method(shards: list[RawTensor], dtype: torch.dtype, device: torch.dev
                   quantize: str | None = None) -> QuantMethod:
     """Pick the method for one linear from its stored kinds (and an on-load quantization request)."""
     from ember.quant.int4 import Int4Method, int4_ok
+    from ember.quant.packed import PackedBlocksMethod, packed_ok
 
+    if packed_ok(shards, dtype, device):  # ember's own kernel (AVX512-BF16); else PyTorch's int4 kernel
+        return PackedBlocksMethod()
     if int4_ok(shards, dtype, device):
         return Int4Method()
     return DenseMethod()

@@ -11,6 +11,8 @@ bf16 scales and zeros then lose no more than a bf16 copy of the weights would.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import torch
 from torch import nn
 
@@ -43,6 +45,39 @@ def to_planes(c: Canonical, planes: int) -> tuple[torch.Tensor, torch.Tensor, to
     return q, torch.cat((hi_s, s), dim=1), torch.cat((torch.zeros_like(o), lo_z), dim=1)
 
 
+def pack_canonical(layer: nn.Module, chunks: Iterable[Canonical], planes: int, bias: torch.Tensor | None) -> None:
+    """Row chunks of canonical codes (in output order, across shards) -> the kernel's buffers on `layer`."""
+    packed: list[torch.Tensor] = []
+    sz: list[torch.Tensor] = []
+    buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def flush(final: bool) -> None:
+        # the CPU packing works in blocks of 64 rows: pack whole blocks, carry the rest (a tail is fine last)
+        q, scale, zero = (torch.cat(t) for t in zip(*buf, strict=True))
+        cut = q.shape[0] if final else q.shape[0] // PACK_ROWS * PACK_ROWS
+        packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[:cut].contiguous(), 1))
+        sz.append(torch.stack((scale[:cut].t(), zero[:cut].t()), dim=-1).to(torch.bfloat16))  # [P*K/32, n, 2]
+        buf[:] = [(q[cut:], scale[cut:], zero[cut:])] if cut < q.shape[0] else []
+
+    for c in chunks:  # row chunks keep transients small (a 262k-row head); packing concatenates along N
+        buf.append(to_planes(c, planes))  # [rows, P*K], [rows, P*K/32] x2
+        if sum(b[0].shape[0] for b in buf) >= CHUNK_ROWS:
+            flush(final=False)
+    if buf:
+        flush(final=True)
+    layer.planes = planes
+    layer.qweight = nn.Parameter(torch.cat(packed), requires_grad=False)
+    layer.scales_zeros = nn.Parameter(torch.cat(sz, dim=1).contiguous(), requires_grad=False)
+    layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+
+
+def gguf_chunks(shards: list[RawTensor]) -> Iterator[Canonical]:
+    for shard in shards:
+        n, k = shard.shape[0], shard.shape[1]
+        for r in range(0, n, CHUNK_ROWS):
+            yield decode(shard.kind, shard.data[r : r + CHUNK_ROWS], (min(CHUNK_ROWS, n - r), k))
+
+
 class Int4Method(QuantMethod):
     """GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K kept packed: 0.5 byte per weight per plane."""
 
@@ -51,31 +86,7 @@ class Int4Method(QuantMethod):
     def pack(self, layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | None,
              dtype: torch.dtype, device: torch.device) -> None:
         planes = 2 if any(KIND_BITS[s.kind] > 4 for s in shards) else 1
-        packed: list[torch.Tensor] = []
-        sz: list[torch.Tensor] = []
-        buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-        def flush(final: bool) -> None:
-            # the CPU packing works in blocks of 64 rows: pack whole blocks, carry the rest (a tail is fine last)
-            q, scale, zero = (torch.cat(t) for t in zip(*buf, strict=True))
-            cut = q.shape[0] if final else q.shape[0] // PACK_ROWS * PACK_ROWS
-            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[:cut].contiguous(), 1))
-            sz.append(torch.stack((scale[:cut].t(), zero[:cut].t()), dim=-1).to(torch.bfloat16))  # [P*K/32, n, 2]
-            buf[:] = [(q[cut:], scale[cut:], zero[cut:])] if cut < q.shape[0] else []
-
-        for shard in shards:  # row chunks keep transients small (a 262k-row head); packing concatenates along N
-            n, k = shard.shape[0], shard.shape[1]
-            for r in range(0, n, CHUNK_ROWS):
-                c = decode(shard.kind, shard.data[r : r + CHUNK_ROWS], (min(CHUNK_ROWS, n - r), k))
-                buf.append(to_planes(c, planes))  # [rows, P*K], [rows, P*K/32] x2
-                if sum(b[0].shape[0] for b in buf) >= CHUNK_ROWS:
-                    flush(final=False)
-        if buf:
-            flush(final=True)
-        layer.planes = planes
-        layer.qweight = nn.Parameter(torch.cat(packed), requires_grad=False)
-        layer.scales_zeros = nn.Parameter(torch.cat(sz, dim=1).contiguous(), requires_grad=False)
-        layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+        pack_canonical(layer, gguf_chunks(shards), planes, bias)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

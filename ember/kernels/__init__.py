@@ -1,0 +1,82 @@
+"""ember's fused CPU ops (csrc/cpu_ops.c), built on first use with the system C compiler and loaded with ctypes.
+
+`cpu_ops()` returns the loaded library, or None when it cannot be had (no compiler, not x86/ARM Linux or
+macOS, EMBER_KERNELS=0): every caller keeps a plain PyTorch path, so a missing compiler costs speed,
+never correctness. The build is cached under $EMBER_HOME/kernels, keyed by the source, the compiler and
+this CPU's flags (it is built with -march=native).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_F = ctypes.c_float
+SIGNATURES = {
+    "ember_add_rmsnorm": [_P, _P, _P, _P, _F, _I, _I, _P, _P],
+    "ember_rope_store": [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _F, _P, _P, _I, _P],
+    "ember_act_mul": [_P, _P, _I, _I, ctypes.c_int],
+    "ember_decode_attention": [_P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _F, _P],
+    "ember_qgemm": [_P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P],
+    "ember_qdequant": [_P, _P, _I, _P, _P, _I, _I, _I, _P],
+}
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def _build(cc: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True)
+    os.replace(tmp, out)  # atomic: a concurrent process sees either no library or a whole one
+
+
+@functools.cache
+def cpu_ops() -> ctypes.CDLL | None:
+    if os.environ.get("EMBER_KERNELS", "1") == "0" or sys.platform not in ("linux", "darwin"):
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        warnings.warn("ember: no C compiler found, so the fused CPU kernels are off (decoding is slower); "
+                      "install gcc (apt install gcc) to turn them on", stacklevel=2)
+        return None
+    from ember.hub import ember_home
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, _cpu_key(), torch.__version__]).encode())
+    lib_path = ember_home() / "kernels" / f"cpu_ops-{key.hexdigest()[:16]}.so"
+    try:
+        if not lib_path.exists():
+            print("[ember] building the CPU kernels for this machine (once, a few seconds)", file=sys.stderr)
+            _build(cc, lib_path)
+        lib = ctypes.CDLL(str(lib_path))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(f"ember: building the fused CPU kernels failed, using plain PyTorch ops instead:\n{detail}",
+                      stacklevel=2)
+        return None
+    for name, args in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    lib.ember_qgemm_available.restype = ctypes.c_int
+    return lib

@@ -1,0 +1,103 @@
+"""GGUF block codes kept packed in ember's own layout and run by ember's AVX512-BF16 kernel (kernels/csrc).
+
+Per block of 32 weights: 16 bytes of nibbles, one uint32 bit plane per code bit above 4, and fp16 scale
+and offset — 20 bytes for 4-bit codes, as Q4_1 itself. Decode-sized batches (a few rows) use the fused
+matmul straight from the codes; larger ones (prefill) decode the weight to bf16 a row chunk at a time
+and use PyTorch's bf16 matmul (AMX/oneDNN), which wins once the weight is reused across many rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.kernels import cpu_ops
+from ember.quant.base import QuantMethod
+from ember.quant.gguf_blocks import GROUP, KIND_BITS, Canonical
+from ember.quant.int4 import INT4_KINDS, gguf_chunks
+from ember.weights.base import RawTensor
+
+MAX_GEMV_ROWS = 8  # the fused kernel keeps one accumulator per activation row
+DEQUANT_ROWS = 8192  # prefill decodes at most this many weight rows to bf16 at once
+
+
+def available() -> bool:
+    lib = cpu_ops()
+    return lib is not None and bool(lib.ember_qgemm_available())
+
+
+def pack_blocks(c: Canonical, planes: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Canonical codes [N, K] -> nibbles [N, ceil(K/64), 32] u8, bit planes [N, K/32, planes] i32, s/o fp16 [N, K/32]."""
+    n, k = c.q.shape
+    q = c.q.view(n, k // GROUP, GROUP)  # [N, B, 32]
+    if q.shape[1] % 2:  # an odd block count gets a phantom block of zero codes to complete its pair
+        q = torch.cat((q, torch.zeros(n, 1, GROUP, dtype=q.dtype)), dim=1)
+    pairs = q.view(n, -1, 2, GROUP)  # [N, B/2, 2, 32]
+    nib = (pairs[:, :, 0] & 15) | ((pairs[:, :, 1] & 15) << 4)  # byte j: code j of blocks 2i and 2i+1
+    q = q[:, : k // GROUP]
+    bits = None
+    if planes:
+        weights = torch.arange(GROUP, dtype=torch.int64)
+        shifts = [(((q >> (4 + p)) & 1).to(torch.int64) << weights).sum(-1) for p in range(planes)]
+        u32 = torch.stack(shifts, dim=-1)  # [N, B, planes] in 0 .. 2^32 - 1
+        bits = torch.where(u32 >= 2**31, u32 - 2**32, u32).to(torch.int32)
+    return nib.contiguous(), bits, c.scale.to(torch.float16), c.offset.to(torch.float16)
+
+
+def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], planes: int, bias: torch.Tensor | None) -> None:
+    parts = [pack_blocks(c, planes) for c in chunks]
+    layer.nib = nn.Parameter(torch.cat([p[0] for p in parts]), requires_grad=False)
+    layer.bit_planes = None if not planes else nn.Parameter(torch.cat([p[1] for p in parts]), requires_grad=False)
+    layer.s16 = nn.Parameter(torch.cat([p[2] for p in parts]), requires_grad=False)
+    layer.o16 = nn.Parameter(torch.cat([p[3] for p in parts]), requires_grad=False)
+    layer.planes = planes
+    layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+
+
+def _args(layer: nn.Module) -> tuple:
+    bp = layer.bit_planes
+    return (layer.nib.data_ptr(), None if bp is None else bp.data_ptr(), layer.planes, layer.s16.data_ptr(),
+            layer.o16.data_ptr())
+
+
+def dequantize_rows(layer: nn.Module, r0: int, r1: int) -> torch.Tensor:
+    """Weight rows [r0, r1) as bf16 [r1 - r0, K]."""
+    k = layer.s16.shape[1] * GROUP
+    out = torch.empty(r1 - r0, k, dtype=torch.bfloat16)
+    cpu_ops().ember_qdequant(*_args(layer), r0, r1, k, out.data_ptr())  # type: ignore[union-attr]
+    return out
+
+
+class PackedBlocksMethod(QuantMethod):
+    """GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K on ember's kernel: 4-bit codes + bit planes per block."""
+
+    name = "packed"
+
+    def pack(self, layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | None,
+             dtype: torch.dtype, device: torch.device) -> None:
+        pack_chunks(layer, gguf_chunks(shards), max(KIND_BITS[s.kind] for s in shards) - 4, bias)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if x.dtype != torch.bfloat16 or not x.is_contiguous():
+            x = x.to(torch.bfloat16).contiguous()  # [T, K]
+        m, k = x.shape
+        n = layer.nib.shape[0]
+        if m <= MAX_GEMV_ROWS:
+            y = torch.empty(m, n, dtype=torch.bfloat16)
+            cpu_ops().ember_qgemm(*_args(layer), x.data_ptr(), m, n, k, None, y.data_ptr())  # type: ignore[union-attr]
+        else:
+            y = torch.cat([F.linear(x, dequantize_rows(layer, r, min(n, r + DEQUANT_ROWS)))
+                           for r in range(0, n, DEQUANT_ROWS)], dim=-1)
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.view(*shape[:-1], n)
+
+
+def packed_ok(shards: list[RawTensor], dtype: torch.dtype, device: torch.device) -> bool:
+    return (device.type == "cpu" and dtype == torch.bfloat16 and available()
+            and all(s.kind in INT4_KINDS and len(s.shape) == 2 and s.shape[1] % GROUP == 0 for s in shards))

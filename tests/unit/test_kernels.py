@@ -1,0 +1,141 @@
+"""ember's fused C kernels (kernels/csrc/cpu_ops.c) against the plain PyTorch path they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.kernels import cpu_ops, ops
+from ember.quant import packed
+from ember.quant.gguf_blocks import Canonical
+
+pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="no C compiler: the kernels are off")
+BF = torch.bfloat16
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Run ops.* on their PyTorch fallback."""
+    monkeypatch.setattr(ops, "cpu_ops", lambda: None)
+
+
+def _both(fn, monkeypatch):
+    fast = fn()
+    monkeypatch.setattr(ops, "cpu_ops", lambda: None)
+    slow = fn()
+    monkeypatch.undo()
+    return fast, slow
+
+
+@pytest.mark.parametrize("post", [False, True])
+@pytest.mark.parametrize("out_dtype", [BF, torch.float32])
+def test_add_rmsnorm_matches_torch(monkeypatch, post, out_dtype):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 96, generator=g) * 3
+    delta = torch.randn(5, 96, generator=g).to(BF)
+    w, pw = torch.rand(96, generator=g) + 0.5, torch.rand(96, generator=g) + 0.5
+
+    def run():
+        x = x0.clone()
+        y = ops.add_rmsnorm(x, delta, w, 1e-6, out_dtype, pw if post else None)
+        return x, y
+
+    (xf, yf), (xs, ys) = _both(run, monkeypatch)
+    torch.testing.assert_close(xf, xs, rtol=1e-6, atol=1e-5)  # the residual stream itself
+    assert yf.dtype == ys.dtype == out_dtype
+    torch.testing.assert_close(yf.float(), ys.float(), rtol=1e-2 if out_dtype == BF else 1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norms", [False, True])
+@pytest.mark.parametrize("rot", [32, 16])  # full and partial rotary (Dh 32)
+def test_rope_store_matches_torch(monkeypatch, norms, rot):
+    g = torch.Generator().manual_seed(1)
+    t, nq, nkv, dh = 4, 6, 2, 32
+    qkv0 = torch.randn(t, nq + 2 * nkv, dh, generator=g).to(BF)
+    pos = torch.tensor([0, 5, 6, 100])
+    inv = 1.0 / 10000 ** (torch.arange(0, rot, 2).float() / rot)
+    ang = pos[:, None].float() * inv[None]
+    cos, sin = ang.cos(), ang.sin()
+    qn, kn = (torch.rand(dh, generator=g) + 0.5, torch.rand(dh, generator=g) + 0.5) if norms else (None, None)
+    slots = torch.tensor([3, 9, 10, 1])
+
+    def run():
+        qkv, kc, vc = qkv0.clone(), torch.zeros(nkv, 16, dh, dtype=BF), torch.zeros(nkv, 16, dh, dtype=BF)
+        ops.rope_store(qkv, nq, nkv, cos, sin, kc, vc, slots, qn, kn, 1e-6)
+        return qkv, kc, vc
+
+    fast, slow = _both(run, monkeypatch)
+    for a, b in zip(fast, slow, strict=True):
+        # the kernel rotates in fp32 and rounds once; torch rounds cos/sin and each product to bf16
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.05 * b.float().abs().max().item())
+    assert torch.equal(fast[2][:, slots], qkv0[:, nq + nkv :].transpose(0, 1))  # v stored as is
+    assert not fast[1][:, 0].any()  # untouched slots stay untouched
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_act_mul_matches_torch(monkeypatch, act):
+    gu = (torch.randn(3, 2 * 200, generator=torch.Generator().manual_seed(2)) * 4).to(BF)
+    fast, slow = _both(lambda: ops.act_mul(gu, act), monkeypatch)
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 20.0)])
+def test_decode_attention_matches_sdpa(window, softcap):
+    g = torch.Generator().manual_seed(3)
+    h, hkv, dh, slots_n = 8, 2, 64, 64
+    kc = torch.randn(hkv, slots_n, dh, generator=g).to(BF)
+    vc = torch.randn(hkv, slots_n, dh, generator=g).to(BF)
+    tables = [torch.randperm(slots_n, generator=g)[:n] for n in (1, 9, 30)]  # scattered pages
+    lens = torch.tensor([len(t) for t in tables])
+    padded = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
+    q = torch.randn(3, h, dh, generator=g).to(BF)
+    out = ops.decode_attention(q, kc, vc, padded, lens, 0.125, window, softcap)
+    for i, t in enumerate(tables):
+        t = t[-window:] if window else t
+        k, v = kc[:, t].float().repeat_interleave(4, 0), vc[:, t].float().repeat_interleave(4, 0)  # [H, n, Dh]
+        s = (q[i].float()[:, None] @ k.transpose(1, 2)) * 0.125  # [H, 1, n]
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        ref = (s.softmax(-1) @ v)[:, 0]  # [H, Dh]
+        torch.testing.assert_close(out[i].float(), ref, rtol=0, atol=0.02)
+
+
+def _canonical(n: int, k: int, bits: int, seed: int) -> Canonical:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=g)
+    scale = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3).half().float()  # fp16-exact, as GGUF stores them
+    offset = (-torch.rand(n, k // 32, generator=g) * 2**bits * 0.005).half().float()
+    return Canonical(q, scale, offset, bits)
+
+
+@pytest.mark.skipif(not packed.available(), reason="needs AVX512-BF16")
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+@pytest.mark.parametrize("k", [576, 96])  # 18 blocks, and 3 (an odd count: a phantom pair half)
+def test_packed_blocks_matmul(bits, k):
+    c = _canonical(70, k, bits, bits)
+    layer = nn.Module()
+    packed.pack_chunks(layer, [c], bits - 4, None)
+    w = c.dequantize()  # [N, K] fp32 reference weights
+    # decoding back is exact: every code, scale and offset survives the packing
+    assert torch.equal(packed.dequantize_rows(layer, 0, 70), w.to(BF))
+    assert torch.equal(packed.dequantize_rows(layer, 20, 33), w[20:33].to(BF))
+    method = packed.PackedBlocksMethod()
+    for m in (1, 3, 8, 13):  # the fused kernel up to 8 rows, the bf16 matmul beyond
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(BF)
+        ref = x.float() @ w.t()
+        y = method.apply(layer, x)
+        assert y.shape == (m, 70) and y.dtype == BF
+        torch.testing.assert_close(y.float(), ref, rtol=0, atol=8e-3 * ref.abs().max().item())
+    # fp32 output: the kernel itself is exact up to fp32 rounding (x is bf16 already)
+    y32 = torch.empty(1, 70)
+    x = torch.randn(1, k).to(BF)
+    cpu_ops().ember_qgemm(*packed._args(layer), x.data_ptr(), 1, 70, k, y32.data_ptr(), None)
+    torch.testing.assert_close(y32, x.float() @ w.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_no_compiler_falls_back(monkeypatch, torch_only):
+    x = torch.randn(2, 8)
+    y = ops.add_rmsnorm(x, None, torch.ones(8), 1e-6, torch.float32)
+    torch.testing.assert_close(y, F.rms_norm(x, (8,), torch.ones(8), 1e-6))
