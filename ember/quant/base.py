@@ -47,9 +47,12 @@ class DenseMethod(QuantMethod):
 def select_method(shards: list[RawTensor], dtype: torch.dtype, device: torch.device,
                   quantize: str | None = None) -> QuantMethod:
     """Pick the method for one linear from its stored kinds (and an on-load quantization request)."""
+    from ember.quant.gptq import GPTQMethod, gptq_ok
     from ember.quant.int4 import Int4Method, int4_ok
     from ember.quant.packed import PackedBlocksMethod, packed_ok
 
+    if gptq_ok(shards, dtype, device):  # GPTQ / AWQ that fit group 32 on the CPU kernel; the rest run dense
+        return GPTQMethod()
     if packed_ok(shards, dtype, device):  # ember's own kernel (AVX512-BF16); else PyTorch's int4 kernel
         return PackedBlocksMethod()
     if int4_ok(shards, dtype, device):
