@@ -49,11 +49,16 @@ def prompt_ids(model: Path, n: int) -> list[int]:
 
 # ---- workers (run in a subprocess each) -------------------------------------------------------------
 def _ember(model: Path, ids: list[int], gen: int, trials: int) -> Result:
+    import warnings
+
     import ember
     from ember import SamplingParams
 
+    quantize = os.environ.get("EMBER_BENCH_QUANTIZE") or None
     t0 = time.perf_counter()
-    llm = ember.load(model)
+    with warnings.catch_warnings():  # "already quantized": the driver's header already says ember re-quantizes
+        warnings.simplefilter("ignore")
+        llm = ember.load(model, quantize=quantize)
     load = time.perf_counter() - t0
     prefill, decode = [], []
     for i in range(trials + 1):  # the first run warms up
@@ -67,7 +72,7 @@ def _ember(model: Path, ids: list[int], gen: int, trials: int) -> Result:
             prefill.append(p)
             decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     return Result("ember", load, statistics.median(prefill), statistics.median(decode), _peak_rss_mb(),
-                  f"{llm.dtype}".removeprefix("torch."))
+                  f"{llm.dtype}".removeprefix("torch.") + (f", {quantize} on load" if quantize else ""))
 
 
 def _transformers(model: Path, ids: list[int], gen: int, trials: int) -> Result:
@@ -142,8 +147,11 @@ def available(engine: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def run_engine(engine: str, model: Path, ids: list[int], gen: int, trials: int, threads: int) -> Result:
-    env = dict(os.environ, EMBER_BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+def run_engine(engine: str, model: Path, ids: list[int], gen: int, trials: int, threads: int,
+               quantize: str | None = None) -> Result:
+    """quantize: ember's on-load quantization (nf4, fp4, int8); peers always run the file as stored."""
+    env = dict(os.environ, EMBER_BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               EMBER_BENCH_QUANTIZE=quantize or "")
     cmd = [sys.executable, "-m", "ember.bench", engine, str(model), json.dumps(ids), str(gen), str(trials)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():

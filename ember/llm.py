@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ember.engine.engine import Engine
 from ember.engine.kv_cache import KVCache
 from ember.engine.outputs import CompletionOutput, RequestOutput
 from ember.errors import ParameterError, TemplateError
+from ember.quant.base import QuantSpec
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import Tokenizer
 
@@ -27,14 +29,16 @@ class LLM:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_config: ModelConfig, source: Path,
                  device: torch.device, dtype: torch.dtype, chat_template: str | None = None,
-                 load_seconds: float = 0.0) -> None:
+                 load_seconds: float = 0.0, quantize: str | None = None) -> None:
         self.engine, self.tokenizer, self.config, self.source = engine, tokenizer, model_config, source
         self.device, self.dtype, self.chat_template = device, dtype, chat_template
         self.load_seconds = load_seconds
+        self.quantize = quantize  # on-load quantization of the linears ("nf4", "fp4", "int8"), if any
 
     def __repr__(self) -> str:
         return (f"LLM({self.source.name}, arch={self.config.architecture}, device={self.device}, "
-                f"dtype={str(self.dtype).removeprefix('torch.')}, context={self.engine.max_model_len})")
+                f"dtype={str(self.dtype).removeprefix('torch.')}, context={self.engine.max_model_len}"
+                + (f", quantize={self.quantize})" if self.quantize else ")"))
 
     # ---- prompts ----------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -58,11 +62,20 @@ class LLM:
         return self.engine.runner.score(ids)
 
     # ---- generation ---------------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
-                 ) -> list[CompletionOutput]:
-        """Generate for one or many prompts (batched by the engine); outputs in prompt order."""
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionOutput]:
+        """Generate for one or many prompts (batched by the engine); outputs in prompt order.
+
+        `params` is one SamplingParams for all, or one per prompt (e.g. a seed each)."""
         batch = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
-        return self._run([self.encode(p) for p in batch], params or SamplingParams())
+        if params is None or isinstance(params, SamplingParams):
+            per = [params or SamplingParams()] * len(batch)
+        else:
+            per = list(params)
+            if len(per) != len(batch) or not all(isinstance(p, SamplingParams) for p in per):
+                raise ParameterError(f"params: give one SamplingParams, or one per prompt ({len(batch)}); "
+                                     f"got {len(per)} items")
+        return self._run([self.encode(p) for p in batch], per)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield RequestOutput deltas (text, token ids, logprobs) as they are generated.
@@ -80,14 +93,14 @@ class LLM:
         params = params or SamplingParams()
         if stream:
             return self._stream_ids(ids, params)
-        return self._run([ids], params)[0]
+        return self._run([ids], [params])[0]
 
-    def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[CompletionOutput]:
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[CompletionOutput]:
         ids: list[str] = []
         results: dict[str, CompletionOutput] = {}
         try:
-            for p in prompts:  # a bad prompt anywhere in the batch leaves nothing running
-                ids.append(self.engine.add_request(p, params))
+            for p, sp in zip(prompts, params, strict=True):  # a bad prompt anywhere leaves nothing running
+                ids.append(self.engine.add_request(p, sp))
                 results[ids[-1]] = CompletionOutput(ids[-1], p)
             while any(r.finish_reason is None for r in results.values()):
                 for out in self.engine.step():
@@ -147,24 +160,47 @@ def _read_template(chat_template: str | os.PathLike[str] | None) -> str | None:
 
 def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", dtype: str = "auto",
          chat_template: str | os.PathLike[str] | None = None, max_model_len: int | None = None,
-         kv_cache_memory: int | None = None, quantize: str | None = None, quiet: bool = True) -> LLM:
-    """Load a model by alias ('smollm2-135m', the default) or local .gguf path, ready to generate."""
+         kv_cache_memory: int | None = None, quantize: str | None = None, double_quant: bool | None = None,
+         compute_dtype: str | torch.dtype | None = None, quiet: bool = True) -> LLM:
+    """Load a model by alias ('smollm2-135m', the default) or local .gguf path, ready to generate.
+
+    quantize: "nf4" / "fp4" (bitsandbytes 4-bit; `double_quant` defaults to True, `compute_dtype` to
+    bf16 on CPU) or "int8" (per-channel weight-only) re-quantizes every linear but the output head.
+    """
     from ember.hub import DEFAULT_MODEL, ember_home, resolve_model
     from ember.models.loader import build_model
     from ember.weights.gguf import GGUFFile
 
-    if quantize is not None:
-        raise ParameterError(f"quantize={quantize!r}: on-load quantization is not available yet in this version")
+    spec = _quant_spec(quantize, double_quant, compute_dtype)
     t0 = time.perf_counter()
     path = resolve_model(model or DEFAULT_MODEL, quiet=quiet)
     dev = resolve_device(device)
     gguf = GGUFFile(path)
-    dt = resolve_dtype(dtype, dev, quantized=gguf.is_quantized)
+    dt = resolve_dtype(dtype, dev, quantized=gguf.is_quantized or spec is not None)
+    if spec is not None and gguf.is_quantized:
+        warnings.warn(f"{Path(path).name} is already quantized: re-quantizing its dequantized weights to "
+                      f"{spec.method} (the two rounding errors add up)", stacklevel=2)
     cfg = gguf.config()
     engine_cfg = EngineConfig(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, cache_dir=ember_home() / "tokenizers")
-    net = build_model(cfg, gguf.tensors(), dt, dev)
+    net = build_model(cfg, gguf.tensors(), dt, dev, spec)
     kv = KVCache(cfg, engine_cfg.kv_cache_memory, engine_cfg.block_size, dt, dev)  # type: ignore[arg-type]
     engine = Engine(net, tokenizer, cfg, engine_cfg, kv)
     return LLM(engine, tokenizer, cfg, Path(path), dev, dt, _read_template(chat_template),
-               time.perf_counter() - t0)
+               time.perf_counter() - t0, spec.method if spec else None)
+
+
+def _quant_spec(quantize: str | None, double_quant: bool | None, compute_dtype: str | torch.dtype | None
+                ) -> QuantSpec | None:
+    """Validate the on-load quantization arguments before any file is read."""
+    if quantize is None:
+        stray = [n for n, v in (("double_quant", double_quant), ("compute_dtype", compute_dtype)) if v is not None]
+        if stray:
+            raise ParameterError(f"{stray[0]} only applies with quantize='nf4' or 'fp4' (no quantize was given)")
+        return None
+    spec = QuantSpec(quantize, double_quant, compute_dtype)
+    if spec.method in ("nf4", "fp4"):
+        from ember.quant.bnb import import_bnb
+
+        import_bnb()  # fail now, not after reading the weights, when bitsandbytes is missing
+    return spec

@@ -1,10 +1,12 @@
-"""`ember` command line: pull, list, generate, chat. Every command consumes the engine's one stream."""
+"""`ember` command line: pull, list, generate, chat, bench, eval. All consume the engine's one stream."""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
+import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -32,6 +34,17 @@ TemplateOpt = Annotated[str | None, typer.Option("--chat-template", help="Jinja 
 CtxOpt = Annotated[int | None, typer.Option("--max-model-len", help="Context length to allow (default: the model's).")]
 
 
+class Quantize(str, Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+    int8 = "int8"
+
+
+QuantOpt = Annotated[Quantize | None, typer.Option(
+    "--quantize", help="Quantize the linear layers on load (not the output head): nf4 or fp4 (4-bit, via "
+    "bitsandbytes), int8 (per-channel weight-only).", case_sensitive=False)]
+
+
 def sampling_options(max_tokens: int | None, temperature: float, top_k: int, top_p: float, min_p: float,
                      repetition_penalty: float, presence_penalty: float, frequency_penalty: float,
                      seed: int | None, stop: list[str] | None, min_tokens: int = 0, ignore_eos: bool = False):
@@ -43,13 +56,17 @@ def sampling_options(max_tokens: int | None, temperature: float, top_k: int, top
                           ignore_eos=ignore_eos)
 
 
-def load_model(model: str | None, device: str, dtype: str, chat_template: str | None, max_model_len: int | None):
+def load_model(model: str | None, device: str, dtype: str, chat_template: str | None, max_model_len: int | None,
+               quantize: Quantize | None = None):
     import ember
 
     err = sys.stderr
     t0 = time.perf_counter()
-    llm = ember.load(model, device=device, dtype=dtype, chat_template=chat_template, max_model_len=max_model_len,
-                     quiet=False)
+    with warnings.catch_warnings(record=True) as notes:  # one line each, not Python's two-line format
+        llm = ember.load(model, device=device, dtype=dtype, chat_template=chat_template,
+                         max_model_len=max_model_len, quantize=quantize.value if quantize else None, quiet=False)
+    for note in notes:
+        print(f"[ember] warning: {note.message}", file=err)
     print(f"[ember] {llm!r} loaded in {time.perf_counter() - t0:.1f}s", file=err)
     return llm
 
@@ -76,6 +93,7 @@ def generate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     max_model_len: CtxOpt = None,
+    quantize: QuantOpt = None,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Print token counts and speed to stderr.")] = True,
 ) -> None:
     """Stream a continuation of PROMPT to standard output."""
@@ -85,7 +103,7 @@ def generate(
         raise EmberError("--system only applies with --chat (it is a chat message)")
     params = sampling_options(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                               frequency_penalty, seed, stop, min_tokens, ignore_eos)
-    llm = load_model(model, device, dtype, chat_template, max_model_len)
+    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize)
     if chat:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         stream = llm.chat(msgs, params, stream=True)
@@ -130,6 +148,7 @@ def chat_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     max_model_len: CtxOpt = None,
+    quantize: QuantOpt = None,
 ) -> None:
     """Chat with a model. Type `exit`, `quit`, `bye` or Ctrl-D to leave (the history is saved);
     Ctrl-C stops a reply while it streams."""
@@ -142,7 +161,7 @@ def chat_cmd(
     params = sampling_options(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                               frequency_penalty, seed, stop)
     history = ChatSession.read_history(load_from) if load_from else []
-    llm = load_model(model, device, dtype, chat_template, max_model_len)
+    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize)
     ChatSession(llm, params, history, system=system, save_to=save_to).run()
 
 
@@ -154,6 +173,7 @@ def bench(
     gen_len: Annotated[int, typer.Option(help="Tokens generated for the decode measurement.")] = 64,
     trials: Annotated[int, typer.Option(help="Measured trials after one warm-up; medians are reported.")] = 3,
     threads: Annotated[int | None, typer.Option(help="CPU threads for every engine (default: all cores).")] = None,
+    quantize: QuantOpt = None,
 ) -> None:
     """Measure load time, prefill and decode speed (batch 1), weights GB/s and peak RSS, beside peers.
 
@@ -173,13 +193,16 @@ def bench(
     path = resolve_model(model or DEFAULT_MODEL)
     n_threads = threads or os.cpu_count() or 1
     ids = b.prompt_ids(path, prompt_len)
+    quant = quantize.value if quantize else None
     print(f"[bench] {path.name}: prompt {len(ids)} tokens, {gen_len} generated, {trials} trials, "
-          f"{n_threads} threads", file=sys.stderr)
+          f"{n_threads} threads" + (f", ember quantized to {quant} on load (peers as stored)" if quant else ""),
+          file=sys.stderr)
     results = []
     for engine in ["ember", *peers]:
         print(f"[bench] running {engine} ...", file=sys.stderr)
         try:
-            results.append(b.run_engine(engine, path, ids, gen_len, trials, n_threads))
+            results.append(b.run_engine(engine, path, ids, gen_len, trials, n_threads,
+                                        quant if engine == "ember" else None))
         except RuntimeError as e:
             raise EmberError(str(e)) from None
     print(b.table(results, path.stat().st_size))
@@ -209,6 +232,65 @@ def list_cmd() -> None:
         name = r.name + (" *" if r.is_default else "")
         print(f"{name:<16} {size:>9}  {mark:<6}  {r.description}")
     print(f"\n* default model. Cache: {ember_home()}. Any local .gguf path works wherever a model is named.")
+
+
+eval_app = typer.Typer(
+    help="Measure a model's quality: perplexity over a text file, or bitsandbytes' pi-digits check.\n\n"
+    "Examples:\n\n  ember eval ppl smollm2-135m essay.txt --quantize nf4\n\n  ember eval pi --quantize int8",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command(name="ppl")
+def eval_ppl(
+    model: Annotated[str, typer.Argument(help="Model alias (see `ember list`) or a .gguf path.")],
+    file: Annotated[Path, typer.Argument(help="UTF-8 text file to score.")],
+    quantize: QuantOpt = None,
+    window: Annotated[int | None, typer.Option(help="Tokens per scoring window (default: the context, at most 1024).")] = None,
+    stride: Annotated[int | None, typer.Option(help="Tokens a window advances by (default: half the window).")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Perplexity of MODEL on the text in FILE: exp of the mean next-token loss (lower is better).
+
+    A text longer than the window is read in overlapping windows; every token is scored once."""
+    from ember.eval import perplexity
+
+    if not file.is_file():
+        raise EmberError(f"{file}: no such file (give a UTF-8 text file to score)")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise EmberError(f"{file} is not UTF-8 text") from None
+    if not text.strip():
+        raise EmberError(f"{file} is empty: there is nothing to score")
+    llm = load_model(model, device, dtype, None, None, quantize)
+    t0 = time.perf_counter()
+    ppl, n = perplexity(llm, text, window=window, stride=stride)
+    print(f"perplexity {ppl:.4f} over {n} tokens in {time.perf_counter() - t0:.1f} s")
+
+
+@eval_app.command(name="pi")
+def eval_pi(
+    model: Annotated[str | None, typer.Argument(help="Model alias or .gguf path (default: smollm2-135m).")] = None,
+    quantize: QuantOpt = None,
+    samples: Annotated[int, typer.Option("-n", "--samples", help="Continuations to sample.")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed of the first sample (sample i uses seed + i).")] = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Sample continuations of "3.14159" (temperature 0.7, top-p 0.9, 20 tokens) and count those that
+    start with 3.141592653589793: the sanity check bitsandbytes runs on quantized models."""
+    from ember.eval import pi_check
+
+    llm = load_model(model, device, dtype, None, None, quantize)
+    res = pi_check(llm, samples, seed)
+    for i, text in enumerate(res.texts):
+        print(f"{i + 1}: {text!r}")
+    print(res)
 
 
 def main() -> None:

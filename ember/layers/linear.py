@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ember.quant.base import QuantMethod, select_method
+from ember.quant.base import QuantMethod, QuantSpec, select_method
 from ember.weights.base import RawTensor
 
 # checkpoint module name -> (fused ember module, shard) for the usual q/k/v and gate/up fusions
@@ -46,7 +46,7 @@ class Linear(nn.Module):
             miss += [f"{s} (bias)" for s in self.shard_names if s not in self._pending_bias]
         return miss
 
-    def finalize(self, dtype: torch.dtype, device: torch.device, quantize: str | None = None) -> None:
+    def finalize(self, dtype: torch.dtype, device: torch.device, quantize: QuantSpec | None = None) -> None:
         shards = [self._pending[s] for s in self.shard_names]
         bias = None
         if self.has_bias:

@@ -14,12 +14,13 @@ from ember.layers.linear import Linear
 from ember.layers.logits import TopRefiner
 from ember.layers.norm import RMSNorm
 from ember.models.registry import model_class
+from ember.quant.base import QuantSpec
 from ember.quant.gguf_blocks import DECODERS, Canonical, decode
 from ember.weights.base import RawTensor
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtype: torch.dtype,
-                device: torch.device, quantize: str | None = None) -> nn.Module:
+                device: torch.device, quantize: QuantSpec | None = None) -> nn.Module:
     model = model_class(cfg)(cfg)
     packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
     modules = dict(model.named_modules())
@@ -56,7 +57,7 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
         raise ModelFormatError(f"the checkpoint lacks weights for: {'; '.join(missing[:5])}")
     for m in modules.values():
         if isinstance(m, Linear):
-            m.finalize(dtype, device, quantize)
+            m.finalize(dtype, device, None if m is lm_head else quantize)  # the head keeps its usual method
     if (cfg.tie_word_embeddings and isinstance(lm_head, Linear) and lm_head.method.name == "dense"
             and model.embed_tokens.weight.numel()):
         lm_head.weight = model.embed_tokens.weight  # share, don't hold a second dense copy

@@ -8,11 +8,14 @@ never changes per format.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.errors import ParameterError
 from ember.weights.base import RawTensor
 
 
@@ -44,13 +47,70 @@ class DenseMethod(QuantMethod):
         return F.linear(x, layer.weight, layer.bias)  # x: [T, in] -> [T, out]
 
 
+QUANTIZE_METHODS = ("nf4", "fp4", "int8")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """An on-load quantization request: `ember.load(quantize=..., double_quant=..., compute_dtype=...)`.
+
+    double_quant and compute_dtype only mean something to the 4-bit bitsandbytes methods; None is
+    "not given", so a stray value with int8 is an error rather than silently ignored.
+    """
+
+    method: str
+    double_quant: bool | None = None
+    compute_dtype: torch.dtype | str | None = None  # a name ('bfloat16', 'fp16', ...) becomes a torch.dtype
+
+    def __post_init__(self) -> None:
+        from ember.config import _DTYPES
+
+        method = self.method.lower() if isinstance(self.method, str) else self.method
+        if method not in QUANTIZE_METHODS:
+            raise ParameterError(f"quantize={self.method!r} is invalid: use one of "
+                                 f"{', '.join(repr(m) for m in QUANTIZE_METHODS)} (or None for no quantization)")
+        object.__setattr__(self, "method", method)
+        if method not in ("nf4", "fp4"):
+            for name in ("double_quant", "compute_dtype"):
+                if getattr(self, name) is not None:
+                    raise ParameterError(f"{name}={getattr(self, name)!r} only applies to quantize='nf4' or 'fp4', "
+                                         f"not {method!r}")
+        if self.double_quant is not None and not isinstance(self.double_quant, bool):
+            raise ParameterError(f"double_quant={self.double_quant!r} is invalid: it must be True or False")
+        dt = self.compute_dtype
+        if isinstance(dt, str):
+            dt = _DTYPES.get(dt)
+        if self.compute_dtype is not None and dt not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ParameterError(f"compute_dtype={self.compute_dtype!r} is invalid: use bfloat16, float16 or float32")
+        object.__setattr__(self, "compute_dtype", dt)
+
+
+def row_chunks(shards: list[RawTensor], max_elems: int = 1 << 24) -> Iterator[torch.Tensor]:
+    """The fused weight's rows in fp32, a bounded chunk [rows, in] at a time: quantizing on load never
+    holds an fp32 copy of more than this (shards' data rows are output rows, see RawTensor)."""
+    for s in shards:
+        n, k = s.shape[0], s.shape[1]
+        if s.data.ndim != 2 or s.data.shape[0] != n:  # not row-addressable: dequantize it whole
+            yield s.dequantize(torch.float32).reshape(n, k)
+            continue
+        step = max(1, max_elems // k)
+        for r in range(0, n, step):
+            part = replace(s, shape=(min(step, n - r), k), data=s.data[r : r + step])
+            yield part.dequantize(torch.float32)  # [rows, K]
+
+
 def select_method(shards: list[RawTensor], dtype: torch.dtype, device: torch.device,
-                  quantize: str | None = None) -> QuantMethod:
+                  quantize: QuantSpec | None = None) -> QuantMethod:
     """Pick the method for one linear from its stored kinds (and an on-load quantization request)."""
     from ember.quant.gptq import GPTQMethod, gptq_ok
     from ember.quant.int4 import Int4Method, int4_ok
     from ember.quant.packed import PackedBlocksMethod, packed_ok
 
+    if quantize is not None:  # asked for on load; the loader passes None for the output head
+        from ember.quant.bnb import BnbMethod
+        from ember.quant.int8 import Int8Method
+
+        return Int8Method() if quantize.method == "int8" else BnbMethod(quantize)
     if gptq_ok(shards, dtype, device):  # GPTQ / AWQ that fit group 32 on the CPU kernel; the rest run dense
         return GPTQMethod()
     if packed_ok(shards, dtype, device):  # ember's own kernel (AVX512-BF16); else PyTorch's int4 kernel
