@@ -39,11 +39,11 @@ def pack_blocks(c: Canonical, planes: int) -> tuple[torch.Tensor, torch.Tensor |
     nib = (pairs[:, :, 0] & 15) | ((pairs[:, :, 1] & 15) << 4)  # byte j: code j of blocks 2i and 2i+1
     q = q[:, : k // GROUP]
     bits = None
-    if planes:
-        weights = torch.arange(GROUP, dtype=torch.int64)
-        shifts = [(((q >> (4 + p)) & 1).to(torch.int64) << weights).sum(-1) for p in range(planes)]
-        u32 = torch.stack(shifts, dim=-1)  # [N, B, planes] in 0 .. 2^32 - 1
-        bits = torch.where(u32 >= 2**31, u32 - 2**32, u32).to(torch.int32)
+    if planes:  # bit 4+p of the 32 codes -> 4 little-endian bytes -> one uint32 (stored as int32)
+        byte_w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+        planes_u8 = [(((q >> (4 + p)) & 1).view(n, -1, 4, 8) * byte_w).sum(-1, dtype=torch.uint8)
+                     for p in range(planes)]  # [N, B, 4] each
+        bits = torch.stack(planes_u8, dim=2).contiguous().view(torch.int32).squeeze(-1)  # [N, B, planes]
     return nib.contiguous(), bits, c.scale.to(torch.float16), c.offset.to(torch.float16)
 
 
