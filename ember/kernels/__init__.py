@@ -34,6 +34,7 @@ SIGNATURES = {
     "ember_decode_attention": [_P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _F, _P],
     "ember_qgemm": [_P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P],
     "ember_qdequant": [_P, _P, _I, _P, _P, _I, _I, _I, _P],
+    "ember_qrows_f32": [_P, _P, _I, _P, _P, _P, _I, _I, _P],
 }
 
 

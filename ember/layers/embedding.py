@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,11 @@ class Embedding(nn.Module):
         self.scale: torch.Tensor | None = None  # [V, D / 32]
         self.offset: torch.Tensor | None = None
         self.out_dtype = torch.float32
+        self.rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # set when reading a tied packed head
+
+    def read_from(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Look rows up through `rows` (a tied head's packed weights) and drop this table's own codes."""
+        self.rows, self.codes, self.scale, self.offset = rows, None, None, None
 
     def load(self, raw: RawTensor, dtype: torch.dtype, device: torch.device, packed: bool) -> None:
         """packed: keep block codes (1 byte per weight + per-group scale/offset) instead of a dense table."""
@@ -31,6 +38,8 @@ class Embedding(nn.Module):
             self.weight = nn.Parameter(raw.dequantize(torch.float32).to(dtype).to(device), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return self.rows(ids)  # [T, D] fp32
         if self.codes is None:
             return F.embedding(ids, self.weight).float()  # ids: [T] -> [T, D]; the residual stream is fp32
         t = ids.shape[0]

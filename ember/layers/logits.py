@@ -8,25 +8,38 @@ candidates in fp32 from the block codes: greedy picks and top logprobs are then 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from ember.quant.gguf_blocks import GROUP, Canonical
 
+Rows = Callable[[torch.Tensor], torch.Tensor]  # row ids [n] -> fp32 weight rows [n, D]
+
+
+def canonical_rows(codes: Canonical) -> Rows:
+    """Rows decoded from canonical block codes, in the dequantizer's order (q * scale, then + offset)."""
+
+    def rows(ids: torch.Tensor) -> torch.Tensor:
+        n, d = ids.shape[0], codes.q.shape[1]
+        q = codes.q[ids].view(n, d // GROUP, GROUP).float()  # [n, D/32, 32]
+        return (q * codes.scale[ids][..., None] + codes.offset[ids][..., None]).view(n, d)
+
+    return rows
+
 
 class TopRefiner(nn.Module):
-    def __init__(self, codes: Canonical, k: int = 16) -> None:
+    """rows: exact fp32 head rows by id (from the packed head itself, or from canonical codes)."""
+
+    def __init__(self, rows: Rows, k: int = 16) -> None:
         super().__init__()
-        self.k = k
-        self.register_buffer("q", codes.q, persistent=False)  # [V, D] uint8 (shared with the embedding)
-        self.register_buffer("scale", codes.scale, persistent=False)  # [V, D/32]
-        self.register_buffer("offset", codes.offset, persistent=False)
+        self.k, self.rows = k, rows
 
     def forward(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """logits: [B, V] fp32 approximations; hidden: [B, D] fp32 -> logits with the top k exact."""
         b, d = hidden.shape
         idx = logits.topk(min(self.k, logits.shape[-1]), dim=-1).indices  # [B, k]
-        rows = self.q[idx].view(b, -1, d // GROUP, GROUP).float()  # [B, k, D/32, 32]
-        w = rows * self.scale[idx][..., None] + self.offset[idx][..., None]  # same order as the dequantizer
-        exact = torch.einsum("bkd,bd->bk", w.view(b, -1, d), hidden.float())  # [B, k]
+        w = self.rows(idx.reshape(-1)).view(b, -1, d)  # [B, k, D]
+        exact = torch.einsum("bkd,bd->bk", w, hidden.float())  # [B, k]
         return logits.scatter(1, idx, exact)

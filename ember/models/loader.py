@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 from torch import nn
@@ -11,11 +12,12 @@ from ember.config import ModelConfig
 from ember.errors import ModelFormatError
 from ember.layers.embedding import Embedding
 from ember.layers.linear import Linear
-from ember.layers.logits import TopRefiner
+from ember.layers.logits import TopRefiner, canonical_rows
 from ember.layers.norm import RMSNorm
 from ember.models.registry import model_class
 from ember.quant.base import QuantSpec
 from ember.quant.gguf_blocks import DECODERS, Canonical, decode
+from ember.quant.packed import PackedBlocksMethod, rows_f32
 from ember.weights.base import RawTensor
 
 
@@ -72,10 +74,17 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
 
 def _attach_refiner(model: nn.Module, cfg: ModelConfig, lm_head: Linear | None, embed_raw: RawTensor | None,
                     head_raw: RawTensor | None) -> None:
-    """A packed head gets exact fp32 top candidates from its block codes (shared with a tied embedding)."""
+    """A packed head gets exact fp32 top candidates from its block codes; a tied embedding then reads its rows
+    from the packed head too, so the vocabulary table is held once."""
     if not isinstance(lm_head, Linear) or lm_head.method is None or lm_head.method.name == "dense":
         return
     emb = model.embed_tokens
+    if isinstance(lm_head.method, PackedBlocksMethod):
+        rows = partial(rows_f32, lm_head)
+        if cfg.tie_word_embeddings and emb.codes is not None:
+            emb.read_from(rows)
+        model.refiner = TopRefiner(rows)
+        return
     if cfg.tie_word_embeddings and emb.codes is not None:
         codes = Canonical(emb.codes, emb.scale, emb.offset, 8)
     else:
@@ -83,7 +92,7 @@ def _attach_refiner(model: nn.Module, cfg: ModelConfig, lm_head: Linear | None, 
         if raw is None or raw.kind not in DECODERS:
             return
         codes = decode(raw.kind, raw.data, (raw.shape[0], raw.shape[1]))
-    model.refiner = TopRefiner(codes)
+    model.refiner = TopRefiner(canonical_rows(codes))
 
 
 def _check_shape(raw: RawTensor, expect: tuple[int, ...]) -> None:

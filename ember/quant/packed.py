@@ -71,6 +71,15 @@ def dequantize_rows(layer: nn.Module, r0: int, r1: int) -> torch.Tensor:
     return out
 
 
+def rows_f32(layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Weight rows `ids` [n] (any order) in fp32 [n, K], computed q * s + o as gguf-py does."""
+    ids = ids.to(torch.int64).contiguous()
+    k = layer.s16.shape[1] * GROUP
+    out = torch.empty(ids.shape[0], k)
+    cpu_ops().ember_qrows_f32(*_args(layer), ids.data_ptr(), ids.shape[0], k, out.data_ptr())  # type: ignore[union-attr]
+    return out
+
+
 class PackedBlocksMethod(QuantMethod):
     """GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K on ember's kernel: 4-bit codes + bit planes per block."""
 

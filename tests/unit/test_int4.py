@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 
 from ember.layers.linear import Linear
-from ember.layers.logits import TopRefiner
+from ember.layers.logits import TopRefiner, canonical_rows
+from ember.quant import packed
 from ember.quant.gguf_blocks import GROUP, decode
 from ember.quant.int4 import Int4Method, kernel_available, to_planes
 from ember.quant.packed import PackedBlocksMethod
@@ -81,13 +84,24 @@ def test_int4_is_not_used_for_fp32_or_unsupported_kinds():
     assert lin.method.name == "dense"
 
 
-def test_refiner_makes_the_top_candidates_exact():
+@pytest.mark.parametrize("source", ["canonical", "packed"])
+def test_refiner_makes_the_top_candidates_exact(source):
     c = decode("Q8_0", _random_blocks("Q8_0", 300, 64, 9), (300, 64))
     w = c.dequantize()  # [V, D]
+    if source == "canonical":
+        rows = canonical_rows(c)
+    else:  # rows read back from the packed head itself (what a tied embedding uses too)
+        if not packed.available():
+            pytest.skip("ember's kernels are not available here")
+        layer = torch.nn.Module()
+        packed.pack_chunks(layer, [c], 4, None)
+        rows = partial(packed.rows_f32, layer)
+        ids = torch.tensor([299, 0, 17, 17])
+        assert torch.equal(rows(ids), w[ids])  # bit for bit: Q8_0's q * s + o is exact in fp32
     h = torch.randn(2, 64)
     exact = h @ w.T
     noisy = exact + torch.randn_like(exact) * 0.05  # what a bf16 pass returns, roughly
-    out = TopRefiner(c, k=16)(noisy, h)
+    out = TopRefiner(rows, k=16)(noisy, h)
     top = out.topk(16).indices
     assert torch.allclose(out.gather(1, top), exact.gather(1, top), atol=1e-4)
     assert torch.equal(out.argmax(-1), exact.argmax(-1))

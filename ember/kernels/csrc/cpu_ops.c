@@ -316,8 +316,32 @@ void ember_qdequant(const uint8_t *nib, const uint32_t *planes, int64_t np, cons
         }
     }
 }
+/* Rows `rows[i]` (any order) of the weight in fp32 [n, K]: token embeddings and the head's exact
+ * top-candidate recompute read the packed head this way instead of keeping a second copy. */
+void ember_qrows_f32(const uint8_t *nib, const uint32_t *planes, int64_t np, const uint16_t *s16,
+                     const uint16_t *o16, const int64_t *rows, int64_t n, int64_t k, float *out) {
+    const int64_t nb = k / 32, npairs = (nb + 1) / 2;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = rows[i];
+        for (int64_t b = 0; b < nb; b++) {
+            __m512i wa, wb, ta = _mm512_setzero_si512(), tb = ta;
+            unpack_pair(nib + (r * npairs + b / 2) * 32, &wa, &wb);
+            __m512i w = b % 2 ? wb : wa;
+            w = finish(w, planes ? planes + (r * nb + b) * np : NULL, (int)np, b % 2 ? &tb : &ta);
+            __m512i v = _mm512_and_si512(w, _mm512_set1_epi16(0x7f));
+            if (np == 4) v = _mm512_or_si512(v, _mm512_and_si512(b % 2 ? tb : ta, _mm512_set1_epi16(0x80)));
+            /* q * s + o in two roundings, as gguf-py's dequantizers (exact for Q8_0 / Q4_0 / Q4_1) */
+            const __m512 sv = _mm512_set1_ps(_cvtsh_ss(s16[r * nb + b])), ov = _mm512_set1_ps(_cvtsh_ss(o16[r * nb + b]));
+            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)));
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)));
+            _mm512_storeu_ps(out + i * k + b * 32, _mm512_add_ps(_mm512_mul_ps(lo, sv), ov));
+            _mm512_storeu_ps(out + i * k + b * 32 + 16, _mm512_add_ps(_mm512_mul_ps(hi, sv), ov));
+        }
+    }
+}
 #else
 int ember_qgemm_available(void) { return 0; }
+void ember_qrows_f32(void) {}
 void ember_qgemm(void) {}
 void ember_qdequant(void) {}
 #endif
