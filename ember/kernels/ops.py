@@ -17,31 +17,24 @@ def _p(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def fused_ok(*ts: torch.Tensor) -> bool:
-    """The C kernels take contiguous CPU tensors; activations and the KV cache in bf16."""
-    return cpu_ops() is not None and all(t.device.type == "cpu" for t in ts)
-
-
-def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
-                out_dtype: torch.dtype, post_weight: torch.Tensor | None = None) -> torch.Tensor | None:
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                out_dtype: torch.dtype, post_weight: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, D] fp32 residual, updated in place: x += delta (normalized by post_weight first when given);
-    returns rms_norm(x) * weight in out_dtype (None when weight is None: the add only)."""
+    returns rms_norm(x) * weight in out_dtype."""
     lib = cpu_ops()
     if (lib is not None and x.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu"
             and out_dtype in (torch.bfloat16, torch.float32)
             and (delta is None or (delta.dtype == torch.bfloat16 and delta.is_contiguous()))):
         t, d = x.shape
-        out = None if weight is None else torch.empty(t, d, dtype=out_dtype)
-        bf = out is not None and out_dtype == torch.bfloat16
-        lib.ember_add_rmsnorm(x.data_ptr(), _p(delta), _p(post_weight), _p(weight), eps, t, d,
+        out = torch.empty(t, d, dtype=out_dtype)
+        bf = out_dtype == torch.bfloat16
+        lib.ember_add_rmsnorm(x.data_ptr(), _p(delta), _p(post_weight), weight.data_ptr(), eps, t, d,
                               _p(out) if bf else None, None if bf else _p(out))
         return out
     if delta is not None:
         if post_weight is not None:
             delta = F.rms_norm(delta.float(), post_weight.shape, post_weight, eps)
         x.add_(delta)
-    if weight is None:
-        return None
     return F.rms_norm(x.float(), weight.shape, weight, eps).to(out_dtype)
 
 

@@ -23,9 +23,9 @@ class Embedding(nn.Module):
         self.out_dtype = torch.float32
         self.rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # set when reading a tied packed head
 
-    def read_from(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Look rows up through `rows` (a tied head's packed weights) and drop this table's own codes."""
-        self.rows, self.codes, self.scale, self.offset = rows, None, None, None
+    def read_from(self, rows: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> None:
+        """Instead of `load`: look rows up through `rows` (a tied head's packed weights), no table of its own."""
+        self.rows, self.out_dtype = rows, dtype
 
     def load(self, raw: RawTensor, dtype: torch.dtype, device: torch.device, packed: bool) -> None:
         """packed: keep block codes (1 byte per weight + per-group scale/offset) instead of a dense table."""

@@ -29,6 +29,7 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     embed_raw: RawTensor | None = None
+    embed: Embedding | None = None
     head_raw: RawTensor | None = None
     for name, raw in tensors:
         path, _, suffix = name.rpartition(".")
@@ -42,10 +43,9 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
             if name == "lm_head.weight":
                 head_raw = raw
             _guard(lambda m=mod, s=shard, r=raw, b=suffix == "bias": m.load(s, r, b), name)
-        elif isinstance(mod, Embedding):
-            embed_raw = raw
+        elif isinstance(mod, Embedding):  # loaded once the head is packed: a tied one may read from it
+            embed_raw, embed = raw, mod
             _check_shape(raw, (mod.num_embeddings, mod.dim))
-            mod.load(raw, dtype, device, packed=dtype == torch.bfloat16 and device.type == "cpu")
         elif name in params or name in buffers:
             target = params.get(name, buffers.get(name))
             _check_shape(raw, tuple(target.shape))
@@ -60,6 +60,11 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
     for m in modules.values():
         if isinstance(m, Linear):
             m.finalize(dtype, device, None if m is lm_head else quantize)  # the head keeps its usual method
+    if embed is not None and embed_raw is not None:
+        if cfg.tie_word_embeddings and isinstance(lm_head, Linear) and isinstance(lm_head.method, PackedBlocksMethod):
+            embed.read_from(partial(rows_f32, lm_head), dtype)  # the vocabulary table is held once
+        else:
+            embed.load(embed_raw, dtype, device, packed=dtype == torch.bfloat16 and device.type == "cpu")
     if (cfg.tie_word_embeddings and isinstance(lm_head, Linear) and lm_head.method.name == "dense"
             and model.embed_tokens.weight.numel()):
         lm_head.weight = model.embed_tokens.weight  # share, don't hold a second dense copy
@@ -74,17 +79,14 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
 
 def _attach_refiner(model: nn.Module, cfg: ModelConfig, lm_head: Linear | None, embed_raw: RawTensor | None,
                     head_raw: RawTensor | None) -> None:
-    """A packed head gets exact fp32 top candidates from its block codes; a tied embedding then reads its rows
-    from the packed head too, so the vocabulary table is held once."""
+    """A packed head gets exact fp32 top candidates from its block codes (ember's packed head reads them
+    itself; otherwise canonical codes, shared with a tied embedding)."""
     if not isinstance(lm_head, Linear) or lm_head.method is None or lm_head.method.name == "dense":
         return
-    emb = model.embed_tokens
     if isinstance(lm_head.method, PackedBlocksMethod):
-        rows = partial(rows_f32, lm_head)
-        if cfg.tie_word_embeddings and emb.codes is not None:
-            emb.read_from(rows)
-        model.refiner = TopRefiner(rows)
+        model.refiner = TopRefiner(partial(rows_f32, lm_head))
         return
+    emb = model.embed_tokens
     if cfg.tie_word_embeddings and emb.codes is not None:
         codes = Canonical(emb.codes, emb.scale, emb.offset, 8)
     else:

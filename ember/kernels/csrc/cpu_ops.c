@@ -46,7 +46,6 @@ void ember_add_rmsnorm(float *x, const uint16_t *delta_bf16, const float *post_w
                 for (int64_t i = 0; i < d; i++) xr[i] += bf2f(dr[i]);
             }
         }
-        if (!w) continue;
         float s = rms_scale(xr, (int)d, eps);
         if (out_bf16) {
             for (int64_t i = 0; i < d; i++) out_bf16[r * d + i] = f2bf(xr[i] * s * w[i]);
