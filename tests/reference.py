@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import torch
 
+# the issue's quality check: these 5 prompts x 32 greedy tokens, on every shipped model
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+]
+N_TOKENS = 32
+
 
 def reference_greedy(model, ids: list[int], n: int) -> list[int]:
     """Greedy decoding with a fresh full forward per token: no cache, no EOS handling."""

@@ -11,20 +11,14 @@ import torch
 import ember
 from ember import SamplingParams
 from tests.reference import (
+    N_TOKENS,
+    PROMPTS,
     assert_same_until_near_tie,
     generate_in_chunks,
     load_reference,
     reference_greedy_with_gaps,
 )
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-]
-N_TOKENS = 32
 WINDOW = 512
 LONG_TEXT = "Here is a list of facts. " + " ".join(
     f"Fact {i}: the {['red', 'green', 'blue'][i % 3]} box number {i} holds {i * 7 % 13} apples." for i in range(40))

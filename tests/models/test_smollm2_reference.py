@@ -8,20 +8,13 @@ import torch
 import ember
 from ember import SamplingParams
 from tests.reference import (
+    N_TOKENS,
+    PROMPTS,
     assert_same_until_near_tie,
     load_reference,
     reference_greedy,
     reference_greedy_with_gaps,
 )
-
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-]
-N_TOKENS = 32
 
 pytestmark = pytest.mark.slow
 
