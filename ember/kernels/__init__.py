@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "cpu_ops.c", CSRC / "qgemm.c", CSRC / "qgemm_amx.c"]  # with the headers beside them
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
 
 _P = ctypes.c_void_p
@@ -33,6 +34,7 @@ SIGNATURES = {
     "ember_act_mul": [_P, _P, _I, _I, ctypes.c_int],
     "ember_decode_attention": [_P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _F, _P],
     "ember_qgemm": [_P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P],
+    "ember_qgemm_amx": [_P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P],
     "ember_qdequant": [_P, _P, _I, _P, _P, _I, _I, _I, _P],
     "ember_qrows_f32": [_P, _P, _I, _P, _P, _P, _I, _I, _P],
 }
@@ -49,7 +51,7 @@ def _cpu_key() -> str:
 def _build(cc: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True)
+    subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True)
     os.replace(tmp, out)  # atomic: a concurrent process sees either no library or a whole one
 
 
@@ -64,7 +66,8 @@ def cpu_ops() -> ctypes.CDLL | None:
         return None
     from ember.hub import ember_home
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, _cpu_key(), torch.__version__]).encode())
+    sources = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))
+    key = hashlib.sha256(sources + " ".join([cc, *FLAGS, _cpu_key(), torch.__version__]).encode())
     lib_path = ember_home() / "kernels" / f"cpu_ops-{key.hexdigest()[:16]}.so"
     try:
         if not lib_path.exists():
@@ -80,4 +83,5 @@ def cpu_ops() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.ember_qgemm_available.restype = ctypes.c_int
+    lib.ember_amx_available.restype = ctypes.c_int
     return lib

@@ -1,13 +1,16 @@
-"""GGUF block codes kept packed in ember's own layout and run by ember's AVX512-BF16 kernel (kernels/csrc).
+"""GGUF block codes kept packed in ember's own layout and run by ember's kernels (kernels/csrc).
 
 Per block of 32 weights: 16 bytes of nibbles, one uint32 bit plane per code bit above 4, and fp16 scale
-and offset — 20 bytes for 4-bit codes, as Q4_1 itself. Decode-sized batches (a few rows) use the fused
-matmul straight from the codes; larger ones (prefill) decode the weight to bf16 a row chunk at a time
-and use PyTorch's bf16 matmul (AMX/oneDNN), which wins once the weight is reused across many rows.
+and offset — 20 bytes for 4-bit codes, as Q4_1 itself. On CPUs with AMX every batch size runs one AMX
+kernel straight from the codes (its cost barely grows with the rows, and a row's result never depends
+on its batch neighbours). Without AMX: the AVX512-BF16 gemv up to 8 rows; beyond, the weight is decoded
+to bf16 a row chunk at a time for PyTorch's bf16 matmul.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterable
 
 import torch
@@ -21,12 +24,20 @@ from ember.quant.int4 import INT4_KINDS, gguf_chunks
 from ember.weights.base import RawTensor
 
 MAX_GEMV_ROWS = 8  # the fused kernel keeps one accumulator per activation row
+MIN_AMX_ROWS = 4  # from here on the AMX kernel beats the gemv (SmolLM2's linears, 2 threads)
 DEQUANT_ROWS = 8192  # prefill decodes at most this many weight rows to bf16 at once
 
 
 def available() -> bool:
     lib = cpu_ops()
     return lib is not None and bool(lib.ember_qgemm_available())
+
+
+@functools.cache
+def amx_available() -> bool:
+    """AMX tiles (Sapphire Rapids and later) and the kernel built for them; asks Linux for the tile state."""
+    lib = cpu_ops()
+    return lib is not None and bool(lib.ember_amx_available()) and os.environ.get("EMBER_AMX", "1") != "0"
 
 
 def pack_blocks(c: Canonical, planes: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -96,7 +107,13 @@ class PackedBlocksMethod(QuantMethod):
             x = x.to(torch.bfloat16).contiguous()  # [T, K]
         m, k = x.shape
         n = layer.nib.shape[0]
-        if m <= MAX_GEMV_ROWS:
+        # Where AMX exists every row takes it, whatever the batch: a row's result then never depends on
+        # its batch neighbours (batched output equals single output). Only a refined head, whose top
+        # candidates are recomputed exactly, takes the faster gemv for a few rows.
+        if amx_available() and (m >= MIN_AMX_ROWS or not getattr(layer, "refined", False)):
+            y = torch.empty(m, n, dtype=torch.bfloat16)
+            cpu_ops().ember_qgemm_amx(*_args(layer), x.data_ptr(), m, n, k, None, y.data_ptr())  # type: ignore[union-attr]
+        elif m <= MAX_GEMV_ROWS:
             y = torch.empty(m, n, dtype=torch.bfloat16)
             cpu_ops().ember_qgemm(*_args(layer), x.data_ptr(), m, n, k, None, y.data_ptr())  # type: ignore[union-attr]
         else:

@@ -122,7 +122,7 @@ def test_packed_blocks_matmul(bits, k):
     assert torch.equal(packed.dequantize_rows(layer, 0, 70), w.to(BF))
     assert torch.equal(packed.dequantize_rows(layer, 20, 33), w[20:33].to(BF))
     method = packed.PackedBlocksMethod()
-    for m in (1, 3, 8, 13):  # the fused kernel up to 8 rows, the bf16 matmul beyond
+    for m in (1, 3, 8, 13, 40):  # gemv from the codes, AMX (codes / dequantized slab) or the bf16 matmul
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(BF)
         ref = x.float() @ w.t()
         y = method.apply(layer, x)
@@ -133,6 +133,25 @@ def test_packed_blocks_matmul(bits, k):
     x = torch.randn(1, k).to(BF)
     cpu_ops().ember_qgemm(*packed._args(layer), x.data_ptr(), 1, 70, k, y32.data_ptr(), None)
     torch.testing.assert_close(y32, x.float() @ w.t(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not packed.amx_available(), reason="needs AMX")
+@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 70])  # one tile of activation rows, and several with a ragged last
+def test_amx_matmul_fp32(bits, m):
+    """fp32 output: exact up to summation order, with a ragged last tile of weight rows (N = 50); and each
+    row's result does not depend on the other rows (batched output equals single output)."""
+    c = _canonical(50, 160, bits, bits + m)
+    layer = nn.Module()
+    packed.pack_chunks(layer, [c], bits - 4, None)
+    x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).to(BF)
+    y = torch.full((m, 50), float("nan"))
+    cpu_ops().ember_qgemm_amx(*packed._args(layer), x.data_ptr(), m, 50, 160, y.data_ptr(), None)
+    ref = x.double() @ c.dequantize().double().t()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    row = torch.empty(1, 50)
+    cpu_ops().ember_qgemm_amx(*packed._args(layer), x[m - 1 :].data_ptr(), 1, 50, 160, row.data_ptr(), None)
+    assert torch.equal(row[0], y[m - 1])
 
 
 def test_no_compiler_falls_back(monkeypatch, torch_only):
