@@ -126,6 +126,45 @@ def _llama_cpp(model: Path, ids: list[int], gen: int, trials: int) -> Result:
                   f"llama-cpp-python {llama_cpp.__version__}")
 
 
+@dataclass
+class ServingResult:
+    concurrency: int
+    aggregate_tok_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    peak_rss_mb: float
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def _ember_serving(model: Path, ids: list[int], gen: int, concurrency: int) -> ServingResult:
+    """`concurrency` requests arrive at once (distinct prompts: no prefix to share), each generates `gen`."""
+    import ember
+    from ember import SamplingParams
+
+    llm = ember.load(model)
+    eng = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True)
+    llm.generate([ids[1:] + ids[:1]] * 2, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    eng.kv.pool.reset_prefix_cache()
+    t0 = time.perf_counter()
+    stamps: dict[str, list[float]] = {eng.add_request(ids[i % len(ids):] + ids[: i % len(ids)], params): []
+                                      for i in range(concurrency)}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.token_ids:
+                stamps[out.request_id].append(time.perf_counter())
+    wall = time.perf_counter() - t0
+    ttft = [(ts[0] - t0) * 1e3 for ts in stamps.values()]
+    gaps = [(b - a) * 1e3 for ts in stamps.values() for a, b in zip(ts, ts[1:], strict=False)]
+    return ServingResult(concurrency, sum(map(len, stamps.values())) / wall, _percentile(ttft, 50),
+                         _percentile(ttft, 99), _percentile(gaps, 50), _peak_rss_mb())
+
+
 WORKERS = {"ember": _ember, "transformers": _transformers, "llama.cpp": _llama_cpp}
 
 
@@ -135,7 +174,10 @@ def worker_main(argv: list[str]) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    res = WORKERS[engine](Path(model), json.loads(ids_json), int(gen), int(trials))
+    if engine == "ember-serving":
+        res: Result | ServingResult = _ember_serving(Path(model), json.loads(ids_json), int(gen), int(trials))
+    else:
+        res = WORKERS[engine](Path(model), json.loads(ids_json), int(gen), int(trials))
     print("EMBER_BENCH_RESULT " + json.dumps(asdict(res)))
 
 
@@ -149,14 +191,16 @@ def available(engine: str) -> bool:
 
 def run_engine(engine: str, model: Path, ids: list[int], gen: int, trials: int, threads: int,
                quantize: str | None = None) -> Result:
-    """quantize: ember's on-load quantization (nf4, fp4, int8); peers always run the file as stored."""
+    """quantize: ember's on-load quantization (nf4, fp4, int8); peers always run the file as stored.
+    engine "ember-serving": the concurrency benchmark, `trials` being the number of concurrent requests."""
     env = dict(os.environ, EMBER_BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                EMBER_BENCH_QUANTIZE=quantize or "")
     cmd = [sys.executable, "-m", "ember.bench", engine, str(model), json.dumps(ids), str(gen), str(trials)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("EMBER_BENCH_RESULT "):
-            return Result(**json.loads(line.split(" ", 1)[1]))
+            fields = json.loads(line.split(" ", 1)[1])
+            return ServingResult(**fields) if engine == "ember-serving" else Result(**fields)  # type: ignore[return-value]
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
     raise RuntimeError(f"{engine} benchmark failed:\n{tail}")
 
@@ -169,6 +213,15 @@ def table(results: list[Result], weight_bytes: int) -> str:
         gbs = r.decode_tok_s * weight_bytes / 1e9
         rows.append(f"| {r.engine} | {r.load_s:.2f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | {gbs:.1f} | "
                     f"{r.peak_rss_mb:.0f} | {r.decode_tok_s / base.decode_tok_s:.2f}x | {r.note} |")
+    return "\n".join(rows)
+
+
+def serving_table(results: list[ServingResult]) -> str:
+    rows = ["| concurrency | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | peak RSS MB |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rows.append(f"| {r.concurrency} | {r.aggregate_tok_s:.0f} | {r.ttft_p50_ms:.0f} | {r.ttft_p99_ms:.0f} | "
+                    f"{r.itl_p50_ms:.1f} | {r.peak_rss_mb:.0f} |")
     return "\n".join(rows)
 
 

@@ -83,11 +83,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _default_kv_bytes() -> int:
-    """A fifth of the available RAM, capped at 2 GiB: room for many requests, little risk of swapping."""
+def default_kv_bytes(device: torch.device | None = None) -> int:
+    """A fifth of the available memory (free VRAM on a GPU, else RAM), capped at 2 GiB: room for many
+    requests, little risk of swapping or running the GPU out of memory."""
     try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
+        if device is not None and device.type == "cuda":
+            avail = torch.cuda.mem_get_info(device)[0]
+        else:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, RuntimeError):
         avail = 8 << 30
     return int(min(2 << 30, max(256 << 20, avail // 5)))
 
@@ -99,6 +103,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV-cache block
     max_num_seqs: int = 64  # requests running at once
     max_num_batched_tokens: int = 512  # token budget per engine step (chunked prefill beyond it)
+    prefix_caching: bool = True  # reuse the KV of full blocks shared with earlier requests
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -108,6 +113,6 @@ class EngineConfig:
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ParameterError(f"EngineConfig.max_model_len={self.max_model_len!r} must be an integer >= 2")
         if self.kv_cache_memory is None:
-            self.kv_cache_memory = _default_kv_bytes()
+            self.kv_cache_memory = default_kv_bytes()
         elif not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0:
             raise ParameterError(f"EngineConfig.kv_cache_memory={self.kv_cache_memory!r} must be a positive byte count")

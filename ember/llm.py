@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ember.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from ember.config import EngineConfig, ModelConfig, default_kv_bytes, resolve_device, resolve_dtype
 from ember.engine.engine import Engine
 from ember.engine.kv_cache import KVCache
 from ember.engine.outputs import CompletionOutput, RequestOutput
@@ -161,11 +161,12 @@ def _read_template(chat_template: str | os.PathLike[str] | None) -> str | None:
 def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", dtype: str = "auto",
          chat_template: str | os.PathLike[str] | None = None, max_model_len: int | None = None,
          kv_cache_memory: int | None = None, quantize: str | None = None, double_quant: bool | None = None,
-         compute_dtype: str | torch.dtype | None = None, quiet: bool = True) -> LLM:
+         compute_dtype: str | torch.dtype | None = None, prefix_caching: bool = True, quiet: bool = True) -> LLM:
     """Load a model by alias ('smollm2-135m', the default) or local .gguf path, ready to generate.
 
     quantize: "nf4" / "fp4" (bitsandbytes 4-bit; `double_quant` defaults to True, `compute_dtype` to
     bf16 on CPU) or "int8" (per-channel weight-only) re-quantizes every linear but the output head.
+    prefix_caching: requests (and chat turns) sharing a prefix reuse its KV cache instead of recomputing it.
     """
     from ember.hub import DEFAULT_MODEL, ember_home, resolve_model
     from ember.models.loader import build_model
@@ -181,10 +182,14 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
         warnings.warn(f"{Path(path).name} is already quantized: re-quantizing its dequantized weights to "
                       f"{spec.method} (the two rounding errors add up)", stacklevel=2)
     cfg = gguf.config()
-    engine_cfg = EngineConfig(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory)
+    if kv_cache_memory is None:
+        kv_cache_memory = default_kv_bytes(dev)
+    engine_cfg = EngineConfig(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+                              prefix_caching=prefix_caching)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, cache_dir=ember_home() / "tokenizers")
     net = build_model(cfg, gguf.tensors(), dt, dev, spec)
-    kv = KVCache(cfg, engine_cfg.kv_cache_memory, engine_cfg.block_size, dt, dev)  # type: ignore[arg-type]
+    kv = KVCache(cfg, engine_cfg.kv_cache_memory, engine_cfg.block_size, dt, dev,  # type: ignore[arg-type]
+                 engine_cfg.prefix_caching)
     engine = Engine(net, tokenizer, cfg, engine_cfg, kv)
     return LLM(engine, tokenizer, cfg, Path(path), dev, dt, _read_template(chat_template),
                time.perf_counter() - t0, spec.method if spec else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import warnings
@@ -32,6 +33,21 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, npu or auto (cu
 DtypeOpt = Annotated[str, typer.Option(help="Compute dtype: auto, float32, bfloat16, float16.")]
 TemplateOpt = Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template FILE to use instead of the model's, or a built-in: chatml, plain.")]
 CtxOpt = Annotated[int | None, typer.Option("--max-model-len", help="Context length to allow (default: the model's).")]
+KvOpt = Annotated[str | None, typer.Option(
+    "--kv-cache-memory", help="Memory for the KV cache, e.g. 512MB or 2GiB (default: a fifth of the free RAM, "
+    "at most 2 GiB; of the free GPU memory on a GPU).")]
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | None) -> int | None:
+    """'512MB', '2GiB', '1.5gb' or a byte count -> bytes."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise EmberError(f"--kv-cache-memory {text!r}: give a size such as 512MB, 2GiB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 class Quantize(str, Enum):
@@ -57,17 +73,21 @@ def sampling_options(max_tokens: int | None, temperature: float, top_k: int, top
 
 
 def load_model(model: str | None, device: str, dtype: str, chat_template: str | None, max_model_len: int | None,
-               quantize: Quantize | None = None):
+               quantize: Quantize | None = None, kv_cache_memory: str | None = None):
     import ember
 
     err = sys.stderr
+    kv_bytes = parse_size(kv_cache_memory)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as notes:  # one line each, not Python's two-line format
-        llm = ember.load(model, device=device, dtype=dtype, chat_template=chat_template,
+        llm = ember.load(model, device=device, dtype=dtype, chat_template=chat_template, kv_cache_memory=kv_bytes,
                          max_model_len=max_model_len, quantize=quantize.value if quantize else None, quiet=False)
     for note in notes:
         print(f"[ember] warning: {note.message}", file=err)
     print(f"[ember] {llm!r} loaded in {time.perf_counter() - t0:.1f}s", file=err)
+    kv = llm.engine.kv
+    print(f"[ember] KV cache: {kv.bytes / 2**20:.0f} MiB = {kv.num_blocks} blocks of {kv.block_size} tokens "
+          f"({kv.capacity_tokens:,} tokens; set --kv-cache-memory to change)", file=err)
     return llm
 
 
@@ -94,6 +114,7 @@ def generate(
     dtype: DtypeOpt = "auto",
     max_model_len: CtxOpt = None,
     quantize: QuantOpt = None,
+    kv_cache_memory: KvOpt = None,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Print token counts and speed to stderr.")] = True,
 ) -> None:
     """Stream a continuation of PROMPT to standard output."""
@@ -103,7 +124,7 @@ def generate(
         raise EmberError("--system only applies with --chat (it is a chat message)")
     params = sampling_options(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                               frequency_penalty, seed, stop, min_tokens, ignore_eos)
-    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize)
+    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory)
     if chat:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         stream = llm.chat(msgs, params, stream=True)
@@ -149,6 +170,7 @@ def chat_cmd(
     dtype: DtypeOpt = "auto",
     max_model_len: CtxOpt = None,
     quantize: QuantOpt = None,
+    kv_cache_memory: KvOpt = None,
 ) -> None:
     """Chat with a model. Type `exit`, `quit`, `bye` or Ctrl-D to leave (the history is saved);
     Ctrl-C stops a reply while it streams."""
@@ -161,7 +183,7 @@ def chat_cmd(
     params = sampling_options(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                               frequency_penalty, seed, stop)
     history = ChatSession.read_history(load_from) if load_from else []
-    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize)
+    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory)
     ChatSession(llm, params, history, system=system, save_to=save_to).run()
 
 
@@ -174,10 +196,15 @@ def bench(
     trials: Annotated[int, typer.Option(help="Measured trials after one warm-up; medians are reported.")] = 3,
     threads: Annotated[int | None, typer.Option(help="CPU threads for every engine (default: all cores).")] = None,
     quantize: QuantOpt = None,
+    concurrency: Annotated[list[int] | None, typer.Option(
+        "--concurrency", help="Serving benchmark instead: N requests at once (repeatable, e.g. 1 4 16 64); "
+                              "aggregate tok/s, time to first token, inter-token latency.")] = None,
 ) -> None:
     """Measure load time, prefill and decode speed (batch 1), weights GB/s and peak RSS, beside peers.
 
-    Each engine runs in its own process on the same file, prompt and thread count."""
+    Each engine runs in its own process on the same file, prompt and thread count. With --concurrency,
+    measure continuous batching instead: N distinct prompts of --prompt-len tokens arrive at once and
+    each generates --gen-len tokens."""
     from ember import bench as b
     from ember.hub import DEFAULT_MODEL, resolve_model
 
@@ -197,6 +224,18 @@ def bench(
     print(f"[bench] {path.name}: prompt {len(ids)} tokens, {gen_len} generated, {trials} trials, "
           f"{n_threads} threads" + (f", ember quantized to {quant} on load (peers as stored)" if quant else ""),
           file=sys.stderr)
+    if concurrency:
+        if peers or quant or any(c < 1 for c in concurrency):
+            raise EmberError("--concurrency takes counts >= 1 and runs ember alone (no --vs, no --quantize yet)")
+        serving = []
+        for c in concurrency:
+            print(f"[bench] {c} concurrent requests ...", file=sys.stderr)
+            try:
+                serving.append(b.run_engine("ember-serving", path, ids, gen_len, c, n_threads))
+            except RuntimeError as e:
+                raise EmberError(str(e)) from None
+        print(b.serving_table(serving))  # type: ignore[arg-type]
+        return
     results = []
     for engine in ["ember", *peers]:
         print(f"[bench] running {engine} ...", file=sys.stderr)

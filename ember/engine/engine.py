@@ -29,6 +29,7 @@ class Engine:
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self.num_tokens_computed = 0  # positions run through the model, all requests (prefix reuse shows here)
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -80,6 +81,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         logits = self.runner.run(batch)
+        self.scheduler.commit(batch)
+        self.num_tokens_computed += batch.num_tokens
         return self._postprocess(batch, logits)
 
     def _postprocess(self, batch: SchedulerOutput, logits) -> list[RequestOutput]:
@@ -107,7 +110,7 @@ class Engine:
             elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
                 text += detok.finish()
                 reason = "stop" if detok.stopped else "length"  # held-back text may complete a stop string
-        usage = Usage(req.num_prompt_tokens, req.num_output_tokens)
+        usage = Usage(req.num_prompt_tokens, req.num_output_tokens, req.num_cached_tokens)
         if reason is not None:
             self.scheduler.finish(req, reason)
             del self.requests[req.request_id], self._detok[req.request_id]

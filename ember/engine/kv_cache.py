@@ -1,6 +1,6 @@
 """Paged KV cache owned by the engine: fixed-size blocks in one pool per layer, handed out per request.
 
-Prefix reuse (hash chain over full blocks) and reference counts build on this block manager.
+Which block holds what, reference counts and prefix reuse live in `BlockPool` (block_pool.py).
 """
 
 from __future__ import annotations
@@ -8,12 +8,13 @@ from __future__ import annotations
 import torch
 
 from ember.config import ModelConfig
+from ember.engine.block_pool import BlockPool
 from ember.errors import ParameterError
 
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, memory_bytes: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, prefix_caching: bool = True) -> None:
         per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
         self.block_size = block_size
         self.num_blocks = memory_bytes // (per_token * block_size)
@@ -27,11 +28,11 @@ class KVCache:
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.bytes = per_token * slots
-        self._free = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.pool = BlockPool(self.num_blocks, block_size, prefix_caching)
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self.pool.num_free
 
     @property
     def capacity_tokens(self) -> int:
@@ -41,13 +42,10 @@ class KVCache:
         return -(-num_tokens // self.block_size)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"KV cache: {n} blocks asked for, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        return self.pool.allocate(n)
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-        blocks.clear()
+        self.pool.free(blocks)
 
     def slots(self, block_table: list[int], start: int, end: int, device: torch.device) -> torch.Tensor:
         """Flat cache slots of token positions [start, end) of a request: [end - start] long."""

@@ -30,7 +30,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose k/v are in the cache
+    num_cached_tokens: int = 0  # prompt tokens whose k/v came from the prefix cache (not computed)
     block_table: list[int] = field(default_factory=list)
+    block_keys: list = field(default_factory=list)  # chain keys of the full blocks registered so far
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)

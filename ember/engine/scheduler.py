@@ -1,8 +1,10 @@
 """Scheduler: waiting and running queues, a token budget per step, chunked prefill, preemption.
 
 Running requests go first (each decode needs one token), so a long prompt is cut into chunks and
-never stalls the streams already running. When blocks run out, the newest running request is
-preempted: its blocks are freed and it is recomputed later (first in line, so it cannot starve).
+never stalls the streams already running. A request starting (or restarting) takes the longest cached
+prefix of its tokens from the block pool and computes only the rest. When blocks run out, the newest
+running request is preempted: its blocks are freed and it is recomputed later (first in line, so it
+cannot starve; its blocks usually still hold its prefix then).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ember.config import EngineConfig
+from ember.engine.block_pool import block_keys
 from ember.engine.kv_cache import KVCache
 from ember.engine.request import Request, Status
 
@@ -59,10 +62,24 @@ class Scheduler:
         req.block_table.extend(self.kv.allocate(need))
         return True
 
+    def _reuse_prefix(self, req: Request) -> None:
+        """Start req on the cached blocks of its longest cached prefix; at least one token stays to compute."""
+        bs = self.kv.block_size
+        keys = block_keys(req.all_token_ids[: req.num_tokens - 1], bs)
+        req.block_table = self.kv.pool.match(keys)
+        req.block_keys = keys[: len(req.block_table)]
+        req.num_computed_tokens = len(req.block_table) * bs
+        if req.num_output_tokens == 0:
+            req.num_cached_tokens = req.num_computed_tokens
+
+    def _release(self, req: Request) -> None:
+        self.kv.free(req.block_table)
+        req.block_keys.clear()
+        req.num_computed_tokens = 0
+
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
-        self.kv.free(req.block_table)
-        req.num_computed_tokens = 0
+        self._release(req)
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         out.preempted.append(req)
@@ -86,8 +103,11 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
+            if not req.block_table:
+                self._reuse_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._grow(req, req.num_computed_tokens + n):
+                self._release(req)  # the cached prefix goes back too: it waits with nothing held
                 break
             self.waiting.popleft()
             req.status = Status.RUNNING
@@ -96,12 +116,25 @@ class Scheduler:
             budget -= n
         return out
 
+    def commit(self, batch: SchedulerOutput) -> None:
+        """After a step: blocks that became full of computed k/v join the prefix cache."""
+        bs = self.kv.block_size
+        for s in batch.seqs:
+            req = s.request
+            done = len(req.block_keys)
+            if req.num_computed_tokens // bs > done:
+                parent = hash(req.block_keys[-1]) if done else 0
+                new = block_keys(req.all_token_ids[: req.num_computed_tokens], bs, done, parent)
+                for i, key in enumerate(new, start=done):
+                    self.kv.pool.register(req.block_table[i], key)
+                req.block_keys.extend(new)
+
     def finish(self, req: Request, reason: str | None) -> None:
         """Take req out of the queues (finished or aborted) and return its blocks."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req.block_table)
+        self._release(req)
         req.status = Status.FINISHED
         req.finish_reason = reason

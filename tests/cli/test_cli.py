@@ -145,3 +145,14 @@ def test_bench_runs_and_names_bad_peers(smollm_gguf):
     assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[5]) > 0
     r = run("bench", "-m", str(smollm_gguf), "--vs", "vllm")
     assert r.returncode == 1 and "unknown peer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_concurrency_table(smollm_gguf):
+    r = run("bench", "-m", str(smollm_gguf), "--concurrency", "1", "--concurrency", "3", "--gen-len", "4",
+            "--prompt-len", "8", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [float(c) for c in row.strip("|").split("|")]
+        assert cells[1] > 0 and cells[2] > 0 and cells[5] > 0  # tok/s, TTFT, RSS

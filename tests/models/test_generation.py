@@ -56,8 +56,15 @@ def test_seeded_sampling_repeats(llm):
     assert len(others | {tuple(a.token_ids)}) > 1  # seeds matter
 
 
+BATCH_PROMPTS = ["The sun is", "In 1492, Columbus", "import numpy as np\n", "Roses are red,", "def fib(n):",
+                 "The capital of France is", "Once upon a time", "Water boils at", "My favourite book",
+                 "SELECT name FROM", "The best way to learn", "1, 1, 2, 3, 5,", "Dear Sir or Madam,",
+                 "Photosynthesis is", "How do I bake bread?", "Le chat est"]
+
+
 def test_batch_equals_single(llm):
-    prompts = ["The sun is", "In 1492, Columbus", "import numpy as np\n", "Roses are red,"]
+    """16 different prompts generated together give exactly the tokens each gives alone (greedy)."""
+    prompts = BATCH_PROMPTS
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     batched = llm.generate(prompts, params)
     for p, out in zip(prompts, batched, strict=True):
@@ -118,3 +125,16 @@ def test_logprobs(llm):
         assert lp.token_id == tok and len(lp.top) == 5
         assert lp.top[0][0] == tok  # greedy picks the most likely token
         assert lp.logprob <= 0 and lp.top[0][1] >= lp.top[-1][1]
+
+
+def test_next_chat_turn_reuses_the_cache(llm):
+    """Turn 2 of a chat computes only what is new: the earlier turns' KV comes from the prefix cache."""
+    params = SamplingParams(temperature=0, max_tokens=24)
+    msgs = [{"role": "system", "content": "You are a concise assistant who answers in one sentence."},
+            {"role": "user", "content": "What is the capital of France?"}]
+    first = llm.chat(msgs, params)
+    first_prompt = len(first.prompt_token_ids)
+    msgs += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Italy?"}]
+    second = llm.chat(msgs, params)
+    assert second.usage.cached_tokens >= first_prompt // 16 * 16 > 0
+    assert second.usage.cached_tokens < second.usage.prompt_tokens

@@ -92,3 +92,46 @@ def test_bad_requests(llm):
     with pytest.raises(ParameterError, match="vocabulary"):
         llm.generate([[1, 2, 3], [1, 99999]], greedy(4))  # the good first prompt must not be left running
     assert not llm.engine.has_unfinished()
+
+
+def test_prefix_reuse_computes_only_new_tokens(tiny_path, llm):
+    """A second request sharing a 200-token prefix computes only its own tokens, with the same output."""
+    prefix = [(7 * i + 3) % 250 + 1 for i in range(200)]
+    first, second = prefix + [11, 12, 13], prefix + [21, 22, 23, 24]
+    eng = llm.engine
+    eng.kv.pool.reset_prefix_cache()
+    start_free = eng.kv.num_free_blocks
+    llm.generate([first], greedy(6))
+    before = eng.num_tokens_computed
+    out = llm.generate([second], greedy(6))[0]
+    reused = 200 // 16 * 16  # the full blocks of the shared prefix
+    assert out.usage.cached_tokens == reused
+    assert eng.num_tokens_computed - before == len(second) - reused + 5  # its own prompt tokens, then 5 decodes
+    fresh = ember.load(tiny_path, dtype="float32", prefix_caching=False)
+    alone = fresh.generate([second], greedy(6))[0]
+    assert alone.usage.cached_tokens == 0 and out.token_ids == alone.token_ids
+    assert eng.kv.num_free_blocks == start_free  # cached blocks count as free: nothing leaked
+
+
+def test_whole_prompt_cached_still_computes_its_last_token(llm):
+    p = list(range(1, 33))  # exactly two blocks
+    a = llm.generate([p], greedy(4))[0]
+    b = llm.generate([p], greedy(4))[0]
+    assert a.token_ids == b.token_ids and b.usage.cached_tokens == 16  # the last block is recomputed
+
+
+def test_block_pool_evicts_least_recent_and_keeps_counts():
+    from ember.engine.block_pool import BlockPool, block_keys
+
+    pool = BlockPool(4, 2)
+    a = pool.allocate(2)
+    keys = block_keys([1, 2, 3, 4], 2)
+    for b, k in zip(a, keys, strict=True):
+        pool.register(b, k)
+    shared = pool.match(keys)
+    assert shared == a and pool.ref[a[0]] == 2
+    pool.free(shared)
+    pool.free(list(a))  # free() empties the list it is given, as a request's block table
+    assert pool.num_free == 4 and len(pool.cached) == 2
+    pool.allocate(3)  # two plain blocks first, then the least recently freed cached one (the tail, a[1])
+    assert pool.match(keys) == [a[0]] and keys[1] not in pool.cached

@@ -1,0 +1,121 @@
+"""AsyncEngine: the engine loop runs in one background thread; every request gets its own async stream.
+
+Callers (the HTTP server) never block their event loop on the model: adding and aborting requests are
+commands the loop thread picks up between two steps, and outputs come back through each request's
+asyncio queue. A bad request raises in its caller; an exception inside a step fails the requests that
+were running (their streams raise it) and the loop carries on with the next ones. Once started, the
+AsyncEngine owns its Engine: do not step that engine from elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from typing import Any
+
+from ember.engine.engine import Engine
+from ember.engine.outputs import RequestOutput
+from ember.sampling_params import SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple[str, Any, Future | None]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="ember-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any event loop) -------------------------------------------------------------
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; leaving early (break, cancel, disconnect) aborts it."""
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        fut: Future = Future()
+        self._commands.put(("add", (prompt_token_ids, params, request_id, loop, stream), fut))
+        rid = await asyncio.wrap_future(fut)  # validation errors raise here
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request from anywhere; it is gone (blocks freed) before the next engine step."""
+        self._commands.put(("abort", request_id, None))
+
+    def close(self) -> None:
+        self._closed = True
+        self._commands.put(("wake", None, None))
+        self._thread.join(timeout=10)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    # ---- the loop thread ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._closed:
+            # block for a command only when there is nothing to step
+            block = not self.engine.has_unfinished()
+            while True:
+                try:
+                    cmd = self._commands.get(block=block)
+                except queue.Empty:
+                    break
+                self._handle(*cmd)
+                block = False
+            if self._closed or not self.engine.has_unfinished():
+                continue
+            try:
+                outs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - handed to every running request's caller
+                self._fail_all(e)
+                continue
+            for out in outs:
+                self._push(out.request_id, out, last=out.finished)
+
+    def _handle(self, kind: str, arg: Any, fut: Future | None) -> None:
+        if kind == "add":
+            prompt, params, rid, loop, stream = arg
+            try:
+                rid = self.engine.add_request(prompt, params, rid)
+            except Exception as e:  # noqa: BLE001 - the caller's error to raise
+                fut.set_exception(e)  # type: ignore[union-attr]
+                return
+            self._streams[rid] = (loop, stream)
+            fut.set_result(rid)  # type: ignore[union-attr]
+        elif kind == "abort":
+            out = self.engine.abort(arg)
+            if out is not None:
+                self._push(arg, out, last=True)
+
+    def _push(self, rid: str, item: RequestOutput | BaseException, last: bool) -> None:
+        entry = self._streams.pop(rid, None) if last else self._streams.get(rid)
+        if entry is not None:
+            loop, stream = entry
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+                pass
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid in list(self._streams):
+            self.engine.abort(rid)
+            self._push(rid, error, last=True)

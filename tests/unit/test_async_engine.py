@@ -1,0 +1,94 @@
+"""AsyncEngine: many concurrent streams over one engine thread; abort, errors and block accounting."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import ember
+from ember import SamplingParams
+from ember.engine.async_engine import AsyncEngine
+from ember.errors import ParameterError
+from tests.models.tiny_gguf import write_tiny_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+async def collect(aeng: AsyncEngine, prompt: list[int], params: SamplingParams) -> list[int]:
+    return [t async for out in aeng.generate(prompt, params) for t in out.token_ids]
+
+
+def test_concurrent_streams_match_the_offline_api(tiny_path):
+    llm = ember.load(tiny_path, dtype="float32")
+    prompts = [[5 + i, 17, 200 - i, 33] for i in range(12)]
+    expected = [o.token_ids for o in llm.generate(prompts, greedy(10))]
+    aeng = AsyncEngine(llm.engine)
+    start = llm.engine.kv.num_free_blocks
+
+    async def main():
+        return await asyncio.gather(*(collect(aeng, p, greedy(10)) for p in prompts))
+
+    try:
+        assert asyncio.run(main()) == expected
+        assert llm.engine.kv.num_free_blocks == start
+    finally:
+        aeng.close()
+
+
+def test_errors_reach_the_caller_and_leaving_early_aborts(tiny_path):
+    llm = ember.load(tiny_path, dtype="float32")
+    aeng = AsyncEngine(llm.engine)
+    start = llm.engine.kv.num_free_blocks
+
+    async def main():
+        with pytest.raises(ParameterError, match="vocabulary"):
+            await collect(aeng, [1, 99999], greedy(4))
+        n = 0
+        async for _ in aeng.generate([1, 2, 3], greedy(200)):
+            n += 1
+            if n == 3:
+                break  # the generator's cleanup aborts the request
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not llm.engine.has_unfinished():
+                break
+        return n
+
+    try:
+        assert asyncio.run(main()) == 3
+        assert not llm.engine.has_unfinished() and llm.engine.kv.num_free_blocks == start
+    finally:
+        aeng.close()
+
+
+def test_a_failing_step_fails_its_requests_not_the_loop(tiny_path, monkeypatch):
+    llm = ember.load(tiny_path, dtype="float32")
+    aeng = AsyncEngine(llm.engine)
+    real = llm.engine.runner.run
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(batch)
+
+    monkeypatch.setattr(llm.engine.runner, "run", flaky)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="boom"):
+            await collect(aeng, [1, 2, 3], greedy(4))
+        return await collect(aeng, [1, 2, 3], greedy(4))  # the loop lives on
+
+    try:
+        assert len(asyncio.run(main())) == 4
+    finally:
+        aeng.close()
