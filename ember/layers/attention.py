@@ -29,9 +29,10 @@ class ForwardContext:
     seqs: list[SeqSpan]
     k_cache: list[torch.Tensor]  # per layer: [Hkv, num_slots, Dh] (head-major: a gather reads runs of Dh)
     v_cache: list[torch.Tensor]
-    # set by the runner when every sequence decodes one token: padded slot tables for the decode kernel
+    # set by the runner for the sequences that decode one token: padded slot tables for the decode kernel
     decode_slots: torch.Tensor | None = None  # [B, max ctx] int64
     decode_lens: torch.Tensor | None = None  # [B] int64
+    decode_rows: torch.Tensor | None = None  # [B] their rows in the flat batch; None: every row decodes
 
 
 def qkv_attention(qkv: torch.Tensor, h: int, hkv: int, layer: int, ctx: ForwardContext,
@@ -65,12 +66,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: F
            window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention for the new tokens, whose k/v are already in the cache. q: [T, H, Dh], k/v: [T, Hkv, Dh]."""
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
-    if ctx.decode_slots is not None and ops.decode_attention_ok(q, kc):
+    kernel = ctx.decode_slots is not None and ops.decode_attention_ok(q, kc)
+    if kernel and ctx.decode_rows is None:
         return ops.decode_attention(q, kc, vc, ctx.decode_slots, ctx.decode_lens, scale, window, softcap)
+    # a decoding sequence takes the decode kernel in mixed batches too, so its numbers never depend on
+    # whether a neighbour is prefilling in the same step
+    out = torch.empty_like(q) if kernel else None
+    if kernel:
+        rows = ctx.decode_rows
+        out[rows] = ops.decode_attention(q[rows], kc, vc, ctx.decode_slots, ctx.decode_lens, scale, window, softcap)
     k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, T, Dh]
     q = q.transpose(0, 1)  # [H, T, Dh]
     outs = []
     for s in ctx.seqs:
+        if kernel and s.q_len == 1 and s.kv_slots is not None:
+            continue
         qs = q[:, s.q_start : s.q_start + s.q_len]  # [H, n, Dh]
         k0 = 0  # position of the first key attended to
         if s.kv_slots is None:  # whole context is in this step: use the fresh k/v, causal mask
@@ -86,7 +96,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: F
         mask = None
         if s.q_len > 1 and not causal:  # decode (q_len 1) sees every gathered key
             mask = _mask(s.ctx_len - s.q_len, s.q_len, k0, s.ctx_len, window, q.device)
-        outs.append(_attend(qs, ks, vs, mask, causal, scale, softcap))  # [H, n, Dh]
+        o = _attend(qs, ks, vs, mask, causal, scale, softcap)  # [H, n, Dh]
+        if out is not None:
+            out[s.q_start : s.q_start + s.q_len] = o.transpose(0, 1)
+        else:
+            outs.append(o)
+    if out is not None:
+        return out
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return o.transpose(0, 1)  # [T, H, Dh]
 

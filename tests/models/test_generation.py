@@ -138,3 +138,19 @@ def test_next_chat_turn_reuses_the_cache(llm):
     second = llm.chat(msgs, params)
     assert second.usage.cached_tokens >= first_prompt // 16 * 16 > 0
     assert second.usage.cached_tokens < second.usage.prompt_tokens
+
+
+def test_staggered_arrivals_equal_single(llm):
+    """Requests joining while others decode (steps mixing prefill and decode) still give their single output."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = BATCH_PROMPTS[4:10]
+    alone = [llm.generate(p, params)[0].token_ids for p in prompts]
+    eng, got, ids = llm.engine, {}, []
+    for p in prompts:
+        ids.append(eng.add_request(llm.encode(p), params))
+        for out in eng.step():  # one step between arrivals
+            got.setdefault(out.request_id, []).extend(out.token_ids)
+    while eng.has_unfinished():
+        for out in eng.step():
+            got.setdefault(out.request_id, []).extend(out.token_ids)
+    assert [got[r] for r in ids] == alone

@@ -41,3 +41,31 @@ def test_paged_matches_dense(window, softcap):
                              k_cache=cache[0], v_cache=cache[1])
         outs.append(paged_attention(q[a:b], k[a:b], v[a:b], 0, ctx, 0.3, window=window, softcap=softcap))
     assert torch.allclose(torch.cat(outs), want, atol=1e-5)
+
+
+@pytest.mark.skipif(not __import__("ember.kernels", fromlist=["cpu_ops"]).cpu_ops(), reason="needs ember's kernels")
+def test_decoding_rows_do_not_depend_on_a_prefilling_neighbour():
+    """In a step that mixes a decode with another sequence's prefill, the decode row is computed by the
+    same kernel as in a pure decode step: bit-identical (batched output equals single output)."""
+    from ember.layers.attention import attend
+
+    bf = torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    kc, vc = torch.randn(HKV, 64, DH, generator=g).to(bf), torch.randn(HKV, 64, DH, generator=g).to(bf)
+    dec_slots = torch.arange(0, 12)  # a sequence at position 11 decoding its 12th token
+    q1, k1, v1 = (torch.randn(1, n, DH, generator=g).to(bf) for n in (H, HKV, HKV))
+
+    def decode_ctx(seqs, rows, t):
+        return ForwardContext(positions=torch.zeros(t, dtype=torch.long), slot_mapping=torch.zeros(t, dtype=torch.long),
+                              seqs=seqs, k_cache=[kc], v_cache=[vc], decode_slots=dec_slots[None],
+                              decode_lens=torch.tensor([12]), decode_rows=rows)
+
+    alone = attend(q1, k1, v1, 0, decode_ctx([SeqSpan(0, 1, 12, dec_slots)], None, 1), 0.3)
+    q2, k2, v2 = (torch.randn(5, n, DH, generator=g).to(bf) for n in (H, HKV, HKV))  # a fresh 5-token prefill
+    seqs = [SeqSpan(0, 5, 5, None), SeqSpan(5, 1, 12, dec_slots)]
+    mixed = attend(torch.cat([q2, q1]), torch.cat([k2, k1]), torch.cat([v2, v1]), 0,
+                   decode_ctx(seqs, torch.tensor([5]), 6), 0.3)
+    assert torch.equal(mixed[5:], alone)
+    torch.testing.assert_close(mixed[:5].float(), attend(q2, k2, v2, 0, ForwardContext(
+        positions=torch.arange(5), slot_mapping=torch.arange(5), seqs=[SeqSpan(0, 5, 5, None)],
+        k_cache=[kc], v_cache=[vc]), 0.3).float())

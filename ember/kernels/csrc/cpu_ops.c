@@ -97,28 +97,79 @@ void ember_rope_store(uint16_t *qkv, int64_t t, int64_t nq, int64_t nkv, int64_t
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+static inline __m512 exp512(__m512 x) {  /* fast_expf, 16 lanes (gcc does not vectorize the scalar one) */
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f)),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+    const __m512i two_k = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(two_k));
+}
+
+static inline __m512 bf16x16(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+
+/* 16 outputs act(g) * u, act(g) rounded to bf16 first as torch does */
+static inline void act_mul16(const uint16_t *g, const uint16_t *u, uint16_t *o, int act) {
+    const __m512 x = bf16x16(_mm256_loadu_si256((const __m256i *)g));
+    __m512 z = _mm512_sub_ps(_mm512_setzero_ps(), x);  /* silu: x / (1 + exp(-x)) */
+    if (act == 1)  /* gelu (tanh): x / (1 + exp(-2 z)), z = 0.79788456 (x + 0.044715 x^3) */
+        z = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216f),
+                          _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+    const __m512 y = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(z)));
+    const __m512 yr = bf16x16((__m256i)_mm512_cvtneps_pbh(y));
+    const __m512 uv = bf16x16(_mm256_loadu_si256((const __m256i *)u));
+    _mm256_storeu_si256((__m256i *)o, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(yr, uv)));
+}
+#endif
+
 /* out [T, I] = act(gate) * up from gu [T, 2I] bf16; act 0: silu, 1: gelu (tanh approximation). */
 void ember_act_mul(const uint16_t *gu, uint16_t *out, int64_t t, int64_t inter, int act) {
 #pragma omp parallel for schedule(static) if (t * inter > 16384)
     for (int64_t r = 0; r < t; r++) {
         const uint16_t *g = gu + r * 2 * inter, *u = g + inter;
         uint16_t *o = out + r * inter;
-        if (act == 0) {
-#pragma omp simd
-            for (int64_t i = 0; i < inter; i++) {
-                float x = bf2f(g[i]);  /* torch rounds act(gate) to bf16 before the product */
-                o[i] = f2bf(bf2f(f2bf(x / (1.f + fast_expf(-x)))) * bf2f(u[i]));
-            }
-        } else {
-#pragma omp simd
-            for (int64_t i = 0; i < inter; i++) {
-                float x = bf2f(g[i]);
-                /* 0.5 x (1 + tanh(z)) = x / (1 + exp(-2 z)) */
-                float y = x / (1.f + fast_expf(-1.5957691216f * (x + 0.044715f * x * x * x)));
-                o[i] = f2bf(bf2f(f2bf(y)) * bf2f(u[i]));
-            }
+        int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+        for (; i + 16 <= inter; i += 16) act_mul16(g + i, u + i, o + i, act);
+#endif
+        for (; i < inter; i++) {
+            const float x = bf2f(g[i]);
+            const float z = act == 0 ? -x : -1.5957691216f * (x + 0.044715f * x * x * x);
+            o[i] = f2bf(bf2f(f2bf(x / (1.f + fast_expf(z)))) * bf2f(u[i]));
         }
     }
+}
+
+/* in place over x[0 .. m) */
+static void softmax(float *x, int64_t m) {
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t j = 0; j < m; j++) mx = x[j] > mx ? x[j] : mx;
+    int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= m; j += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(mx)));
+        _mm512_storeu_ps(x + j, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; j < m; j++) {
+        x[j] = fast_expf(x[j] - mx);
+        sum += x[j];
+    }
+    const float inv = 1.f / sum;
+    for (j = 0; j < m; j++) x[j] *= inv;
 }
 
 /* Decode attention over the paged cache: one query token per sequence.
@@ -158,15 +209,7 @@ void ember_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t 
                 sc[r * m + j] = dot;
             }
         }
-        for (int64_t r = 0; r < rep; r++) {
-            float mx = -INFINITY, sum = 0.f;
-            for (int64_t j = 0; j < m; j++) mx = sc[r * m + j] > mx ? sc[r * m + j] : mx;
-            for (int64_t j = 0; j < m; j++) {
-                sc[r * m + j] = fast_expf(sc[r * m + j] - mx);
-                sum += sc[r * m + j];
-            }
-            for (int64_t j = 0; j < m; j++) sc[r * m + j] /= sum;
-        }
+        for (int64_t r = 0; r < rep; r++) softmax(sc + r * m, m);
         for (int64_t j = 0; j < m; j++) {
             const uint16_t *vr = vc + (g * s_slots + sl[j0 + j]) * dh;
             float vf[256];
