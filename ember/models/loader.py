@@ -85,7 +85,8 @@ def _attach_refiner(model: nn.Module, cfg: ModelConfig, lm_head: Linear | None, 
         return
     if isinstance(lm_head.method, PackedBlocksMethod):
         model.refiner = TopRefiner(partial(rows_f32, lm_head))
-        lm_head.refined = True  # its top candidates are recomputed exactly: any kernel may serve it
+        # its top candidates are recomputed exactly: any kernel may serve it
+        lm_head.batch_invariant, lm_head.refined_head = False, True
         return
     emb = model.embed_tokens
     if cfg.tie_word_embeddings and emb.codes is not None:

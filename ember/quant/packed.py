@@ -108,9 +108,10 @@ class PackedBlocksMethod(QuantMethod):
         m, k = x.shape
         n = layer.nib.shape[0]
         # Where AMX exists every row takes it, whatever the batch: a row's result then never depends on
-        # its batch neighbours (batched output equals single output). Only a refined head, whose top
-        # candidates are recomputed exactly, takes the faster gemv for a few rows.
-        if amx_available() and (m >= MIN_AMX_ROWS or not getattr(layer, "refined", False)):
+        # its batch neighbours (batched output equals single output). A layer marked not batch-invariant
+        # (the refined head, whose top candidates are recomputed exactly; every layer when the user
+        # opts out) takes the faster gemv for a few rows.
+        if amx_available() and (m >= MIN_AMX_ROWS or getattr(layer, "batch_invariant", True)):
             y = torch.empty(m, n, dtype=torch.bfloat16)
             cpu_ops().ember_qgemm_amx(*_args(layer), x.data_ptr(), m, n, k, None, y.data_ptr())  # type: ignore[union-attr]
         elif m <= MAX_GEMV_ROWS:
@@ -122,6 +123,14 @@ class PackedBlocksMethod(QuantMethod):
         if layer.bias is not None:
             y = y + layer.bias
         return y.view(*shape[:-1], n)
+
+
+def set_batch_invariant(model: nn.Module, on: bool) -> None:
+    """on=False: a few rows (single-stream decode) take the gemv, ~25 % faster on AMX machines, but a
+    sequence's numbers then depend on how many sequences share its step."""
+    for mod in model.modules():
+        if hasattr(mod, "nib") and not getattr(mod, "refined_head", False):
+            mod.batch_invariant = on
 
 
 def packed_ok(shards: list[RawTensor], dtype: torch.dtype, device: torch.device) -> bool:

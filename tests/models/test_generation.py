@@ -154,3 +154,17 @@ def test_staggered_arrivals_equal_single(llm):
         for out in eng.step():
             got.setdefault(out.request_id, []).extend(out.token_ids)
     assert [got[r] for r in ids] == alone
+
+
+def test_opting_out_of_batch_invariance_routes_small_batches_to_the_gemv():
+    from ember.quant import packed
+
+    fast = ember.load("smollm2-135m", batch_invariant=False)
+    layers = [m for m in fast.engine.model.modules() if hasattr(m, "nib")]
+    assert layers and not any(m.batch_invariant for m in layers)
+    out = fast.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))[0]
+    assert len(out.token_ids) == 8 or out.finish_reason == "stop"
+    default = ember.load("smollm2-135m")
+    assert all(getattr(m, "batch_invariant", True) for m in default.engine.model.modules()
+               if hasattr(m, "nib") and not getattr(m, "refined_head", False))
+    assert packed.MIN_AMX_ROWS > 1
