@@ -258,6 +258,53 @@ def bench(
 
 
 @app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="EMBER_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on every endpoint but /health (or set EMBER_API_KEY).")] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="The model id clients send (default: the alias, or the file name without .gguf).")] = None,
+    chat_template: TemplateOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_model_len: CtxOpt = None,
+    quantize: QuantOpt = None,
+    kv_cache_memory: KvOpt = None,
+    batch_invariant: InvOpt = True,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /metrics, /health), batching all requests in one engine.
+
+    Point any OpenAI client at http://HOST:PORT/v1 (e.g. OpenAI(base_url="http://127.0.0.1:8000/v1",
+    api_key="KEY or anything")). Unsupported request fields get a 400 naming them, never ignored."""
+    import socket
+
+    import uvicorn
+
+    from ember.hub import DEFAULT_MODEL
+    from ember.server.app import create_app
+
+    if not 0 < port < 65536:
+        raise EmberError(f"--port {port}: give a port between 1 and 65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise EmberError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or --host") from None
+    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory, batch_invariant)
+    name = served_model_name or (Path(model).stem if model and model.endswith(".gguf") else model or DEFAULT_MODEL)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"[ember] warning: listening on {host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    print(f"[ember] serving '{name}' at http://{host}:{port}/v1 (OpenAI API)"
+          + (", API key required" if api_key else ""), file=sys.stderr)
+    uvicorn.run(create_app(llm, name, api_key), host=host, port=port, log_level="warning")
+
+
+@app.command()
 def pull(
     name: Annotated[str, typer.Argument(help="Model alias, e.g. smollm2-135m or gemma3-270m (see `ember list`).")],
     force: Annotated[bool, typer.Option("--force", help="Download again even when cached.")] = False,

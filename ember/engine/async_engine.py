@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -26,23 +26,28 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue[tuple[str, Any, Future | None]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending: dict[str, asyncio.Queue] = {}  # added, not yet streamed (caller side)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="ember-engine", daemon=True)
         self._thread.start()
 
     # ---- caller side (any event loop) -------------------------------------------------------------
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs; leaving early (break, cancel, disconnect) aborts it."""
+    async def add(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; bad input (too long, bad ids, id in use) raises here. Then read `stream(id)`."""
         loop = asyncio.get_running_loop()
-        stream: asyncio.Queue = asyncio.Queue()
         fut: Future = Future()
-        self._commands.put(("add", (prompt_token_ids, params, request_id, loop, stream), fut))
-        rid = await asyncio.wrap_future(fut)  # validation errors raise here
+        self._commands.put(("add", (prompt_token_ids, params, request_id, loop, asyncio.Queue()), fut))
+        return await asyncio.wrap_future(fut)
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The outputs of an added request; leaving early (break, cancel, disconnect) aborts it."""
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            raise KeyError(f"request {request_id!r} was not added here, or is already being streamed")
         finished = False
         try:
             while not finished:
-                item = await stream.get()
+                item = await entry.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -50,10 +55,24 @@ class AsyncEngine:
                 yield item
         finally:
             if not finished:
-                self.abort(rid)
+                self.abort(request_id)
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """add + stream in one: errors of a bad request raise at the first iteration."""
+        rid = await self.add(prompt_token_ids, params, request_id)
+        async for out in self.stream(rid):
+            yield out
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn in the loop thread between two steps (e.g. scoring a prompt on the engine's cache)."""
+        fut: Future = Future()
+        self._commands.put(("call", fn, fut))
+        return await asyncio.wrap_future(fut)
 
     def abort(self, request_id: str) -> None:
         """Stop a request from anywhere; it is gone (blocks freed) before the next engine step."""
+        self._pending.pop(request_id, None)
         self._commands.put(("abort", request_id, None))
 
     def close(self) -> None:
@@ -100,7 +119,13 @@ class AsyncEngine:
                 fut.set_exception(e)  # type: ignore[union-attr]
                 return
             self._streams[rid] = (loop, stream)
-            fut.set_result(rid)  # type: ignore[union-attr]
+            loop.call_soon_threadsafe(self._pending.__setitem__, rid, stream)
+            loop.call_soon_threadsafe(fut.set_result, rid)  # after _pending has it  # type: ignore[union-attr]
+        elif kind == "call":
+            try:
+                fut.set_result(arg())  # type: ignore[union-attr]
+            except Exception as e:  # noqa: BLE001 - the caller's error to raise
+                fut.set_exception(e)  # type: ignore[union-attr]
         elif kind == "abort":
             out = self.engine.abort(arg)
             if out is not None:

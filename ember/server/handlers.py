@@ -1,0 +1,197 @@
+"""The two generation endpoints: requests -> engine choices -> OpenAI responses or SSE chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from fastapi import Request
+
+from ember.engine.outputs import RequestOutput
+from ember.engine.sampler import TokenLogprobs
+from ember.server.protocol import APIError, ChatRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from ember.server.app import Server
+
+
+# ---- shared ---------------------------------------------------------------------------------------
+def _usage(outs: list[RequestOutput | None]) -> dict[str, Any]:
+    done = [o for o in outs if o is not None]
+    prompt = done[0].usage.prompt_tokens if done else 0
+    completion = sum(o.usage.completion_tokens for o in done)
+    cached = done[0].usage.cached_tokens if done else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+async def _collect(srv: Server, rid: str, ids: list[str], request: Request
+                   ) -> tuple[list[str], list[list[TokenLogprobs]], list[RequestOutput | None]]:
+    """Run every choice to the end (non-streaming), aborting all of them if the client goes away."""
+    texts, lps = [""] * len(ids), [[] for _ in ids]
+    last: list[RequestOutput | None] = [None] * len(ids)
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.05)
+        for r in ids:
+            srv.aeng.abort(r)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async for i, out in srv.merged(ids):
+            texts[i] += out.text
+            lps[i] += out.logprobs or []
+            last[i] = out
+    finally:
+        watcher.cancel()
+        srv.finish(rid, last)
+    return texts, lps, last
+
+
+def _token_text(srv: Server, tid: int) -> str:
+    return srv.llm.tokenizer.decode([tid], skip_special_tokens=False)
+
+
+def _chat_logprobs(srv: Server, lps: list[TokenLogprobs]) -> dict[str, Any]:
+    def entry(tid: int, lp: float) -> dict[str, Any]:
+        t = _token_text(srv, tid)
+        return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+
+    return {"content": [{**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]}
+                        for x in lps]}
+
+
+# ---- /v1/chat/completions -------------------------------------------------------------------------
+async def chat(srv: Server, req: ChatRequest, request: Request) -> Any:
+    from ember.server.app import new_id, sse
+
+    limit, nlp = req.limit(), req.num_logprobs()
+    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    prompt = srv.llm.encode_chat(msgs, **(req.chat_template_kwargs or {}))
+    params = [req.sampling(limit, nlp, i) for i in range(req.n)]
+    rid, created = new_id("chatcmpl"), int(time.time())
+    ids = await srv.start(rid, [prompt] * req.n, params)
+    head = {"id": rid, "created": created, "model": srv.model_name}
+    if not req.stream:
+        texts, lps, last = await _collect(srv, rid, ids, request)
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": _chat_logprobs(srv, lps[i]) if nlp is not None else None,
+                    "finish_reason": last[i].finish_reason if last[i] else "abort"} for i in range(req.n)]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(last)}
+
+    last: list[RequestOutput | None] = [None] * req.n
+
+    async def events() -> AsyncIterator[dict]:
+        def chunk(i: int, delta: dict, finish: str | None = None, lp: Any = None) -> dict:
+            ev = {**head, "object": "chat.completion.chunk",
+                  "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+            return {**ev, "usage": None} if req.include_usage else ev
+
+        for i in range(req.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, out in srv.merged(ids):
+            last[i] = out
+            if out.text or out.logprobs:
+                yield chunk(i, {"content": out.text},
+                            lp=_chat_logprobs(srv, out.logprobs or []) if nlp is not None else None)
+            if out.finished:
+                yield chunk(i, {}, out.finish_reason)
+        if req.include_usage:
+            yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(last)}
+
+    return sse(events(), lambda: srv.finish(rid, last))
+
+
+# ---- /v1/completions ------------------------------------------------------------------------------
+def _prompt_logprobs(srv: Server, ids: list[int], n: int) -> list[TokenLogprobs | None]:
+    """Logprob of every prompt token given the ones before it (the first has none), with the top n."""
+    logp = torch.log_softmax(srv.llm.engine.runner.score(ids), dim=-1)  # [S, V]
+    out: list[TokenLogprobs | None] = [None]
+    for j in range(1, len(ids)):
+        top = logp[j - 1].topk(n) if n else None
+        out.append(TokenLogprobs(ids[j], logp[j - 1, ids[j]].item(),
+                                 [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(),
+                                                                 strict=True))))
+    return out
+
+
+def _completion_logprobs(srv: Server, lps: list[TokenLogprobs | None], offset: int) -> dict[str, Any]:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for x in lps:
+        tid = x.token_id if x is not None else None
+        t = _token_text(srv, tid) if tid is not None else ""
+        tokens.append(t)
+        token_lps.append(None if x is None else x.logprob)
+        tops.append(None if x is None else {_token_text(srv, i): v for i, v in x.top})
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def completions(srv: Server, req: CompletionRequest, request: Request) -> Any:
+    from ember.server.app import new_id, sse
+
+    prompts = [srv.llm.encode(p) for p in req.prompts()]
+    if req.max_tokens == 0 and not (req.echo and not req.stream):
+        raise APIError(400, "max_tokens: 0 only makes sense with echo (scoring the prompt), not streamed",
+                       "max_tokens")
+    texts_in = [srv.llm.tokenizer.decode(p) for p in prompts]
+    rid, created = new_id("cmpl"), int(time.time())
+    head = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name}
+    echo_lps: list[list[TokenLogprobs | None]] = [[None] * len(p) for p in prompts]
+    if req.echo and req.logprobs is not None:
+        echo_lps = [await srv.aeng.call(lambda p=p: _prompt_logprobs(srv, p, req.logprobs)) for p in prompts]
+    if req.max_tokens == 0:  # scoring only
+        choices = [{"index": k, "text": texts_in[k], "finish_reason": "length",
+                    "logprobs": _completion_logprobs(srv, echo_lps[k], 0) if req.logprobs is not None else None}
+                   for k in range(len(prompts))]
+        usage = sum(len(p) for p in prompts)
+        return {**head, "choices": choices, "usage": {"prompt_tokens": usage, "completion_tokens": 0,
+                                                      "total_tokens": usage}}
+    # choice index = prompt index * n + i, as OpenAI numbers them
+    flat = [(k, i) for k in range(len(prompts)) for i in range(req.n)]
+    params = [req.sampling(req.max_tokens, req.logprobs, i) for _, i in flat]
+    ids = await srv.start(rid, [prompts[k] for k, _ in flat], params)
+    if not req.stream:
+        texts, lps, last = await _collect(srv, rid, ids, request)
+        choices = []
+        for c, (k, _) in enumerate(flat):
+            prefix = texts_in[k] if req.echo else ""
+            lp = None
+            if req.logprobs is not None:
+                lp = _completion_logprobs(srv, (echo_lps[k] if req.echo else []) + lps[c], 0)
+            choices.append({"index": c, "text": prefix + texts[c], "logprobs": lp,
+                            "finish_reason": last[c].finish_reason if last[c] else "abort"})
+        usage = _usage(last)
+        usage["prompt_tokens"] = sum(len(p) for p in prompts)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {**head, "choices": choices, "usage": usage}
+
+    last: list[RequestOutput | None] = [None] * len(flat)
+
+    async def events() -> AsyncIterator[dict]:
+        def chunk(c: int, text: str, finish: str | None = None, lp: Any = None) -> dict:
+            ev = {**head, "choices": [{"index": c, "text": text, "logprobs": lp, "finish_reason": finish}]}
+            return {**ev, "usage": None} if req.include_usage else ev
+
+        if req.echo:
+            for c, (k, _) in enumerate(flat):
+                yield chunk(c, texts_in[k])
+        async for c, out in srv.merged(ids):
+            last[c] = out
+            lp = _completion_logprobs(srv, out.logprobs or [], 0) if req.logprobs is not None else None
+            if out.text or out.logprobs:
+                yield chunk(c, out.text, lp=lp)
+            if out.finished:
+                yield chunk(c, "", out.finish_reason)
+        if req.include_usage:
+            usage = _usage(last)
+            usage["prompt_tokens"] = sum(len(p) for p in prompts)
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            yield {**head, "choices": [], "usage": usage}
+
+    return sse(events(), lambda: srv.finish(rid, last))
