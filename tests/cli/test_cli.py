@@ -156,3 +156,36 @@ def test_bench_concurrency_table(smollm_gguf):
     for row in rows:
         cells = [float(c) for c in row.strip("|").split("|")]
         assert cells[1] > 0 and cells[2] > 0 and cells[5] > 0  # tok/s, TTFT, RSS
+
+
+def test_serve_answers_and_refuses_a_busy_port(smollm_gguf):
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = run("serve", "-m", str(smollm_gguf), "--port", str(busy.getsockname()[1]))
+        assert r.returncode == 1 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ember", "serve", "-m", str(smollm_gguf), "--port", str(port)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.25)
+        body = {"model": smollm_gguf.stem, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 12, "temperature": 0}
+        reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert "Paris" in reply["choices"][0]["message"]["content"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
