@@ -58,7 +58,9 @@ class Server:
         return ids
 
     def finish(self, rid: str, outs: list[RequestOutput | None]) -> None:
-        self.live.pop(rid, None)
+        """The response is over (or its client left before streaming began): no choice may run on."""
+        for r in self.live.pop(rid, []):
+            self.aeng.abort(r)  # a no-op for the finished ones
         for out in outs:
             if out is not None:
                 self.metrics.completion_tokens += out.usage.completion_tokens
