@@ -164,7 +164,8 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
          kv_cache_memory: int | None = None, quantize: str | None = None, double_quant: bool | None = None,
          compute_dtype: str | torch.dtype | None = None, prefix_caching: bool = True,
          batch_invariant: bool = True, quiet: bool = True) -> LLM:
-    """Load a model by alias ('smollm2-135m', the default) or local .gguf path, ready to generate.
+    """Load a model by alias ('smollm2-135m', the default) a local .gguf file or a Hugging Face model directory,
+    ready to generate.
 
     quantize: "nf4" / "fp4" (bitsandbytes 4-bit; `double_quant` defaults to True, `compute_dtype` to
     bf16 on CPU) or "int8" (per-channel weight-only) re-quantizes every linear but the output head.
@@ -173,26 +174,23 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     output of a batch equals single output). False lets single-stream decoding take a faster kernel on
     CPUs with AMX (about 25 %), at the price of that guarantee.
     """
-    from ember.hub import DEFAULT_MODEL, ember_home, resolve_model
+    from ember.hub import DEFAULT_MODEL, resolve_model
     from ember.models.loader import build_model
-    from ember.weights.gguf import GGUFFile
 
     spec = _quant_spec(quantize, double_quant, compute_dtype)
     t0 = time.perf_counter()
     path = resolve_model(model or DEFAULT_MODEL, quiet=quiet)
     dev = resolve_device(device)
-    gguf = GGUFFile(path)
-    dt = resolve_dtype(dtype, dev, quantized=gguf.is_quantized or spec is not None)
-    if spec is not None and gguf.is_quantized:
+    cfg, tensors, tokenizer, quantized = _open(Path(path))
+    dt = resolve_dtype(dtype, dev, quantized=quantized or spec is not None)
+    if spec is not None and quantized:
         warnings.warn(f"{Path(path).name} is already quantized: re-quantizing its dequantized weights to "
                       f"{spec.method} (the two rounding errors add up)", stacklevel=2)
-    cfg = gguf.config()
     if kv_cache_memory is None:
         kv_cache_memory = default_kv_bytes(dev)
     engine_cfg = EngineConfig(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
                               prefix_caching=prefix_caching, batch_invariant=batch_invariant)
-    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, cache_dir=ember_home() / "tokenizers")
-    net = build_model(cfg, gguf.tensors(), dt, dev, spec)
+    net = build_model(cfg, tensors, dt, dev, spec)
     if not batch_invariant:
         set_batch_invariant(net, False)
     kv = KVCache(cfg, engine_cfg.kv_cache_memory, engine_cfg.block_size, dt, dev,  # type: ignore[arg-type]
@@ -200,6 +198,36 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     engine = Engine(net, tokenizer, cfg, engine_cfg, kv)
     return LLM(engine, tokenizer, cfg, Path(path), dev, dt, _read_template(chat_template),
                time.perf_counter() - t0, spec.method if spec else None)
+
+
+def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool]:
+    """A GGUF file or a Hugging Face model directory -> (config, named tensors, tokenizer, quantized?)."""
+    from ember.hub import ember_home
+    from ember.weights.hf import HFCheckpoint, is_hf_dir
+
+    if is_hf_dir(path):
+        ckpt = HFCheckpoint(path)
+        gen = _read_json(path / "generation_config.json")
+        eos = gen.get("eos_token_id")
+        extra = [eos] if isinstance(eos, int) else list(eos or [])
+        return ckpt.config(), ckpt.tensors(), Tokenizer.from_hf_dir(path, extra), False
+    if path.is_dir():
+        raise ParameterError(f"{path} is a directory without config.json: give a Hugging Face model directory "
+                             "or a .gguf file")
+    from ember.weights.gguf import GGUFFile
+
+    gguf = GGUFFile(path)
+    tok = Tokenizer.from_gguf_metadata(gguf.metadata, cache_dir=ember_home() / "tokenizers")
+    return gguf.config(), gguf.tensors(), tok, gguf.is_quantized
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise ParameterError(f"{path} cannot be read: {e}") from None
 
 
 def _quant_spec(quantize: str | None, double_quant: bool | None, compute_dtype: str | torch.dtype | None

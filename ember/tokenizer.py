@@ -17,7 +17,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ember.errors import ParameterError, TemplateError
+from ember.errors import ModelFormatError, ParameterError, TemplateError
 
 # Token texts that end a turn or a document; a generation stops on any of them that the vocabulary has.
 _END_OF_TURN = (
@@ -85,6 +85,34 @@ class Tokenizer:
             chat_template=md.get("tokenizer.chat_template") or None,
             extra_eos_ids=[i for i in map(_int_or_none, extra) if i is not None],
         )
+
+    @classmethod
+    def from_hf_dir(cls, path: Path, extra_eos_ids: Iterable[int] = ()) -> Tokenizer:
+        """tokenizer.json + tokenizer_config.json (special tokens, chat template; or chat_template.jinja)."""
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise ModelFormatError(f"{path}: tokenizer.json is missing (ember reads fast tokenizers; convert a "
+                                   f"slow one with transformers: AutoTokenizer.from_pretrained(...).save_pretrained)")
+        backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        cfg_path = path / "tokenizer_config.json"
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+
+        def special(key: str) -> int | None:
+            tok = cfg.get(key)
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            return backend.token_to_id(tok) if isinstance(tok, str) else None
+
+        bos = special("bos_token")
+        add_bos = cfg.get("add_bos_token")
+        if add_bos is None:  # what the fast tokenizer's own post-processor does
+            add_bos = bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(backend, bos_token_id=bos, eos_token_id=special("eos_token"), add_bos=bool(add_bos),
+                   chat_template=template, extra_eos_ids=extra_eos_ids)
 
     # ---- ids <-> text -------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

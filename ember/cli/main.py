@@ -28,7 +28,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model alias (see `ember list`) or a .gguf path.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model alias (see `ember list`), a .gguf path or a Hugging Face model directory.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, npu or auto (cuda > npu > cpu).")]
 DtypeOpt = Annotated[str, typer.Option(help="Compute dtype: auto, float32, bfloat16, float16.")]
 TemplateOpt = Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template FILE to use instead of the model's, or a built-in: chatml, plain.")]
@@ -327,7 +327,7 @@ def list_cmd() -> None:
         mark = "yes" if r.cached else "no"
         name = r.name + (" *" if r.is_default else "")
         print(f"{name:<16} {size:>9}  {mark:<6}  {r.description}")
-    print(f"\n* default model. Cache: {ember_home()}. Any local .gguf path works wherever a model is named.")
+    print(f"\n* default model. Cache: {ember_home()}. Any local .gguf path or Hugging Face model directory works wherever a model is named.")
 
 
 eval_app = typer.Typer(

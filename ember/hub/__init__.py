@@ -72,7 +72,7 @@ def resolve_model(name: str | os.PathLike[str], *, pull: bool = True, quiet: boo
     text = os.fspath(name)
     if not text.strip():
         raise ModelNotFoundError(
-            f"no model given. Pass an alias ({known_aliases_text()}) or a path to a .gguf file."
+            f"no model given. Pass an alias ({known_aliases_text()}) or a path to a .gguf file or a Hugging Face model directory."
         )
     path_like = isinstance(name, os.PathLike) or _looks_like_path(text)
 

@@ -1,0 +1,146 @@
+"""Hugging Face model directories: config.json -> ModelConfig, safetensors (single or sharded) -> RawTensors.
+
+Tensors are memory-mapped by the safetensors library and handed to the loader one at a time, in their
+stored dtype (F32 / F16 / BF16): nothing is converted before the quant method packs it. Pickled `.bin`
+weights are never unpickled: they load only through `torch.load(weights_only=True)`, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ember.config import ModelConfig
+from ember.errors import ModelFormatError
+from ember.weights.base import RawTensor
+
+# HF `architectures[0]` -> ember architecture with a native model file
+NATIVE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+_KIND = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _to_f32(dtype: torch.dtype):
+    def dequant(arr: np.ndarray) -> np.ndarray:
+        return torch.from_numpy(np.ascontiguousarray(arr)).view(dtype).float().numpy()
+
+    return dequant
+
+
+class HFCheckpoint:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.hf = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelFormatError(f"{self.path / 'config.json'} cannot be read: {e}") from None
+        archs = self.hf.get("architectures") or []
+        self.hf_arch = archs[0] if archs else self.hf.get("model_type", "?")
+        self.arch = NATIVE.get(self.hf_arch)
+        if self.arch is None:
+            raise ModelFormatError(
+                f"{self.path}: architecture {self.hf_arch!r} has no native ember model yet; native ones: "
+                f"{', '.join(NATIVE)}")
+        if self.hf.get("quantization_config"):
+            raise ModelFormatError(f"{self.path}: quantized HF checkpoints "
+                                   f"({self.hf['quantization_config'].get('quant_method')}) are not loaded yet")
+        self.files = self._weight_files()
+
+    # ---- config -------------------------------------------------------------------------------------
+    def config(self) -> ModelConfig:
+        c = self.hf
+        heads = int(c["num_attention_heads"])
+        head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
+        # transformers 5 writes `rope_parameters` (theta inside); older configs rope_theta + rope_scaling
+        rope = dict(c.get("rope_parameters") or {})
+        theta = c.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        scaling = dict(c.get("rope_scaling") or rope) or None
+        if scaling is not None:
+            scaling["type"] = scaling.get("rope_type") or scaling.get("type")
+            if scaling["type"] not in ("linear", "llama3", "default", None):
+                raise ModelFormatError(f"{self.path}: rope_scaling type {scaling['type']!r} is not supported yet")
+            if scaling["type"] in ("default", None):
+                scaling = None
+        max_pos = int(c.get("max_position_embeddings", 4096))
+        window = c.get("sliding_window") if c.get("use_sliding_window", self.arch == "mistral") else None
+        if window and window < max_pos:
+            # ember's Llama-family model attends globally: within the window that is the same attention
+            warnings.warn(f"{self.path.name}: sliding-window attention ({window} tokens) is not implemented for "
+                          f"{self.hf_arch}; the context is limited to {window} tokens", stacklevel=3)
+            max_pos = int(window)
+        return ModelConfig(
+            architecture=self.arch,
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=int(c["hidden_size"]),
+            intermediate_size=int(c["intermediate_size"]),
+            num_layers=int(c["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            max_position_embeddings=max_pos,
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            attention_bias=bool(c.get("attention_bias", self.arch == "qwen2")),
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        name = self.hf.get("torch_dtype") or self.hf.get("dtype")
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name)
+
+    # ---- tensors --------------------------------------------------------------------------------------
+    def _weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (self.path / s).is_file()]
+            if missing:
+                raise ModelFormatError(f"{self.path}: shards {missing[:3]} named by the index are missing "
+                                       f"(an interrupted download? fetch them again)")
+            return [self.path / s for s in shards]
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            return [single]
+        bins = sorted(self.path.glob("pytorch_model*.bin"))
+        if bins:
+            warnings.warn(f"{self.path.name}: pickled .bin weights, loaded with torch.load(weights_only=True); "
+                          "safetensors load faster and safer", stacklevel=3)
+            return bins
+        raise ModelFormatError(f"{self.path}: no model.safetensors, sharded index or pytorch_model.bin found")
+
+    def tensors(self) -> Iterator[tuple[str, RawTensor]]:
+        """(ember name, RawTensor): HF names without their `model.` prefix; the head keeps its name."""
+        for f in self.files:
+            for name, t in self._read(f):
+                ember_name = name.removeprefix("model.")
+                if "rotary_emb" in ember_name:
+                    continue
+                if t.dtype not in _KIND:
+                    raise ModelFormatError(f"{f.name}: tensor {name} has dtype {t.dtype}, not f32/f16/bf16")
+                arr = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+                yield ember_name, RawTensor(ember_name, _KIND[t.dtype], tuple(t.shape), arr, _to_f32(t.dtype))
+
+    def _read(self, f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+        if f.suffix == ".bin":
+            state: dict[str, Any] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            yield from state.items()
+            return
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    yield name, sf.get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ModelFormatError(f"{f}: cannot read the safetensors file ({e}); it may be truncated") from None

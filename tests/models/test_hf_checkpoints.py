@@ -1,0 +1,114 @@
+"""Hugging Face model directories (config.json + safetensors + tokenizer.json): tiny random models made by
+transformers, ember's logits against transformers' (fp32) through prefill, decode and a batch of 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ember
+from ember import SamplingParams
+from ember.errors import ModelFormatError
+from ember.tokenizer import Tokenizer
+from ember.weights.gguf_header import read_gguf_metadata
+from tests.models.tiny_gguf import write_tiny_gguf
+
+transformers = pytest.importorskip("transformers")
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+CONFIGS = {
+    "llama": (transformers.LlamaConfig, dict(rope_theta=10000.0, tie_word_embeddings=False)),
+    "llama3-rope": (transformers.LlamaConfig, dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "mistral": (transformers.MistralConfig, dict(sliding_window=None, tie_word_embeddings=False)),
+    "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory):
+    """tokenizer.json / tokenizer_config.json of the tiny byte-level BPE vocabulary (320 tokens)."""
+    d = tmp_path_factory.mktemp("tok")
+    gguf = write_tiny_gguf(d / "t.gguf")
+    tok = Tokenizer.from_gguf_metadata(read_gguf_metadata(gguf))
+    tok.backend.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "chat_template": CHATML, "add_bos_token": False}))
+    return d
+
+
+def make_dir(kind: str, tmp_path, tokenizer_files, shards: bool = False):
+    cls, extra = CONFIGS[kind]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cls(**COMMON, **extra)).eval()
+    with torch.no_grad():  # random norm weights, so a norm loaded wrongly shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    out = tmp_path / kind
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="100KB" if shards else "2GB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (out / f).write_bytes((tokenizer_files / f).read_bytes())
+    return model, out
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_logits_match_transformers(kind, tmp_path, tokenizer_files):
+    ref, path = make_dir(kind, tmp_path, tokenizer_files, shards=kind == "llama")
+    if kind == "llama":
+        assert (path / "model.safetensors.index.json").is_file()  # sharded
+    llm = ember.load(path, dtype="float32")
+    assert llm.config.architecture == ("llama" if kind.startswith("llama") else kind)
+    prompts = [[5, 17, 200, 33, 90, 12], [3, 3, 8, 250, 1, 64, 100, 7, 19, 42, 11]]
+    with torch.no_grad():  # prefill: every position
+        want = ref(torch.tensor([prompts[1]])).logits[0]
+    torch.testing.assert_close(llm.logits(prompts[1]), want, atol=1e-4, rtol=1e-4)
+    # decode, two requests batched: logits of every sampled step against a full forward over the tokens
+    seen: dict[str, list[torch.Tensor]] = {}
+    eng, run = llm.engine, llm.engine.runner.run
+
+    def recording(batch):
+        logits = run(batch)
+        rows = [s.request.request_id for s in batch.seqs if s.samples]
+        for rid, row in zip(rows, logits, strict=True):
+            seen.setdefault(rid, []).append(row.clone())
+        return logits
+
+    eng.runner.run = recording
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    finally:
+        eng.runner.run = run
+    for p, out in zip(prompts, outs, strict=True):
+        full = p + out.token_ids
+        with torch.no_grad():
+            ref_logits = ref(torch.tensor([full])).logits[0, len(p) - 1 : -1]  # [6, V]
+        torch.testing.assert_close(torch.stack(seen[out.request_id]), ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_tokenizer_template_and_generation_config(tmp_path, tokenizer_files):
+    _, path = make_dir("qwen2", tmp_path, tokenizer_files)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    llm = ember.load(path, dtype="float32")
+    assert {7, 9} <= llm.tokenizer.eos_token_ids
+    ids = llm.encode_chat([{"role": "user", "content": "hi"}])
+    assert llm.tokenizer.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+
+
+def test_broken_directories_are_clear_errors(tmp_path, tokenizer_files):
+    _, path = make_dir("llama", tmp_path, tokenizer_files, shards=True)
+    shard = sorted(path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ModelFormatError, match="missing"):
+        ember.load(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architectures"] = ["FancyNewForCausalLM"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFormatError, match="FancyNewForCausalLM"):
+        ember.load(path)
