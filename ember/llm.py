@@ -164,8 +164,8 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
          kv_cache_memory: int | None = None, quantize: str | None = None, double_quant: bool | None = None,
          compute_dtype: str | torch.dtype | None = None, prefix_caching: bool = True,
          batch_invariant: bool = True, quiet: bool = True) -> LLM:
-    """Load a model by alias ('smollm2-135m', the default) a local .gguf file or a Hugging Face model directory,
-    ready to generate.
+    """Load a model, ready to generate: an alias ('smollm2-135m', the default), a local .gguf file or a
+    Hugging Face model directory.
 
     quantize: "nf4" / "fp4" (bitsandbytes 4-bit; `double_quant` defaults to True, `compute_dtype` to
     bf16 on CPU) or "int8" (per-channel weight-only) re-quantizes every linear but the output head.
