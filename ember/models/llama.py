@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM): RMSNorm, RoPE, GQA, SwiGLU, tied or separate head."""
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM): RMSNorm, RoPE, GQA, SwiGLU, tied or separate
+head; Qwen3 adds a per-head RMSNorm of q and k before RoPE (`extra["qk_norm"]`)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,15 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, [q, kv, kv], bias=cfg.attention_bias, shards=("q", "k", "v"))
         self.o_proj = Linear(q, cfg.hidden_size)
         self.scale = self.dh**-0.5
+        self.q_norm = RMSNorm(self.dh, cfg.rms_norm_eps) if cfg.extra.get("qk_norm") else None
+        self.k_norm = RMSNorm(self.dh, cfg.rms_norm_eps) if cfg.extra.get("qk_norm") else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.h + 2 * self.hkv, self.dh)  # [T, H + 2 Hkv, Dh]
-        o = qkv_attention(qkv, self.h, self.hkv, self.layer, ctx, rope, self.scale)  # [T, H, Dh]
+        qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)  # type: ignore[union-attr]
+        o = qkv_attention(qkv, self.h, self.hkv, self.layer, ctx, rope, self.scale, q_norm=qn, k_norm=kn,
+                          eps=self.q_norm.eps if self.q_norm is not None else 1e-6)  # [T, H, Dh]
         return self.o_proj(o.reshape(t, self.h * self.dh))
 
 

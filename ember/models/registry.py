@@ -13,7 +13,8 @@ def model_class(cfg: ModelConfig) -> type[nn.Module]:
     from ember.models.llama import LlamaForCausalLM
 
     table: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM,
-                                         "qwen2": LlamaForCausalLM, "gemma3": Gemma3ForCausalLM}
+                                         "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM,
+                                         "gemma3": Gemma3ForCausalLM}
     if cfg.architecture not in table:
         raise ModelFormatError(
             f"architecture {cfg.architecture!r} is not supported yet; supported: {', '.join(sorted(table))}")

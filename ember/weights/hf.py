@@ -21,7 +21,8 @@ from ember.errors import ModelFormatError
 from ember.weights.base import RawTensor
 
 # HF `architectures[0]` -> ember architecture with a native model file
-NATIVE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+NATIVE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+          "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3"}
 _KIND = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -34,6 +35,10 @@ def _to_f32(dtype: torch.dtype):
         return torch.from_numpy(np.ascontiguousarray(arr)).view(dtype).float().numpy()
 
     return dequant
+
+
+def _plus_one(dequant):
+    return lambda arr: dequant(arr) + np.float32(1.0)
 
 
 class HFCheckpoint:
@@ -60,8 +65,11 @@ class HFCheckpoint:
         c = self.hf
         heads = int(c["num_attention_heads"])
         head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
-        # transformers 5 writes `rope_parameters` (theta inside); older configs rope_theta + rope_scaling
+        # transformers 5 writes `rope_parameters` (theta inside; Gemma 3: one per layer type); older configs
+        # rope_theta + rope_scaling
         rope = dict(c.get("rope_parameters") or {})
+        if "full_attention" in rope:
+            rope = dict(rope["full_attention"])
         theta = c.get("rope_theta") or rope.get("rope_theta") or 10000.0
         scaling = dict(c.get("rope_scaling") or rope) or None
         if scaling is not None:
@@ -90,9 +98,28 @@ class HFCheckpoint:
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", self.arch == "gemma3")),
             attention_bias=bool(c.get("attention_bias", self.arch == "qwen2")),
+            extra=self._gemma3_extra() if self.arch == "gemma3" else {"qk_norm": self.arch == "qwen3"},
         )
+
+    def _gemma3_extra(self) -> dict[str, Any]:
+        c = self.hf
+        layers, window = int(c["num_hidden_layers"]), c.get("sliding_window")
+        types = c.get("layer_types")
+        if types is None:  # older configs: every n-th layer global
+            n = int(c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6)
+            types = ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(layers)]
+        local = (c.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta")
+        caps = [c.get(k) for k in ("attn_logit_softcapping", "final_logit_softcapping")]
+        return {
+            "sliding_window": window,
+            "layer_types": list(types),
+            "rope_local_base": float(local or c.get("rope_local_base_freq") or 10000.0),
+            "query_pre_attn_scalar": float(c.get("query_pre_attn_scalar") or c["head_dim"]),
+            "attn_logit_softcapping": float(caps[0]) if caps[0] else None,
+            "final_logit_softcapping": float(caps[1]) if caps[1] else None,
+        }
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -129,7 +156,10 @@ class HFCheckpoint:
                 if t.dtype not in _KIND:
                     raise ModelFormatError(f"{f.name}: tensor {name} has dtype {t.dtype}, not f32/f16/bf16")
                 arr = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-                yield ember_name, RawTensor(ember_name, _KIND[t.dtype], tuple(t.shape), arr, _to_f32(t.dtype))
+                dequant = _to_f32(t.dtype)
+                if self.arch == "gemma3" and ember_name.endswith("norm.weight"):
+                    dequant = _plus_one(dequant)  # Gemma's RMSNorm scales by 1 + w; ember's by w (as GGUF stores)
+                yield ember_name, RawTensor(ember_name, _KIND[t.dtype], tuple(t.shape), arr, dequant)
 
     def _read(self, f: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if f.suffix == ".bin":

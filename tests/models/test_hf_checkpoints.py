@@ -28,6 +28,9 @@ CONFIGS = {
         "original_max_position_embeddings": 64})),
     "mistral": (transformers.MistralConfig, dict(sliding_window=None, tie_word_embeddings=False)),
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=32, tie_word_embeddings=False)),
+    "gemma3": (transformers.Gemma3TextConfig, dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+               layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0)),
 }
 
 
@@ -65,6 +68,8 @@ def test_logits_match_transformers(kind, tmp_path, tokenizer_files):
         assert (path / "model.safetensors.index.json").is_file()  # sharded
     llm = ember.load(path, dtype="float32")
     assert llm.config.architecture == ("llama" if kind.startswith("llama") else kind)
+    if kind == "gemma3":  # a prompt longer than the window, so the sliding layers' masks matter
+        assert llm.config.extra["layer_types"] == ["sliding_attention", "full_attention"]
     prompts = [[5, 17, 200, 33, 90, 12], [3, 3, 8, 250, 1, 64, 100, 7, 19, 42, 11]]
     with torch.no_grad():  # prefill: every position
         want = ref(torch.tensor([prompts[1]])).logits[0]
