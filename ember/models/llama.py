@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM): RMSNorm, RoPE, GQA, SwiGLU, tied or separate
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM): RMSNorm, RoPE, GQA, SwiGLU, tied or separate
 head; Qwen3 adds a per-head RMSNorm of q and k before RoPE (`extra["qk_norm"]`)."""
 
 from __future__ import annotations

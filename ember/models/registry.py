@@ -13,7 +13,7 @@ def model_class(cfg: ModelConfig) -> type[nn.Module]:
     from ember.models.llama import LlamaForCausalLM
 
     table: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM,
-                                         "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM,
+                                         "qwen2": LlamaForCausalLM, "qwen3": LlamaForCausalLM, "phi3": LlamaForCausalLM,
                                          "gemma3": Gemma3ForCausalLM}
     if cfg.architecture not in table:
         raise ModelFormatError(

@@ -22,7 +22,7 @@ from ember.weights.base import RawTensor
 
 # HF `architectures[0]` -> ember architecture with a native model file
 NATIVE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-          "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3"}
+          "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3"}
 _KIND = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -59,9 +59,15 @@ class HFCheckpoint:
             raise ModelFormatError(f"{self.path}: quantized HF checkpoints "
                                    f"({self.hf['quantization_config'].get('quant_method')}) are not loaded yet")
         self.files = self._weight_files()
+        self._config: ModelConfig | None = None
 
     # ---- config -------------------------------------------------------------------------------------
     def config(self) -> ModelConfig:
+        if self._config is None:
+            self._config = self._make_config()
+        return self._config
+
+    def _make_config(self) -> ModelConfig:
         c = self.hf
         heads = int(c["num_attention_heads"])
         head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
@@ -79,12 +85,14 @@ class HFCheckpoint:
             if scaling["type"] in ("default", None):
                 scaling = None
         max_pos = int(c.get("max_position_embeddings", 4096))
-        window = c.get("sliding_window") if c.get("use_sliding_window", self.arch == "mistral") else None
+        # Qwen2/3 write a window but switch it off (use_sliding_window: false); Gemma 3 implements its own
+        window = c.get("sliding_window") if c.get("use_sliding_window", True) and self.arch != "gemma3" else None
         if window and window < max_pos:
             # ember's Llama-family model attends globally: within the window that is the same attention
             warnings.warn(f"{self.path.name}: sliding-window attention ({window} tokens) is not implemented for "
                           f"{self.hf_arch}; the context is limited to {window} tokens", stacklevel=3)
             max_pos = int(window)
+        partial = float(rope.get("partial_rotary_factor") or c.get("partial_rotary_factor") or 1.0)
         return ModelConfig(
             architecture=self.arch,
             vocab_size=int(c["vocab_size"]),
@@ -97,6 +105,7 @@ class HFCheckpoint:
             max_position_embeddings=max_pos,
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
+            rope_dim=int(head_dim * partial),
             rope_scaling=scaling,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", self.arch == "gemma3")),
             attention_bias=bool(c.get("attention_bias", self.arch == "qwen2")),
@@ -153,6 +162,9 @@ class HFCheckpoint:
                 ember_name = name.removeprefix("model.")
                 if "rotary_emb" in ember_name:
                     continue
+                if self.arch == "phi3" and ember_name.endswith(("qkv_proj.weight", "gate_up_proj.weight")):
+                    yield from self._split(ember_name, t)  # fused in the file: ember fuses its own shards
+                    continue
                 if t.dtype not in _KIND:
                     raise ModelFormatError(f"{f.name}: tensor {name} has dtype {t.dtype}, not f32/f16/bf16")
                 arr = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
@@ -160,6 +172,21 @@ class HFCheckpoint:
                 if self.arch == "gemma3" and ember_name.endswith("norm.weight"):
                     dequant = _plus_one(dequant)  # Gemma's RMSNorm scales by 1 + w; ember's by w (as GGUF stores)
                 yield ember_name, RawTensor(ember_name, _KIND[t.dtype], tuple(t.shape), arr, dequant)
+
+    def _split(self, name: str, t: torch.Tensor) -> Iterator[tuple[str, RawTensor]]:
+        """Phi-3's fused qkv_proj / gate_up_proj -> the q/k/v and gate/up shards ember's loader fuses."""
+        c, prefix = self.config(), name.rsplit(".", 2)[0]
+        if name.endswith("qkv_proj.weight"):
+            q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+            parts = [("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)]
+        else:
+            half = t.shape[0] // 2
+            parts = [("gate_proj", 0, half), ("up_proj", half, 2 * half)]
+        for leaf, r0, r1 in parts:
+            part = t[r0:r1]
+            arr = part.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else part.numpy()
+            full = f"{prefix}.{leaf}.weight"
+            yield full, RawTensor(full, _KIND[t.dtype], tuple(part.shape), arr, _to_f32(t.dtype))
 
     def _read(self, f: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if f.suffix == ".bin":

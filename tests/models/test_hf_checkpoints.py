@@ -29,6 +29,8 @@ CONFIGS = {
     "mistral": (transformers.MistralConfig, dict(sliding_window=None, tie_word_embeddings=False)),
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=32, tie_word_embeddings=False)),
+    "phi3": (transformers.Phi3Config, dict(original_max_position_embeddings=256, pad_token_id=0,
+                                            tie_word_embeddings=False)),
     "gemma3": (transformers.Gemma3TextConfig, dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
                layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0)),
 }
