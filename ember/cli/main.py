@@ -306,13 +306,21 @@ def serve(
 
 @app.command()
 def pull(
-    name: Annotated[str, typer.Argument(help="Model alias, e.g. smollm2-135m or gemma3-270m (see `ember list`).")],
-    force: Annotated[bool, typer.Option("--force", help="Download again even when cached.")] = False,
+    name: Annotated[str, typer.Argument(help="Model alias (smollm2-135m, gemma3-270m; see `ember list`) or a "
+                                             "Hugging Face repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct.")],
+    force: Annotated[bool, typer.Option("--force", help="Alias: download and verify again even when cached.")] = False,
+    include: Annotated[list[str] | None, typer.Option(
+        "--include", help="Repo: only files matching this glob (repeatable), e.g. '*Q4_K_M.gguf'.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Repo: branch, tag or commit (default: main).")] = None,
 ) -> None:
-    """Download a model into the cache (EMBER_HOME, default ~/.cache/ember) and verify its sha256."""
+    """Download a model and print its local path.
+
+    An alias goes to the cache (EMBER_HOME, default ~/.cache/ember), sha256-checked. A repo id goes to
+    huggingface_hub's cache: HF_ENDPOINT picks a mirror, HF_TOKEN unlocks private and gated repos, an
+    interrupted download resumes, and a cached model later loads without the network."""
     from ember.hub import pull as do_pull
 
-    print(do_pull(name, force=force))
+    print(do_pull(name, force=force, include=include, revision=revision))
 
 
 @app.command(name="list")

@@ -87,9 +87,16 @@ def resolve_model(name: str | os.PathLike[str], *, pull: bool = True, quiet: boo
     in_cache = models_dir() / text
     if not Path(text).is_absolute() and in_cache.is_file():
         return in_cache
+    from ember.hub.hf import hf_pull, is_repo_id
+
+    if is_repo_id(text):  # org/name on the Hugging Face Hub: the cached snapshot, else download it
+        if not pull:
+            raise ModelNotFoundError(f"'{text}' is not downloaded yet. Run `ember pull {text}`.")
+        return hf_pull(text, offline_first=True, quiet=quiet)
     if path_like:
         raise ModelNotFoundError(
-            f"no such file: '{text}'. Check the path, or use a model alias ({known_aliases_text()})."
+            f"no such file: '{text}'. Check the path, or use a model alias ({known_aliases_text()}) or a Hugging "
+            "Face repo id (org/name)."
         )
     raise _unknown(text)
 
@@ -109,12 +116,21 @@ def _resolve_alias(spec: ModelSpec, *, pull: bool, quiet: bool) -> Path:
     return ensure(spec, quiet=quiet)
 
 
-def pull(name: str, *, force: bool = False, quiet: bool = False) -> Path:
-    """Download (or re-verify) an alias into the cache and return its path.
+def pull(name: str, *, force: bool = False, quiet: bool = False, include: list[str] | None = None,
+         revision: str | None = None) -> Path:
+    """Download (or re-verify) an alias, or a Hugging Face repo (org/name), and return its local path.
 
-    Without force, an existing copy is fully sha256-checked and re-fetched only if bad;
-    with force, the model is fetched and verified again regardless.
+    An alias: without force, an existing copy is fully sha256-checked and re-fetched only if bad; with
+    force, fetched and verified again. A repo: huggingface_hub's cache is brought up to date (files
+    already complete are kept, partial ones resume); `include` picks files by glob, `revision` a
+    branch, tag or commit.
     """
+    from ember.hub.hf import hf_pull, is_repo_id
+
+    if get_spec(name) is None and is_repo_id(name):
+        return hf_pull(name, include, revision, quiet=quiet)
+    if include or revision:
+        raise ModelNotFoundError(f"--include / --revision apply to Hugging Face repos (org/name), not to '{name}'")
     return ensure(_spec_or_raise(name), force=force, verify=True, quiet=quiet)
 
 
