@@ -30,11 +30,18 @@ class LLM:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_config: ModelConfig, source: Path,
                  device: torch.device, dtype: torch.dtype, chat_template: str | None = None,
-                 load_seconds: float = 0.0, quantize: str | None = None) -> None:
+                 load_seconds: float = 0.0, quantize: str | None = None,
+                 generation_defaults: dict[str, Any] | None = None) -> None:
         self.engine, self.tokenizer, self.config, self.source = engine, tokenizer, model_config, source
         self.device, self.dtype, self.chat_template = device, dtype, chat_template
         self.load_seconds = load_seconds
         self.quantize = quantize  # on-load quantization of the linears ("nf4", "fp4", "int8"), if any
+        # the model's own sampling defaults (generation_config.json); they apply when no params are given
+        self.generation_defaults = dict(generation_defaults or {})
+        try:
+            self.default_params = SamplingParams(**self.generation_defaults)
+        except ParameterError as e:
+            raise ParameterError(f"generation_config.json of {source.name}: {e}") from None
 
     def __repr__(self) -> str:
         return (f"LLM({self.source.name}, arch={self.config.architecture}, device={self.device}, "
@@ -70,7 +77,7 @@ class LLM:
         `params` is one SamplingParams for all, or one per prompt (e.g. a seed each)."""
         batch = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
         if params is None or isinstance(params, SamplingParams):
-            per = [params or SamplingParams()] * len(batch)
+            per = [params or self.default_params] * len(batch)
         else:
             per = list(params)
             if len(per) != len(batch) or not all(isinstance(p, SamplingParams) for p in per):
@@ -83,7 +90,7 @@ class LLM:
 
         Leaving the loop early (break, exception, Ctrl-C) aborts the request and frees its cache.
         """
-        return self._stream_ids(self.encode(prompt), params or SamplingParams())
+        return self._stream_ids(self.encode(prompt), params or self.default_params)
 
     def chat(self, messages: Messages, params: SamplingParams | None = None, *, stream: bool = False,
              chat_template: str | None = None, add_generation_prompt: bool = True, **template_kwargs: Any
@@ -91,7 +98,7 @@ class LLM:
         """Reply to a conversation rendered with the model's chat template (or `chat_template`)."""
         ids = self.encode_chat(messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                                **template_kwargs)
-        params = params or SamplingParams()
+        params = params or self.default_params
         if stream:
             return self._stream_ids(ids, params)
         return self._run([ids], [params])[0]
@@ -181,7 +188,7 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     t0 = time.perf_counter()
     path = resolve_model(model or DEFAULT_MODEL, quiet=quiet)
     dev = resolve_device(device)
-    cfg, tensors, tokenizer, quantized = _open(Path(path))
+    cfg, tensors, tokenizer, quantized, gen_defaults = _open(Path(path))
     dt = resolve_dtype(dtype, dev, quantized=quantized or spec is not None)
     if spec is not None and quantized:
         warnings.warn(f"{Path(path).name} is already quantized: re-quantizing its dequantized weights to "
@@ -197,11 +204,12 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
                  engine_cfg.prefix_caching)
     engine = Engine(net, tokenizer, cfg, engine_cfg, kv)
     return LLM(engine, tokenizer, cfg, Path(path), dev, dt, _read_template(chat_template),
-               time.perf_counter() - t0, spec.method if spec else None)
+               time.perf_counter() - t0, spec.method if spec else None, gen_defaults)
 
 
-def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool]:
-    """A GGUF file or a Hugging Face model directory -> (config, named tensors, tokenizer, quantized?)."""
+def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool, dict[str, Any]]:
+    """A GGUF file or a Hugging Face model directory -> (config, named tensors, tokenizer, quantized?,
+    the model's sampling defaults)."""
     from ember.hub import ember_home
     from ember.weights.hf import HFCheckpoint, is_hf_dir
 
@@ -210,7 +218,7 @@ def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool]:
         gen = _read_json(path / "generation_config.json")
         eos = gen.get("eos_token_id")
         extra = [eos] if isinstance(eos, int) else list(eos or [])
-        return ckpt.config(), ckpt.tensors(), Tokenizer.from_hf_dir(path, extra), False
+        return ckpt.config(), ckpt.tensors(), Tokenizer.from_hf_dir(path, extra), False, generation_defaults(gen)
     if path.is_dir():
         raise ParameterError(f"{path} is a directory without config.json: give a Hugging Face model directory "
                              "or a .gguf file")
@@ -218,7 +226,26 @@ def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool]:
 
     gguf = GGUFFile(path)
     tok = Tokenizer.from_gguf_metadata(gguf.metadata, cache_dir=ember_home() / "tokenizers")
-    return gguf.config(), gguf.tensors(), tok, gguf.is_quantized
+    return gguf.config(), gguf.tensors(), tok, gguf.is_quantized, {}
+
+
+def generation_defaults(gen: dict[str, Any]) -> dict[str, Any]:
+    """generation_config.json -> SamplingParams fields, read as transformers reads them: without
+    do_sample: true decoding is greedy; max_new_tokens bounds the reply (max_length is not used)."""
+    out: dict[str, Any] = {}
+    if not gen:
+        return out
+    if gen.get("max_new_tokens") is not None:
+        out["max_tokens"] = gen["max_new_tokens"]
+    if gen.get("repetition_penalty") is not None:
+        out["repetition_penalty"] = gen["repetition_penalty"]
+    if not gen.get("do_sample", False):
+        out["temperature"] = 0.0
+        return out
+    for key in ("temperature", "top_p", "top_k", "min_p"):
+        if gen.get(key) is not None:
+            out[key] = gen[key]
+    return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import time
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -66,15 +66,22 @@ QuantOpt = Annotated[Quantize | None, typer.Option(
     "bitsandbytes), int8 (per-channel weight-only).", case_sensitive=False)]
 
 
-def sampling_options(max_tokens: int | None, temperature: float, top_k: int, top_p: float, min_p: float,
-                     repetition_penalty: float, presence_penalty: float, frequency_penalty: float,
-                     seed: int | None, stop: list[str] | None, min_tokens: int = 0, ignore_eos: bool = False):
+# what the CLI uses for a knob the user did not set and the model's generation_config.json does not name
+GENERATE_DEFAULTS = {"max_tokens": 256, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                     "repetition_penalty": 1.0}
+CHAT_DEFAULTS = {**GENERATE_DEFAULTS, "max_tokens": 512, "temperature": 0.7}
+
+
+def sampling_options(knobs: dict[str, Any], fallback: dict[str, Any], model_defaults: dict[str, Any] | None,
+                     presence_penalty: float, frequency_penalty: float, seed: int | None, stop: list[str] | None,
+                     min_tokens: int = 0, ignore_eos: bool = False):
+    """Each knob: the user's value, else the model's generation_config.json default, else `fallback`.
+    Called once before loading (to check the values early) and once after, with the model's defaults."""
     from ember.sampling_params import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                          frequency_penalty=frequency_penalty, seed=seed, stop=stop or [], min_tokens=min_tokens,
-                          ignore_eos=ignore_eos)
+    chosen = {k: v if v is not None else (model_defaults or {}).get(k, fallback[k]) for k, v in knobs.items()}
+    return SamplingParams(**chosen, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                          seed=seed, stop=stop or [], min_tokens=min_tokens, ignore_eos=ignore_eos)
 
 
 def load_model(model: str | None, device: str, dtype: str, chat_template: str | None, max_model_len: int | None,
@@ -101,12 +108,15 @@ def load_model(model: str | None, device: str, dtype: str, chat_template: str | 
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue ('-' reads standard input).")],
     model: ModelOpt = None,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (deterministic).")] = 0.8,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 40,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 0.95,
-    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability (0 = off).")] = 0.05,
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off).")] = 1.0,
+    max_tokens: Annotated[int | None, typer.Option(help="Most tokens to generate [default: 256]*.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy (deterministic) [default: 0.8]*.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0 = off) [default: 40]*.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1 = off) [default: 0.95]*.")] = None,
+    min_p: Annotated[float | None, typer.Option(
+        help="Drop tokens below min_p x the top probability (0 = off) [default: 0.05]*.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(
+        help="> 1 discourages repeats (1 = off) [default: 1]*. *Unless the model's generation_config.json sets "
+             "it.")] = None,
     presence_penalty: Annotated[float, typer.Option(help="OpenAI-style, -2..2.")] = 0.0,
     frequency_penalty: Annotated[float, typer.Option(help="OpenAI-style, -2..2.")] = 0.0,
     min_tokens: Annotated[int, typer.Option(help="Generate at least this many tokens.")] = 0,
@@ -129,9 +139,12 @@ def generate(
         prompt = sys.stdin.read()
     if system is not None and not chat:
         raise EmberError("--system only applies with --chat (it is a chat message)")
-    params = sampling_options(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-                              frequency_penalty, seed, stop, min_tokens, ignore_eos)
+    knobs = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                 repetition_penalty=repetition_penalty)
+    rest = (presence_penalty, frequency_penalty, seed, stop, min_tokens, ignore_eos)
+    sampling_options(knobs, GENERATE_DEFAULTS, None, *rest)  # bad values fail before the model loads
     llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory, batch_invariant)
+    params = sampling_options(knobs, GENERATE_DEFAULTS, llm.generation_defaults, *rest)
     if chat:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         stream = llm.chat(msgs, params, stream=True)
@@ -162,12 +175,13 @@ def chat_cmd(
     input_file: Annotated[Path | None, typer.Option("-i", "--input", help="Load a saved conversation (JSON) and continue it.")] = None,
     output_file: Annotated[Path | None, typer.Option("-o", "--output", help="Save the conversation here (JSON).")] = None,
     io_file: Annotated[Path | None, typer.Option("-io", "--io", help="Load from and save to this file.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 512,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
-    top_k: Annotated[int, typer.Option(help="0 = off.")] = 40,
-    top_p: Annotated[float, typer.Option(help="1 = off.")] = 0.95,
-    min_p: Annotated[float, typer.Option(help="0 = off.")] = 0.05,
-    repetition_penalty: Annotated[float, typer.Option(help="1 = off.")] = 1.0,
+    max_tokens: Annotated[int | None, typer.Option(help="Most tokens per reply [default: 512]*.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy [default: 0.7]*.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="0 = off [default: 40]*.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="1 = off [default: 0.95]*.")] = None,
+    min_p: Annotated[float | None, typer.Option(help="0 = off [default: 0.05]*.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(
+        help="1 = off [default: 1]*. *Unless the model's generation_config.json sets it.")] = None,
     presence_penalty: Annotated[float, typer.Option()] = 0.0,
     frequency_penalty: Annotated[float, typer.Option()] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible replies.")] = None,
@@ -188,10 +202,13 @@ def chat_cmd(
         raise EmberError("use either -io FILE, or -i FILE and/or -o FILE, not both")
     load_from = io_file or input_file
     save_to = io_file or output_file
-    params = sampling_options(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-                              frequency_penalty, seed, stop)
+    knobs = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                 repetition_penalty=repetition_penalty)
+    rest = (presence_penalty, frequency_penalty, seed, stop)
+    sampling_options(knobs, CHAT_DEFAULTS, None, *rest)  # bad values fail before the model loads
     history = ChatSession.read_history(load_from) if load_from else []
     llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory, batch_invariant)
+    params = sampling_options(knobs, CHAT_DEFAULTS, llm.generation_defaults, *rest)
     ChatSession(llm, params, history, system=system, save_to=save_to).run()
 
 

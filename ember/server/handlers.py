@@ -72,7 +72,7 @@ async def chat(srv: Server, req: ChatRequest, request: Request) -> Any:
     limit, nlp = req.limit(), req.num_logprobs()
     msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     prompt = srv.llm.encode_chat(msgs, **(req.chat_template_kwargs or {}))
-    params = [req.sampling(limit, nlp, i) for i in range(req.n)]
+    params = [req.sampling(limit, nlp, i, srv.llm.generation_defaults) for i in range(req.n)]
     rid, created = new_id("chatcmpl"), int(time.time())
     ids = await srv.start(rid, [prompt] * req.n, params)
     head = {"id": rid, "created": created, "model": srv.model_name}
@@ -154,7 +154,7 @@ async def completions(srv: Server, req: CompletionRequest, request: Request) -> 
                                                       "total_tokens": usage}}
     # choice index = prompt index * n + i, as OpenAI numbers them
     flat = [(k, i) for k in range(len(prompts)) for i in range(req.n)]
-    params = [req.sampling(req.max_tokens, req.logprobs, i) for _, i in flat]
+    params = [req.sampling(req.max_tokens, req.logprobs, i, srv.llm.generation_defaults) for _, i in flat]
     ids = await srv.start(rid, [prompts[k] for k, _ in flat], params)
     if not req.stream:
         texts, lps, last = await _collect(srv, rid, ids, request)

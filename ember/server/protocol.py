@@ -67,16 +67,23 @@ class _Sampling(_Strict):
     repetition_penalty: float = Field(default=1.0, gt=0)
     ignore_eos: bool = False
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None, index: int) -> SamplingParams:
-        """The SamplingParams of choice `index` (with n > 1 and a seed, choice i uses seed + i)."""
+    def sampling(self, max_tokens: int | None, logprobs: int | None, index: int,
+                 model_defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """The SamplingParams of choice `index` (with n > 1 and a seed, choice i uses seed + i). A knob the
+        request leaves out takes the model's generation_config.json default, as transformers does."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > 4:
             raise APIError(400, f"stop: at most 4 sequences, got {len(stop)}", "stop")
+        knobs = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        for k in knobs:
+            if k not in self.model_fields_set and k in (model_defaults or {}):
+                knobs[k] = model_defaults[k]  # type: ignore[index]
+        if max_tokens is None:
+            max_tokens = (model_defaults or {}).get("max_tokens")
         return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + index,
-            max_tokens=max_tokens, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs)
+            **knobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            seed=None if self.seed is None else self.seed + index, max_tokens=max_tokens, stop=stop,
+            ignore_eos=self.ignore_eos, logprobs=logprobs)
 
     @property
     def include_usage(self) -> bool:

@@ -101,9 +101,18 @@ def test_logits_match_transformers(kind, tmp_path, tokenizer_files):
 
 def test_tokenizer_template_and_generation_config(tmp_path, tokenizer_files):
     _, path = make_dir("qwen2", tmp_path, tokenizer_files)
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    (path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [7, 9], "do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20,
+         "max_new_tokens": 5, "max_length": 20}))
     llm = ember.load(path, dtype="float32")
     assert {7, 9} <= llm.tokenizer.eos_token_ids
+    p = llm.default_params  # the model's defaults apply when no params are given, as in transformers
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (0.6, 0.9, 20, 5)
+    assert len(llm.generate([[5, 6, 7, 8]])[0].token_ids) <= 5
+    out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, ignore_eos=True))[0]  # explicit params win
+    assert len(out.token_ids) == 8
+    (path / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))  # no do_sample: greedy
+    assert ember.load(path, dtype="float32").default_params.temperature == 0.0
     ids = llm.encode_chat([{"role": "user", "content": "hi"}])
     assert llm.tokenizer.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
 
