@@ -47,12 +47,30 @@ class ModelConfig:
             self.rope_dim = self.head_dim
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device, quantized: bool = False) -> torch.dtype:
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, quantized: bool = False,
+                  checkpoint: torch.dtype | None = None) -> torch.dtype:
     """'auto': bf16 on accelerators, and on CPU for quantized checkpoints (the packed int4 kernel takes
-    bf16 activations); fp32 on CPU for full-precision weights."""
+    bf16 activations); fp32 on CPU for full-precision weights. A half-precision checkpoint (HF
+    `torch_dtype`) keeps its dtype on accelerators (bf16 only where supported), and runs in bf16 on a
+    CPU with fast bf16 (AVX512-BF16 / AMX), fp32 on other CPUs."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
+        if checkpoint in (torch.bfloat16, torch.float16) and not quantized:
+            if device.type == "cpu":
+                return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+            if checkpoint == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                return torch.float16
+            return checkpoint
         return torch.float32 if device.type == "cpu" and not quantized else torch.bfloat16
     if dtype not in _DTYPES:
         raise ParameterError(f"dtype={dtype!r} is invalid: use one of auto, {', '.join(_DTYPES)}")

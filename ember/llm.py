@@ -188,8 +188,8 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     t0 = time.perf_counter()
     path = resolve_model(model or DEFAULT_MODEL, quiet=quiet)
     dev = resolve_device(device)
-    cfg, tensors, tokenizer, quantized, gen_defaults = _open(Path(path))
-    dt = resolve_dtype(dtype, dev, quantized=quantized or spec is not None)
+    cfg, tensors, tokenizer, quantized, gen_defaults, ckpt_dtype = _open(Path(path))
+    dt = resolve_dtype(dtype, dev, quantized=quantized or spec is not None, checkpoint=ckpt_dtype)
     if spec is not None and quantized:
         warnings.warn(f"{Path(path).name} is already quantized: re-quantizing its dequantized weights to "
                       f"{spec.method} (the two rounding errors add up)", stacklevel=2)
@@ -207,9 +207,9 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
                time.perf_counter() - t0, spec.method if spec else None, gen_defaults)
 
 
-def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool, dict[str, Any]]:
+def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool, dict[str, Any], torch.dtype | None]:
     """A GGUF file or a Hugging Face model directory -> (config, named tensors, tokenizer, quantized?,
-    the model's sampling defaults)."""
+    the model's sampling defaults, the checkpoint's dtype when it states one)."""
     from ember.hub import ember_home
     from ember.weights.hf import HFCheckpoint, is_hf_dir
 
@@ -218,7 +218,8 @@ def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool, dict[str, Any]
         gen = _read_json(path / "generation_config.json")
         eos = gen.get("eos_token_id")
         extra = [eos] if isinstance(eos, int) else list(eos or [])
-        return ckpt.config(), ckpt.tensors(), Tokenizer.from_hf_dir(path, extra), False, generation_defaults(gen)
+        return (ckpt.config(), ckpt.tensors(), Tokenizer.from_hf_dir(path, extra), False, generation_defaults(gen),
+                ckpt.torch_dtype)
     if path.is_dir():
         raise ParameterError(f"{path} is a directory without config.json: give a Hugging Face model directory "
                              "or a .gguf file")
@@ -226,7 +227,7 @@ def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool, dict[str, Any]
 
     gguf = GGUFFile(path)
     tok = Tokenizer.from_gguf_metadata(gguf.metadata, cache_dir=ember_home() / "tokenizers")
-    return gguf.config(), gguf.tensors(), tok, gguf.is_quantized, {}
+    return gguf.config(), gguf.tensors(), tok, gguf.is_quantized, {}, None
 
 
 def generation_defaults(gen: dict[str, Any]) -> dict[str, Any]:

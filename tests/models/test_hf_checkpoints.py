@@ -128,3 +128,16 @@ def test_broken_directories_are_clear_errors(tmp_path, tokenizer_files):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFormatError, match="FancyNewForCausalLM"):
         ember.load(path)
+
+
+def test_auto_dtype_follows_a_half_precision_checkpoint(tmp_path, tokenizer_files):
+    from ember.config import cpu_has_fast_bf16
+
+    ref, path = make_dir("llama", tmp_path, tokenizer_files)
+    ref.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    llm = ember.load(path)
+    assert llm.dtype == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    assert ember.load(path, dtype="float32").dtype == torch.float32
+    with torch.no_grad():
+        want = ref.float()(torch.tensor([[5, 17, 200, 33]])).logits[0]
+    torch.testing.assert_close(llm.logits([5, 17, 200, 33]), want, atol=0.1, rtol=0.05)  # bf16 weights
