@@ -218,8 +218,8 @@ def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool, dict[str, Any]
         gen = _read_json(path / "generation_config.json")
         eos = gen.get("eos_token_id")
         extra = [eos] if isinstance(eos, int) else list(eos or [])
-        return (ckpt.config(), ckpt.tensors(), Tokenizer.from_hf_dir(path, extra), False, generation_defaults(gen),
-                ckpt.torch_dtype)
+        return (ckpt.config(), ckpt.tensors(), Tokenizer.from_hf_dir(path, extra), ckpt.quant is not None,
+                generation_defaults(gen), ckpt.torch_dtype)
     if path.is_dir():
         raise ParameterError(f"{path} is a directory without config.json: give a Hugging Face model directory "
                              "or a .gguf file")

@@ -24,6 +24,7 @@ from ember.weights.base import RawTensor
 NATIVE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
           "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3"}
 _KIND = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_QPARTS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ / AWQ linear as stored
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -55,9 +56,14 @@ class HFCheckpoint:
             raise ModelFormatError(
                 f"{self.path}: architecture {self.hf_arch!r} has no native ember model yet; native ones: "
                 f"{', '.join(NATIVE)}")
-        if self.hf.get("quantization_config"):
-            raise ModelFormatError(f"{self.path}: quantized HF checkpoints "
-                                   f"({self.hf['quantization_config'].get('quant_method')}) are not loaded yet")
+        q = self.hf.get("quantization_config")
+        self.quant: dict[str, Any] | None = dict(q) if q else None
+        if q and str(q.get("quant_method", "")).lower() not in ("gptq", "awq"):
+            raise ModelFormatError(f"{self.path}: {q.get('quant_method')!r} checkpoints are not read; ember reads "
+                                   "GPTQ and AWQ (4-bit) directories, or quantizes full-precision ones on load "
+                                   "(--quantize nf4 | fp4 | int8)")
+        if q and self.arch == "phi3":
+            raise ModelFormatError(f"{self.path}: quantized Phi-3 (fused qkv / gate_up) is not read yet")
         self.files = self._weight_files()
         self._config: ModelConfig | None = None
 
@@ -156,11 +162,24 @@ class HFCheckpoint:
         raise ModelFormatError(f"{self.path}: no model.safetensors, sharded index or pytorch_model.bin found")
 
     def tensors(self) -> Iterator[tuple[str, RawTensor]]:
-        """(ember name, RawTensor): HF names without their `model.` prefix; the head keeps its name."""
+        """(ember name, RawTensor): HF names without their `model.` prefix; the head keeps its name. A GPTQ
+        or AWQ linear's qweight / qzeros / scales / g_idx become one packed tensor named `<linear>.weight`."""
+        from ember.quant.gptq import gptq_tensor_from
+
+        expected = self._quant_parts() if self.quant else {}
+        pending: dict[str, dict[str, torch.Tensor]] = {}
         for f in self.files:
             for name, t in self._read(f):
                 ember_name = name.removeprefix("model.")
                 if "rotary_emb" in ember_name:
+                    continue
+                prefix, _, leaf = ember_name.rpartition(".")
+                if prefix in expected and leaf in _QPARTS:
+                    parts = pending.setdefault(prefix, {})
+                    parts[f"{prefix}.{leaf}"] = t
+                    if len(parts) == expected[prefix]:  # every part of this linear has been read
+                        del pending[prefix]
+                        yield f"{prefix}.weight", gptq_tensor_from(prefix, parts, self.quant)  # type: ignore[misc]
                     continue
                 if self.arch == "phi3" and ember_name.endswith(("qkv_proj.weight", "gate_up_proj.weight")):
                     yield from self._split(ember_name, t)  # fused in the file: ember fuses its own shards
@@ -172,6 +191,26 @@ class HFCheckpoint:
                 if self.arch == "gemma3" and ember_name.endswith("norm.weight"):
                     dequant = _plus_one(dequant)  # Gemma's RMSNorm scales by 1 + w; ember's by w (as GGUF stores)
                 yield ember_name, RawTensor(ember_name, _KIND[t.dtype], tuple(t.shape), arr, dequant)
+        if pending:
+            raise ModelFormatError(f"{self.path}: quantized weights without all their parts: {sorted(pending)[:3]}")
+
+    def _quant_parts(self) -> dict[str, int]:
+        """Linear prefix -> how many of qweight / qzeros / scales / g_idx the files hold for it."""
+        counts: dict[str, int] = {}
+        for f in self.files:
+            for name in self._keys(f):
+                prefix, _, leaf = name.removeprefix("model.").rpartition(".")
+                if leaf in _QPARTS:
+                    counts[prefix] = counts.get(prefix, 0) + 1
+        return {p: n for p, n in counts.items() if n >= 3}  # qweight, qzeros, scales (+ g_idx)
+
+    def _keys(self, f: Path) -> list[str]:
+        if f.suffix == ".bin":
+            return list(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as sf:
+            return list(sf.keys())
 
     def _split(self, name: str, t: torch.Tensor) -> Iterator[tuple[str, RawTensor]]:
         """Phi-3's fused qkv_proj / gate_up_proj -> the q/k/v and gate/up shards ember's loader fuses."""

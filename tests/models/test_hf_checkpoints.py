@@ -141,3 +141,46 @@ def test_auto_dtype_follows_a_half_precision_checkpoint(tmp_path, tokenizer_file
     with torch.no_grad():
         want = ref.float()(torch.tensor([[5, 17, 200, 33]])).logits[0]
     torch.testing.assert_close(llm.logits([5, 17, 200, 33]), want, atol=0.1, rtol=0.05)  # bf16 weights
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_gptq_and_awq_directories(fmt, tmp_path, tokenizer_files):
+    """Every linear stored as a 4-bit GPTQ / AWQ checkpoint stores it (RTN, group 32); the reference is
+    transformers with the exact dequantized weights."""
+    from safetensors.torch import save_file
+
+    from tests.unit.test_gptq_awq import AWQ_PACK, _pack, _rtn
+
+    ref, path = make_dir("llama", tmp_path, tokenizer_files)
+    state, out = ref.state_dict(), {}
+    for name, w in state.items():
+        if not name.endswith("_proj.weight"):
+            out[name] = w.contiguous()
+            continue
+        g_idx = torch.arange(w.shape[1]) // 32
+        q, z, s, w_ref = _rtn(w, g_idx, sym=False, zmin=1 if fmt == "gptq" else 0)
+        state[name].copy_(w_ref)  # the reference model runs the exact dequantized weights
+        p = name.removesuffix(".weight")
+        if fmt == "gptq":
+            out |= {f"{p}.qweight": _pack(q, 0, list(range(8))), f"{p}.qzeros": _pack(z - 1, 1, list(range(8))),
+                    f"{p}.scales": s, f"{p}.g_idx": g_idx.to(torch.int32)}
+        else:
+            out |= {f"{p}.qweight": _pack(q, 1, AWQ_PACK), f"{p}.qzeros": _pack(z, 1, AWQ_PACK), f"{p}.scales": s}
+    for f in path.glob("model*.safetensors*"):
+        f.unlink()
+    save_file(out, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = ({"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False,
+                                   "sym": False, "checkpoint_format": "gptq"} if fmt == "gptq" else
+                                  {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm",
+                                   "zero_point": True})
+    (path / "config.json").write_text(json.dumps(cfg))
+    llm = ember.load(path)
+    assert llm.dtype == torch.bfloat16
+    methods = {type(m.method).__name__ for m in llm.engine.model.modules() if hasattr(m, "method") and
+               m is not llm.engine.model.lm_head}
+    assert "GPTQMethod" in methods or not __import__("ember.quant.int4", fromlist=["x"]).kernel_available()
+    ids = [5, 17, 200, 33, 90, 12]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(llm.logits(ids), want, atol=0.15, rtol=0.05)  # bf16 activations
