@@ -42,9 +42,19 @@ def prompt_ids(model: Path, n: int) -> list[int]:
     from ember.tokenizer import Tokenizer
     from ember.weights.gguf_header import read_gguf_metadata
 
-    tok = Tokenizer.from_gguf_metadata(read_gguf_metadata(model))
+    if model.is_dir():  # a Hugging Face model directory
+        tok = Tokenizer.from_hf_dir(model)
+    else:
+        tok = Tokenizer.from_gguf_metadata(read_gguf_metadata(model))
     ids = tok.encode(TEXT * (1 + n // 20))
     return ids[:n]
+
+
+def weight_bytes(model: Path) -> int:
+    """The size of the weights on disk (a GGUF file, or a directory's weight files)."""
+    if model.is_dir():
+        return sum(f.stat().st_size for f in model.iterdir() if f.suffix in (".safetensors", ".bin"))
+    return model.stat().st_size
 
 
 # ---- workers (run in a subprocess each) -------------------------------------------------------------
@@ -85,8 +95,11 @@ def _transformers(model: Path, ids: list[int], gen: int, trials: int) -> Result:
     import transformers
 
     t0 = time.perf_counter()
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(model.parent), gguf_file=model.name,
-                                                          dtype=torch.float32).eval()
+    if model.is_dir():
+        m = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    else:
+        m = transformers.AutoModelForCausalLM.from_pretrained(str(model.parent), gguf_file=model.name,
+                                                              dtype=torch.float32).eval()
     load = time.perf_counter() - t0
     x = torch.tensor([ids])
     prefill, decode = [], []
@@ -102,7 +115,7 @@ def _transformers(model: Path, ids: list[int], gen: int, trials: int) -> Result:
                 prefill.append(len(ids) / t_prefill)
                 decode.append((gen - 1) / max(t_gen - t_prefill, 1e-9))
     return Result("transformers", load, statistics.median(prefill), statistics.median(decode), _peak_rss_mb(),
-                  "fp32 (dequantized)")
+                  "fp32" if model.is_dir() else "fp32 (dequantized)")
 
 
 def _llama_cpp(model: Path, ids: list[int], gen: int, trials: int) -> Result:

@@ -244,6 +244,8 @@ def bench(
     if prompt_len < 1 or gen_len < 2 or trials < 1:
         raise EmberError("--prompt-len >= 1, --gen-len >= 2 and --trials >= 1 are needed")
     path = resolve_model(model or DEFAULT_MODEL)
+    if path.is_dir() and "llama.cpp" in peers:
+        raise EmberError("--vs llama.cpp needs a .gguf file; this model is a Hugging Face directory")
     n_threads = threads or os.cpu_count() or 1
     ids = b.prompt_ids(path, prompt_len)
     quant = quantize.value if quantize else None
@@ -271,7 +273,7 @@ def bench(
                                         quant if engine == "ember" else None, batch_invariant))
         except RuntimeError as e:
             raise EmberError(str(e)) from None
-    print(b.table(results, path.stat().st_size))
+    print(b.table(results, b.weight_bytes(path)))
 
 
 @app.command()

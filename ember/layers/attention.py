@@ -50,23 +50,25 @@ def qkv_attention(qkv: torch.Tensor, h: int, hkv: int, layer: int, ctx: ForwardC
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: ForwardContext,
-                    scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-    """q: [T, H, Dh], k/v: [T, Hkv, Dh] for the new tokens -> [T, H, Dh].
+                    scale: float, window: int | None = None, softcap: float | None = None,
+                    alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, H, Dh], k/v: [T, Hkv, Dh] for the new tokens (no rotary: ALiBi models) -> [T, H, Dh].
 
     window: sliding-window attention, a query at position p sees keys in (p - window, p].
     softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2 style).
-    """
+    alibi: per-head slopes [H]; scores get slope * key position (Bloom)."""
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
     kc.index_copy_(1, ctx.slot_mapping, k.transpose(0, 1))
     vc.index_copy_(1, ctx.slot_mapping, v.transpose(0, 1))
-    return attend(q, k, v, layer, ctx, scale, window, softcap)
+    return attend(q, k, v, layer, ctx, scale, window, softcap, alibi)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: ForwardContext, scale: float,
-           window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+           window: int | None = None, softcap: float | None = None, alibi: torch.Tensor | None = None
+           ) -> torch.Tensor:
     """Attention for the new tokens, whose k/v are already in the cache. q: [T, H, Dh], k/v: [T, Hkv, Dh]."""
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
-    kernel = ctx.decode_slots is not None and ops.decode_attention_ok(q, kc)
+    kernel = ctx.decode_slots is not None and alibi is None and ops.decode_attention_ok(q, kc)
     if kernel and ctx.decode_rows is None:
         return ops.decode_attention(q, kc, vc, ctx.decode_slots, ctx.decode_lens, scale, window, softcap)
     # a decoding sequence takes the decode kernel in mixed batches too, so its numbers never depend on
@@ -96,7 +98,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: F
         mask = None
         if s.q_len > 1 and not causal:  # decode (q_len 1) sees every gathered key
             mask = _mask(s.ctx_len - s.q_len, s.q_len, k0, s.ctx_len, window, q.device)
-        o = _attend(qs, ks, vs, mask, causal, scale, softcap)  # [H, n, Dh]
+        o = _attend(qs, ks, vs, mask, causal, scale, softcap, alibi, k0)  # [H, n, Dh]
         if out is not None:
             out[s.q_start : s.q_start + s.q_len] = o.transpose(0, 1)
         else:
@@ -116,17 +118,21 @@ def _mask(q0: int, n: int, k0: int, k1: int, window: int | None, device: torch.d
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-            scale: float, softcap: float | None) -> torch.Tensor:
-    """q: [H, n, Dh], k/v: [Hkv, m, Dh] -> [H, n, Dh]."""
+            scale: float, softcap: float | None, alibi: torch.Tensor | None = None, k0: int = 0) -> torch.Tensor:
+    """q: [H, n, Dh], k/v: [Hkv, m, Dh] (keys at positions k0 ..) -> [H, n, Dh]."""
     gqa = q.shape[0] != k.shape[0]
-    if softcap is None:
+    if softcap is None and alibi is None:
         return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=causal,
                                               scale=scale, enable_gqa=gqa)[0]
-    # SDPA has no soft-capping: explicit scores (Gemma 3 configs leave it off, so this path is rare)
+    # SDPA has no soft-capping or ALiBi: explicit scores (rare paths: Gemma 2-style caps, Bloom)
     rep = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # [H, m, Dh]
     s = (q @ k.transpose(1, 2)).float() * scale  # [H, n, m]
-    s = softcap * torch.tanh(s / softcap)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi is not None:  # slope * key position; a per-query shift, which softmax ignores, makes it relative
+        kpos = torch.arange(k0, k0 + k.shape[1], device=q.device, dtype=torch.float32)
+        s = s + alibi.float()[:, None, None] * kpos[None, None, :]
     if causal:
         mask = torch.ones(s.shape[1:], dtype=torch.bool, device=q.device).tril()
     if mask is not None:

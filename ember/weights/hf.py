@@ -22,7 +22,11 @@ from ember.weights.base import RawTensor
 
 # HF `architectures[0]` -> ember architecture with a native model file
 NATIVE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-          "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3"}
+          "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3",
+          "BloomForCausalLM": "bloom"}
+# Bloom's names -> ember's (the embedding and final norm are named as in every other model)
+_BLOOM_NAMES = (("transformer.word_embeddings_layernorm.", "embed_norm."), ("transformer.word_embeddings.", "embed_tokens."),
+                ("transformer.h.", "layers."), ("transformer.ln_f.", "norm."))
 _KIND = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _QPARTS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ / AWQ linear as stored
 
@@ -74,6 +78,8 @@ class HFCheckpoint:
         return self._config
 
     def _make_config(self) -> ModelConfig:
+        if self.arch == "bloom":
+            return self._bloom_config()
         c = self.hf
         heads = int(c["num_attention_heads"])
         head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
@@ -116,6 +122,17 @@ class HFCheckpoint:
             tie_word_embeddings=bool(c.get("tie_word_embeddings", self.arch == "gemma3")),
             attention_bias=bool(c.get("attention_bias", self.arch == "qwen2")),
             extra=self._gemma3_extra() if self.arch == "gemma3" else {"qk_norm": self.arch == "qwen3"},
+        )
+
+    def _bloom_config(self) -> ModelConfig:
+        c = self.hf
+        d, heads = int(c.get("hidden_size") or c["n_embed"]), int(c.get("n_head") or c["num_attention_heads"])
+        return ModelConfig(
+            architecture="bloom", vocab_size=int(c["vocab_size"]), hidden_size=d, intermediate_size=4 * d,
+            num_layers=int(c.get("n_layer") or c["num_hidden_layers"]), num_heads=heads, num_kv_heads=heads,
+            head_dim=d // heads, max_position_embeddings=int(c.get("seq_length") or 2048),  # ALiBi: no table
+            rms_norm_eps=float(c.get("layer_norm_epsilon", 1e-5)), tie_word_embeddings=True, attention_bias=True,
+            extra={"apply_residual_connection_post_layernorm": bool(c.get("apply_residual_connection_post_layernorm"))},
         )
 
     def _gemma3_extra(self) -> dict[str, Any]:
@@ -173,6 +190,9 @@ class HFCheckpoint:
                 ember_name = name.removeprefix("model.")
                 if "rotary_emb" in ember_name:
                     continue
+                if self.arch == "bloom":
+                    ember_name = next((ember_name.replace(a, b, 1) for a, b in _BLOOM_NAMES if ember_name.startswith(a)),
+                                      ember_name)
                 prefix, _, leaf = ember_name.rpartition(".")
                 if prefix in expected and leaf in _QPARTS:
                     parts = pending.setdefault(prefix, {})
@@ -190,7 +210,12 @@ class HFCheckpoint:
                 dequant = _to_f32(t.dtype)
                 if self.arch == "gemma3" and ember_name.endswith("norm.weight"):
                     dequant = _plus_one(dequant)  # Gemma's RMSNorm scales by 1 + w; ember's by w (as GGUF stores)
-                yield ember_name, RawTensor(ember_name, _KIND[t.dtype], tuple(t.shape), arr, dequant)
+                raw = RawTensor(ember_name, _KIND[t.dtype], tuple(t.shape), arr, dequant)
+                if self.arch == "bloom" and ".query_key_value." in ember_name:
+                    c = self.config()  # rows per head [q, k, v] -> [q heads; k heads; v heads]
+                    perm = np.arange(3 * c.hidden_size).reshape(c.num_heads, 3, c.head_dim).transpose(1, 0, 2)
+                    raw = raw.permute_rows(perm.reshape(-1))
+                yield ember_name, raw
         if pending:
             raise ModelFormatError(f"{self.path}: quantized weights without all their parts: {sorted(pending)[:3]}")
 

@@ -31,6 +31,7 @@ CONFIGS = {
     "qwen3": (transformers.Qwen3Config, dict(head_dim=32, tie_word_embeddings=False)),
     "phi3": (transformers.Phi3Config, dict(original_max_position_embeddings=256, pad_token_id=0,
                                             tie_word_embeddings=False)),
+    "bloom": (transformers.BloomConfig, dict(n_layer=2, n_head=4)),
     "gemma3": (transformers.Gemma3TextConfig, dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
                layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0)),
 }
@@ -51,11 +52,14 @@ def tokenizer_files(tmp_path_factory):
 def make_dir(kind: str, tmp_path, tokenizer_files, shards: bool = False):
     cls, extra = CONFIGS[kind]
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cls(**COMMON, **extra)).eval()
+    common = dict(vocab_size=320, hidden_size=64) if kind == "bloom" else COMMON
+    model = transformers.AutoModelForCausalLM.from_config(cls(**common, **extra)).eval()
     with torch.no_grad():  # random norm weights, so a norm loaded wrongly shows
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name and name.endswith("weight"):
                 p.uniform_(0.5, 1.5)
+            elif "norm" in name or name.endswith("bias"):
+                p.uniform_(-0.2, 0.2)
     out = tmp_path / kind
     model.save_pretrained(out, safe_serialization=True, max_shard_size="100KB" if shards else "2GB")
     for f in ("tokenizer.json", "tokenizer_config.json"):
