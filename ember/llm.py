@@ -197,7 +197,17 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
         kv_cache_memory = default_kv_bytes(dev)
     engine_cfg = EngineConfig(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
                               prefix_caching=prefix_caching, batch_invariant=batch_invariant)
-    net = build_model(cfg, tensors, dt, dev, spec)
+    if tensors is None:  # an architecture without a native model: transformers runs it
+        from ember.models.hf_fallback import load_fallback
+
+        if spec is not None:
+            raise ParameterError("quantize= needs a native ember model; this one runs through transformers")
+        net, cfg = load_fallback(Path(path), cfg, dt, dev)
+        # ember's paged cache goes unused (block bookkeeping only), and so does prefix reuse
+        engine_cfg.kv_cache_memory = min(kv_cache_memory, 64 << 20)
+        engine_cfg.prefix_caching = False
+    else:
+        net = build_model(cfg, tensors, dt, dev, spec)
     if not batch_invariant:
         set_batch_invariant(net, False)
     kv = KVCache(cfg, engine_cfg.kv_cache_memory, engine_cfg.block_size, dt, dev,  # type: ignore[arg-type]
@@ -218,8 +228,11 @@ def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool, dict[str, Any]
         gen = _read_json(path / "generation_config.json")
         eos = gen.get("eos_token_id")
         extra = [eos] if isinstance(eos, int) else list(eos or [])
-        return (ckpt.config(), ckpt.tensors(), Tokenizer.from_hf_dir(path, extra), ckpt.quant is not None,
-                generation_defaults(gen), ckpt.torch_dtype)
+        tok = Tokenizer.from_hf_dir(path, extra)
+        if ckpt.arch is None:  # no native model: the transformers fallback builds it (tensors=None)
+            return ckpt.hf, None, tok, False, generation_defaults(gen), ckpt.torch_dtype
+        return (ckpt.config(), ckpt.tensors(), tok, ckpt.quant is not None, generation_defaults(gen),
+                ckpt.torch_dtype)
     if path.is_dir():
         raise ParameterError(f"{path} is a directory without config.json: give a Hugging Face model directory "
                              "or a .gguf file")

@@ -71,8 +71,14 @@ class Engine:
         if req is None:
             return None
         self.scheduler.finish(req, "abort")
+        self._release(request_id)
         self._detok.pop(request_id, None)
         return RequestOutput(request_id, "", [], True, "abort", Usage(req.num_prompt_tokens, req.num_output_tokens))
+
+    def _release(self, request_id: str) -> None:
+        release = getattr(self.model, "release", None)  # models that keep per-request state (the fallback)
+        if release is not None:
+            release(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -113,6 +119,7 @@ class Engine:
         usage = Usage(req.num_prompt_tokens, req.num_output_tokens, req.num_cached_tokens)
         if reason is not None:
             self.scheduler.finish(req, reason)
+            self._release(req.request_id)
             del self.requests[req.request_id], self._detok[req.request_id]
         return RequestOutput(req.request_id, text, [tok], reason is not None, reason, usage,
                              None if lp is None else [lp])

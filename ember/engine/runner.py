@@ -41,6 +41,7 @@ class ModelRunner:
             seqs=spans,
             k_cache=self.kv.k,
             v_cache=self.kv.v,
+            request_ids=[s.request.request_id for s in batch.seqs],
         )
         decoding = [sp for sp in spans if sp.q_len == 1 and sp.kv_slots is not None]
         if decoding:  # one padded slot table for the decode kernel

@@ -33,6 +33,7 @@ class ForwardContext:
     decode_slots: torch.Tensor | None = None  # [B, max ctx] int64
     decode_lens: torch.Tensor | None = None  # [B] int64
     decode_rows: torch.Tensor | None = None  # [B] their rows in the flat batch; None: every row decodes
+    request_ids: list[str] | None = None  # per sequence (models that keep per-request state: the fallback)
 
 
 def qkv_attention(qkv: torch.Tensor, h: int, hkv: int, layer: int, ctx: ForwardContext,

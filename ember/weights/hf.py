@@ -55,11 +55,7 @@ class HFCheckpoint:
             raise ModelFormatError(f"{self.path / 'config.json'} cannot be read: {e}") from None
         archs = self.hf.get("architectures") or []
         self.hf_arch = archs[0] if archs else self.hf.get("model_type", "?")
-        self.arch = NATIVE.get(self.hf_arch)
-        if self.arch is None:
-            raise ModelFormatError(
-                f"{self.path}: architecture {self.hf_arch!r} has no native ember model yet; native ones: "
-                f"{', '.join(NATIVE)}")
+        self.arch = NATIVE.get(self.hf_arch)  # None: not native, the transformers fallback may run it
         q = self.hf.get("quantization_config")
         self.quant: dict[str, Any] | None = dict(q) if q else None
         if q and str(q.get("quant_method", "")).lower() not in ("gptq", "awq"):

@@ -127,11 +127,12 @@ def test_broken_directories_are_clear_errors(tmp_path, tokenizer_files):
     shard.unlink()
     with pytest.raises(ModelFormatError, match="missing"):
         ember.load(path)
+    _, path = make_dir("qwen2", tmp_path, tokenizer_files)
     cfg = json.loads((path / "config.json").read_text())
-    cfg["architectures"] = ["FancyNewForCausalLM"]
+    cfg["architectures"], cfg["model_type"] = ["FancyNewForCausalLM"], "fancy_new"
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelFormatError, match="FancyNewForCausalLM"):
-        ember.load(path)
+    with pytest.warns(UserWarning), pytest.raises(ModelFormatError, match="cannot load FancyNewForCausalLM"):
+        ember.load(path)  # not native, and transformers does not know it either
 
 
 def test_auto_dtype_follows_a_half_precision_checkpoint(tmp_path, tokenizer_files):
@@ -188,3 +189,25 @@ def test_gptq_and_awq_directories(fmt, tmp_path, tokenizer_files):
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(llm.logits(ids), want, atol=0.15, rtol=0.05)  # bf16 activations
+
+
+def test_other_architectures_run_through_the_transformers_fallback(tmp_path, tokenizer_files):
+    """GPT-2 has no native ember model: it runs as a transformers model behind the same engine, batched."""
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4,
+                                                                n_positions=256)).eval()
+    path = tmp_path / "gpt2"
+    ref.save_pretrained(path, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (path / f).write_bytes((tokenizer_files / f).read_bytes())
+    with pytest.warns(UserWarning, match="through transformers"):
+        llm = ember.load(path)
+    assert llm.config.architecture == "transformers:GPT2LMHeadModel"
+    prompts = [[5, 17, 200, 33], [3, 3, 8, 250, 1, 64, 100]]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for p, out in zip(prompts, outs, strict=True):
+        want = ref.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, len(p):]
+        assert out.token_ids == want.tolist()
+    torch.testing.assert_close(llm.logits(prompts[1]), ref(torch.tensor([prompts[1]])).logits[0], atol=1e-4,
+                               rtol=1e-4)
+    assert not llm.engine.model.caches  # finished requests leave no transformers cache behind
