@@ -211,3 +211,28 @@ def test_other_architectures_run_through_the_transformers_fallback(tmp_path, tok
     torch.testing.assert_close(llm.logits(prompts[1]), ref(torch.tensor([prompts[1]])).logits[0], atol=1e-4,
                                rtol=1e-4)
     assert not llm.engine.model.caches  # finished requests leave no transformers cache behind
+
+
+def test_pickled_bin_weights_load_only_as_plain_tensors(tmp_path, tokenizer_files):
+    ref, path = make_dir("llama", tmp_path, tokenizer_files)
+    for f in path.glob("model*.safetensors*"):
+        f.unlink()
+    torch.save(ref.state_dict(), path / "pytorch_model.bin")
+    with pytest.warns(UserWarning, match="weights_only"):
+        llm = ember.load(path, dtype="float32")
+    ids = [5, 17, 200, 33]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(llm.logits(ids), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+def test_cuda_logits_match_transformers(tmp_path, tokenizer_files):
+    ref, path = make_dir("qwen2", tmp_path, tokenizer_files)
+    llm = ember.load(path, device="cuda", dtype="float32")
+    ids = [5, 17, 200, 33, 90, 12]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(llm.logits(ids).cpu(), want, atol=1e-3, rtol=1e-3)
+    out = llm.generate([ids, ids[:3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert [len(o.token_ids) for o in out] == [4, 4]

@@ -29,6 +29,7 @@ class Hub(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.repos = repos
         self.ranges: list[str] = []
+        self.auth: set[str | None] = set()  # Authorization headers seen
         self.cut: dict[str, int] = {}  # file -> bytes its first plain GET sends before the connection drops
         self.requests = 0
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -54,6 +55,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, head: bool) -> None:
         self.server.requests += 1
+        self.server.auth.add(self.headers.get("Authorization"))
         path = unquote(urlparse(self.path).path)
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
@@ -134,10 +136,12 @@ def test_pull_include_then_load_offline(hub_env, monkeypatch):
     gguf = write_tiny_gguf(hub_env / "tiny.gguf").read_bytes()
     hub = Hub({"org/tiny-GGUF": {"tiny.Q8_0.gguf": gguf, "tiny.F16.gguf": gguf[:100], "README.md": b"# tiny\n"}})
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     try:
         path = pull("org/tiny-GGUF", include=["*Q8_0.gguf"], quiet=True)
         assert path.name == "tiny.Q8_0.gguf" and path.read_bytes() == gguf
         assert not list(Path(path).parent.glob("*.F16.gguf"))  # --include kept the other file out
+        assert hub.auth == {"Bearer hf_test_token"}  # HF_TOKEN, read when pull is called
     finally:
         hub.shutdown()
         hub.server_close()
