@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -76,21 +77,25 @@ class LLM:
 
         `params` is one SamplingParams for all, or one per prompt (e.g. a seed each)."""
         batch = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
-        if params is None or isinstance(params, SamplingParams):
-            per = [params or self.default_params] * len(batch)
+        ids = [self.encode(p) for p in batch]
+        if params is None:
+            per = [self._defaults_for(i) for i in ids]
+        elif isinstance(params, SamplingParams):
+            per = [params] * len(batch)
         else:
             per = list(params)
             if len(per) != len(batch) or not all(isinstance(p, SamplingParams) for p in per):
                 raise ParameterError(f"params: give one SamplingParams, or one per prompt ({len(batch)}); "
                                      f"got {len(per)} items")
-        return self._run([self.encode(p) for p in batch], per)
+        return self._run(ids, per)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield RequestOutput deltas (text, token ids, logprobs) as they are generated.
 
         Leaving the loop early (break, exception, Ctrl-C) aborts the request and frees its cache.
         """
-        return self._stream_ids(self.encode(prompt), params or self.default_params)
+        ids = self.encode(prompt)
+        return self._stream_ids(ids, params or self._defaults_for(ids))
 
     def chat(self, messages: Messages, params: SamplingParams | None = None, *, stream: bool = False,
              chat_template: str | None = None, add_generation_prompt: bool = True, **template_kwargs: Any
@@ -98,10 +103,18 @@ class LLM:
         """Reply to a conversation rendered with the model's chat template (or `chat_template`)."""
         ids = self.encode_chat(messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                                **template_kwargs)
-        params = params or self.default_params
+        params = params or self._defaults_for(ids)
         if stream:
             return self._stream_ids(ids, params)
         return self._run([ids], [params])[0]
+
+    def _defaults_for(self, ids: list[int]) -> SamplingParams:
+        """The default params, with a max_tokens nobody asked for shrunk to the room the prompt leaves."""
+        room = self.engine.max_model_len - len(ids)
+        p = self.default_params
+        if p.max_tokens is not None and 0 < room < p.max_tokens:
+            p = dataclasses.replace(p, max_tokens=room)
+        return p
 
     def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[CompletionOutput]:
         ids: list[str] = []

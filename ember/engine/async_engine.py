@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
@@ -33,11 +34,21 @@ class AsyncEngine:
 
     # ---- caller side (any event loop) -------------------------------------------------------------
     async def add(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Queue a request; bad input (too long, bad ids, id in use) raises here. Then read `stream(id)`."""
-        loop = asyncio.get_running_loop()
+        """Queue a request; bad input (too long, bad ids, id in use) raises here. Then read `stream(id)`.
+        A caller cancelled while waiting leaves nothing running behind it."""
+        rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        queue_: asyncio.Queue = asyncio.Queue()
+        self._pending[rid] = queue_  # before the loop thread can push to it
         fut: Future = Future()
-        self._commands.put(("add", (prompt_token_ids, params, request_id, loop, asyncio.Queue()), fut))
-        return await asyncio.wrap_future(fut)
+        self._commands.put(("add", (prompt_token_ids, params, rid, asyncio.get_running_loop(), queue_), fut))
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            self.discard(rid)
+            raise
+        except BaseException:
+            self._pending.pop(rid, None)
+            raise
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
         """The outputs of an added request; leaving early (break, cancel, disconnect) aborts it."""
@@ -71,14 +82,22 @@ class AsyncEngine:
         return await asyncio.wrap_future(fut)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request from anywhere; it is gone (blocks freed) before the next engine step."""
-        self._pending.pop(request_id, None)
+        """Stop a request from anywhere; it is gone (blocks freed) before the next engine step. Its stream
+        (read now or later) ends with finish_reason "abort"."""
         self._commands.put(("abort", request_id, None))
 
+    def discard(self, request_id: str) -> None:
+        """Abort a request whose stream will never be read (its caller gave up before streaming)."""
+        self._pending.pop(request_id, None)
+        self.abort(request_id)
+
     def close(self) -> None:
+        """Stop the loop; callers still waiting get an error instead of hanging."""
         self._closed = True
         self._commands.put(("wake", None, None))
         self._thread.join(timeout=10)
+        for rid in list(self._streams):
+            self._push(rid, RuntimeError("the engine was shut down"), last=True)
 
     @property
     def num_running(self) -> int:
@@ -98,7 +117,10 @@ class AsyncEngine:
                     cmd = self._commands.get(block=block)
                 except queue.Empty:
                     break
-                self._handle(*cmd)
+                try:
+                    self._handle(*cmd)
+                except Exception:  # noqa: BLE001 - a command must never take the loop thread down
+                    pass
                 block = False
             if self._closed or not self.engine.has_unfinished():
                 continue
@@ -111,6 +133,8 @@ class AsyncEngine:
                 self._push(out.request_id, out, last=out.finished)
 
     def _handle(self, kind: str, arg: Any, fut: Future | None) -> None:
+        if fut is not None and not fut.set_running_or_notify_cancel():
+            return  # the caller was cancelled before we got here: nothing to do
         if kind == "add":
             prompt, params, rid, loop, stream = arg
             try:
@@ -119,8 +143,7 @@ class AsyncEngine:
                 fut.set_exception(e)  # type: ignore[union-attr]
                 return
             self._streams[rid] = (loop, stream)
-            loop.call_soon_threadsafe(self._pending.__setitem__, rid, stream)
-            loop.call_soon_threadsafe(fut.set_result, rid)  # after _pending has it  # type: ignore[union-attr]
+            fut.set_result(rid)  # type: ignore[union-attr]
         elif kind == "call":
             try:
                 fut.set_result(arg())  # type: ignore[union-attr]

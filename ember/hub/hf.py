@@ -10,6 +10,7 @@ to do.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import sys
@@ -51,17 +52,31 @@ def hf_pull(repo_id: str, include: list[str] | None = None, revision: str | None
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
     kw = dict(repo_id=repo_id, revision=revision, allow_patterns=include or None, cache_dir=_cache_dir(),
-              endpoint=_endpoint(), token=os.environ.get("HF_TOKEN") or None)
+              endpoint=_endpoint(), token=os.environ.get("HF_TOKEN") or None,
+              # originals in other formats (Meta's consolidated .pth) are never what ember loads
+              ignore_patterns=None if include else ["original/*", "*.pth", "*.pt"])
     if offline_first:
         cached = _cached_snapshot(repo_id, revision)
         if cached is not None:
-            return _model_in(cached, repo_id)
+            return _model_in(cached, repo_id, include)
     if not quiet:
         print(f"[ember] downloading {repo_id} from {kw['endpoint']}" + (f" ({', '.join(include)})" if include else ""),
               file=sys.stderr)
     else:
         disable_progress_bars()
     try:
+        if not include:  # a GGUF repo holds many quantizations: ask which one before fetching them all
+            from huggingface_hub import HfApi
+
+            try:
+                files = HfApi(endpoint=kw["endpoint"], token=kw["token"]).list_repo_files(repo_id, revision=revision)
+            except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError):
+                raise
+            except Exception:  # noqa: BLE001 - network trouble: snapshot_download falls back to the cache
+                files = []
+            ggufs = [f for f in files if f.endswith(".gguf")]
+            if "config.json" not in files and len(ggufs) > 1:
+                raise _several(repo_id, [Path(g) for g in ggufs])
         path = Path(snapshot_download(**kw, max_workers=8))
     except GatedRepoError:
         raise EmberError(f"{repo_id} is gated: accept its terms on the hub, then set HF_TOKEN") from None
@@ -76,7 +91,7 @@ def hf_pull(repo_id: str, include: list[str] | None = None, revision: str | None
     finally:
         if quiet:
             enable_progress_bars()
-    return _model_in(path, repo_id)
+    return _model_in(path, repo_id, include)
 
 
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
@@ -88,16 +103,23 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     return snap if snap is not None and snap.is_dir() and any(snap.iterdir()) else None
 
 
-def _model_in(snapshot: Path, repo_id: str) -> Path:
-    """A snapshot holding an HF model is that directory; one holding GGUF files is its single .gguf."""
+def _several(repo_id: str, ggufs: list[Path]) -> EmberError:
+    names = ", ".join(g.name for g in ggufs[:4])
+    return EmberError(f"{repo_id} holds several GGUF files ({names}{', ...' if len(ggufs) > 4 else ''}): pick one "
+                      f"with --include, e.g. ember pull {repo_id} --include '*Q4_K_M.gguf'")
+
+
+def _model_in(snapshot: Path, repo_id: str, include: list[str] | None = None) -> Path:
+    """A snapshot holding an HF model is that directory; one holding GGUF files is the single .gguf
+    (among those `include` matches, when earlier pulls left others beside it)."""
     if (snapshot / "config.json").is_file():
         return snapshot
     ggufs = sorted(snapshot.rglob("*.gguf"))
+    if include:
+        ggufs = [g for g in ggufs if any(fnmatch.fnmatch(str(g.relative_to(snapshot)), p) for p in include)]
     if len(ggufs) == 1:
         return ggufs[0]
     if ggufs:
-        names = ", ".join(g.name for g in ggufs[:4])
-        raise EmberError(f"{repo_id} holds several GGUF files ({names}{', ...' if len(ggufs) > 4 else ''}): pick one "
-                         f"with --include, e.g. ember pull {repo_id} --include '*Q4_K_M.gguf'")
+        raise _several(repo_id, ggufs)
     raise EmberError(f"{repo_id} has neither config.json nor a .gguf file in what was downloaded "
                      "(was --include too narrow?)")

@@ -50,23 +50,22 @@ class Server:
                 ids.append(await self.aeng.add(p, sp, f"{rid}-{i}"))
         except (ContextLengthError, ParameterError) as e:
             for r in ids:
-                self.aeng.abort(r)
+                self.aeng.discard(r)
             raise APIError(400, str(e), "messages" if rid.startswith("chatcmpl") else "prompt",
                            "context_length_exceeded" if isinstance(e, ContextLengthError) else "invalid_value") \
                 from None
         self.live[rid] = ids
         return ids
 
-    def finish(self, rid: str, outs: list[RequestOutput | None]) -> None:
-        """The response is over (or its client left before streaming began): no choice may run on."""
+    def finish(self, rid: str, outs: list[RequestOutput | None], prompt_tokens: int) -> None:
+        """The response is over (or its client left before streaming began): no choice may run on.
+        prompt_tokens: of every distinct prompt of the response (n choices share one)."""
         for r in self.live.pop(rid, []):
-            self.aeng.abort(r)  # a no-op for the finished ones
-        for out in outs:
-            if out is not None:
-                self.metrics.completion_tokens += out.usage.completion_tokens
-        if outs and outs[0] is not None:
-            self.metrics.prompt_tokens += outs[0].usage.prompt_tokens
-            self.metrics.cached_tokens += outs[0].usage.cached_tokens
+            self.aeng.discard(r)  # a no-op for the finished ones
+        done = [o for o in outs if o is not None]
+        self.metrics.completion_tokens += sum(o.usage.completion_tokens for o in done)
+        self.metrics.prompt_tokens += prompt_tokens
+        self.metrics.cached_tokens += max((o.usage.cached_tokens for o in done), default=0)
 
     async def merged(self, ids: list[str]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) of all choices as they come; leaving early aborts every choice."""

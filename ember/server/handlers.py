@@ -28,7 +28,7 @@ def _usage(outs: list[RequestOutput | None]) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def _collect(srv: Server, rid: str, ids: list[str], request: Request
+async def _collect(srv: Server, rid: str, ids: list[str], request: Request, prompt_tokens: int
                    ) -> tuple[list[str], list[list[TokenLogprobs]], list[RequestOutput | None]]:
     """Run every choice to the end (non-streaming), aborting all of them if the client goes away."""
     texts, lps = [""] * len(ids), [[] for _ in ids]
@@ -48,7 +48,7 @@ async def _collect(srv: Server, rid: str, ids: list[str], request: Request
             last[i] = out
     finally:
         watcher.cancel()
-        srv.finish(rid, last)
+        srv.finish(rid, last, prompt_tokens)
     return texts, lps, last
 
 
@@ -71,13 +71,20 @@ async def chat(srv: Server, req: ChatRequest, request: Request) -> Any:
 
     limit, nlp = req.limit(), req.num_logprobs()
     msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    prompt = srv.llm.encode_chat(msgs, **(req.chat_template_kwargs or {}))
+    kwargs = dict(req.chat_template_kwargs or {})
+    reserved = sorted(set(kwargs) & {"chat_template", "messages", "add_generation_prompt", "tokenize", "conversation"})
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {reserved[0]!r} (the server sets it)",
+                       "chat_template_kwargs")
+    prompt = srv.llm.encode_chat(msgs, **kwargs)
     params = [req.sampling(limit, nlp, i, srv.llm.generation_defaults) for i in range(req.n)]
+    for sp in params:
+        _fit_default(srv, sp, prompt, limit is not None)
     rid, created = new_id("chatcmpl"), int(time.time())
     ids = await srv.start(rid, [prompt] * req.n, params)
     head = {"id": rid, "created": created, "model": srv.model_name}
     if not req.stream:
-        texts, lps, last = await _collect(srv, rid, ids, request)
+        texts, lps, last = await _collect(srv, rid, ids, request, len(prompt))
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                     "logprobs": _chat_logprobs(srv, lps[i]) if nlp is not None else None,
                     "finish_reason": last[i].finish_reason if last[i] else "abort"} for i in range(req.n)]
@@ -103,46 +110,72 @@ async def chat(srv: Server, req: ChatRequest, request: Request) -> Any:
         if req.include_usage:
             yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(last)}
 
-    return sse(events(), lambda: srv.finish(rid, last))
+    return sse(events(), lambda: srv.finish(rid, last, len(prompt)))
 
 
 # ---- /v1/completions ------------------------------------------------------------------------------
-def _prompt_logprobs(srv: Server, ids: list[int], n: int) -> list[TokenLogprobs | None]:
+LP = tuple  # (token id, logprob or None for a prompt's first token, [(id, logprob), ...] best first)
+
+
+def _prompt_logprobs(srv: Server, ids: list[int], n: int) -> list[LP]:
     """Logprob of every prompt token given the ones before it (the first has none), with the top n."""
-    logp = torch.log_softmax(srv.llm.engine.runner.score(ids), dim=-1)  # [S, V]
-    out: list[TokenLogprobs | None] = [None]
+    try:
+        logp = torch.log_softmax(srv.llm.logits(ids), dim=-1)  # [S, V]; checks the length against the cache
+    except RuntimeError as e:  # every block is taken by running requests right now
+        raise APIError(503, f"cannot score the prompt now ({e}); retry", code="busy", kind="server_error") from None
+    out: list[LP] = [(ids[0], None, [])]
     for j in range(1, len(ids)):
         top = logp[j - 1].topk(n) if n else None
-        out.append(TokenLogprobs(ids[j], logp[j - 1, ids[j]].item(),
-                                 [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(),
-                                                                 strict=True))))
+        pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        out.append((ids[j], logp[j - 1, ids[j]].item(), pairs))
     return out
 
 
-def _completion_logprobs(srv: Server, lps: list[TokenLogprobs | None], offset: int) -> dict[str, Any]:
+def _as_lp(lps: list[TokenLogprobs]) -> list[LP]:
+    return [(x.token_id, x.logprob, x.top) for x in lps]
+
+
+def _completion_logprobs(srv: Server, lps: list[LP], offset: int) -> dict[str, Any]:
+    """OpenAI's legacy logprobs; text_offset counts characters of the returned text from `offset`."""
     tokens, token_lps, tops, offsets = [], [], [], []
-    for x in lps:
-        tid = x.token_id if x is not None else None
-        t = _token_text(srv, tid) if tid is not None else ""
+    for tid, lp, top in lps:
+        t = _token_text(srv, tid)
         tokens.append(t)
-        token_lps.append(None if x is None else x.logprob)
-        tops.append(None if x is None else {_token_text(srv, i): v for i, v in x.top})
+        token_lps.append(lp)
+        tops.append(None if lp is None else {_token_text(srv, i): v for i, v in top})
         offsets.append(offset)
         offset += len(t)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _check_prompt(srv: Server, ids: list[int]) -> None:
+    if not ids:
+        raise APIError(400, "prompt is empty: give at least one token of text", "prompt")
+    vocab = srv.llm.tokenizer.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "prompt")
+
+
+def _fit_default(srv: Server, sp: Any, prompt: list[int], user_set: bool) -> None:
+    """A max_tokens the model's generation_config chose (not the client) shrinks to the room left."""
+    if not user_set and sp.max_tokens is not None:
+        sp.max_tokens = max(1, min(sp.max_tokens, srv.llm.engine.max_model_len - len(prompt)))
 
 
 async def completions(srv: Server, req: CompletionRequest, request: Request) -> Any:
     from ember.server.app import new_id, sse
 
     prompts = [srv.llm.encode(p) for p in req.prompts()]
+    for p in prompts:
+        _check_prompt(srv, p)
     if req.max_tokens == 0 and not (req.echo and not req.stream):
         raise APIError(400, "max_tokens: 0 only makes sense with echo (scoring the prompt), not streamed",
                        "max_tokens")
     texts_in = [srv.llm.tokenizer.decode(p) for p in prompts]
     rid, created = new_id("cmpl"), int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name}
-    echo_lps: list[list[TokenLogprobs | None]] = [[None] * len(p) for p in prompts]
+    echo_lps: list[list[LP]] = [[] for _ in prompts]
     if req.echo and req.logprobs is not None:
         echo_lps = [await srv.aeng.call(lambda p=p: _prompt_logprobs(srv, p, req.logprobs)) for p in prompts]
     if req.max_tokens == 0:  # scoring only
@@ -157,13 +190,13 @@ async def completions(srv: Server, req: CompletionRequest, request: Request) -> 
     params = [req.sampling(req.max_tokens, req.logprobs, i, srv.llm.generation_defaults) for _, i in flat]
     ids = await srv.start(rid, [prompts[k] for k, _ in flat], params)
     if not req.stream:
-        texts, lps, last = await _collect(srv, rid, ids, request)
+        texts, lps, last = await _collect(srv, rid, ids, request, sum(map(len, prompts)))
         choices = []
         for c, (k, _) in enumerate(flat):
             prefix = texts_in[k] if req.echo else ""
             lp = None
             if req.logprobs is not None:
-                lp = _completion_logprobs(srv, (echo_lps[k] if req.echo else []) + lps[c], 0)
+                lp = _completion_logprobs(srv, (echo_lps[k] if req.echo else []) + _as_lp(lps[c]), 0)
             choices.append({"index": c, "text": prefix + texts[c], "logprobs": lp,
                             "finish_reason": last[c].finish_reason if last[c] else "abort"})
         usage = _usage(last)
@@ -178,12 +211,16 @@ async def completions(srv: Server, req: CompletionRequest, request: Request) -> 
             ev = {**head, "choices": [{"index": c, "text": text, "logprobs": lp, "finish_reason": finish}]}
             return {**ev, "usage": None} if req.include_usage else ev
 
+        offset = [0] * len(flat)  # characters of each choice's text sent so far (text_offset)
         if req.echo:
             for c, (k, _) in enumerate(flat):
-                yield chunk(c, texts_in[k])
+                lp = _completion_logprobs(srv, echo_lps[k], 0) if echo_lps[k] else None
+                yield chunk(c, texts_in[k], lp=lp)
+                offset[c] = len(texts_in[k])
         async for c, out in srv.merged(ids):
             last[c] = out
-            lp = _completion_logprobs(srv, out.logprobs or [], 0) if req.logprobs is not None else None
+            lp = _completion_logprobs(srv, _as_lp(out.logprobs or []), offset[c]) if req.logprobs is not None else None
+            offset[c] += len(out.text)
             if out.text or out.logprobs:
                 yield chunk(c, out.text, lp=lp)
             if out.finished:
@@ -194,4 +231,4 @@ async def completions(srv: Server, req: CompletionRequest, request: Request) -> 
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             yield {**head, "choices": [], "usage": usage}
 
-    return sse(events(), lambda: srv.finish(rid, last))
+    return sse(events(), lambda: srv.finish(rid, last, sum(map(len, prompts))))

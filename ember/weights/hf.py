@@ -62,8 +62,8 @@ class HFCheckpoint:
             raise ModelFormatError(f"{self.path}: {q.get('quant_method')!r} checkpoints are not read; ember reads "
                                    "GPTQ and AWQ (4-bit) directories, or quantizes full-precision ones on load "
                                    "(--quantize nf4 | fp4 | int8)")
-        if q and self.arch == "phi3":
-            raise ModelFormatError(f"{self.path}: quantized Phi-3 (fused qkv / gate_up) is not read yet")
+        if q and self.arch in ("phi3", "bloom"):
+            raise ModelFormatError(f"{self.path}: quantized {self.hf_arch} (fused qkv) is not read yet")
         self.files = self._weight_files()
         self._config: ModelConfig | None = None
 

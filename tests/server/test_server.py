@@ -239,3 +239,24 @@ def test_api_key_and_template_errors(tiny_path):
             ok.chat.completions.create(model="tiny", messages=MSGS)
     finally:
         s.stop()
+
+
+def test_prompt_checks_and_echo_logprobs_offsets(client, served):
+    for bad in ([5, -3], [5, 100000], []):
+        r = httpx.post(served.url + "/v1/completions", timeout=10,
+                       json={"model": "tiny", "prompt": bad, "max_tokens": 0, "echo": True, "logprobs": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    long = httpx.post(served.url + "/v1/completions", timeout=30,
+                      json={"model": "tiny", "prompt": list(range(1, 301)), "max_tokens": 0, "echo": True,
+                            "logprobs": 1})
+    assert long.status_code == 400 and "cannot score" in long.json()["error"]["message"]
+    r = client.completions.create(model="tiny", prompt="hello the", max_tokens=3, temperature=0, echo=True,
+                                  logprobs=1)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text  # every token, the prompt's first included
+    assert lp.token_logprobs[0] is None and lp.text_offset == sorted(lp.text_offset)
+    assert lp.text_offset[1:] == [lp.text_offset[i] + len(lp.tokens[i]) for i in range(len(lp.tokens) - 1)]
+    with pytest.raises(openai.BadRequestError, match="chat_template"):
+        client.chat.completions.create(model="tiny", messages=MSGS, extra_body={
+            "chat_template_kwargs": {"chat_template": "{{ 'mine' }}"}})
+    assert served.idle()

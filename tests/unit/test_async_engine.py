@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -90,5 +91,35 @@ def test_a_failing_step_fails_its_requests_not_the_loop(tiny_path, monkeypatch):
 
     try:
         assert len(asyncio.run(main())) == 4
+    finally:
+        aeng.close()
+
+
+def test_cancelled_callers_leave_the_loop_alive_and_nothing_running(tiny_path):
+    llm = ember.load(tiny_path, dtype="float32")
+    aeng = AsyncEngine(llm.engine)
+    start = llm.engine.kv.num_free_blocks
+
+    def slow():
+        time.sleep(0.3)
+        return 1
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(aeng.call(slow), 0.05)  # gives up while the loop thread runs it
+        for _ in range(5):  # callers that give up while their request is being added
+            task = asyncio.create_task(aeng.add([1, 2, 3], greedy(200)))
+            await asyncio.sleep(0)
+            task.cancel()
+        assert await aeng.call(lambda: 7) == 7  # the loop thread lives on
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not llm.engine.has_unfinished():
+                break
+
+    try:
+        asyncio.run(main())
+        assert not llm.engine.has_unfinished() and llm.engine.kv.num_free_blocks == start
+        assert not aeng._pending
     finally:
         aeng.close()

@@ -135,3 +135,11 @@ def test_block_pool_evicts_least_recent_and_keeps_counts():
     assert pool.num_free == 4 and len(pool.cached) == 2
     pool.allocate(3)  # two plain blocks first, then the least recently freed cached one (the tail, a[1])
     assert pool.match(keys) == [a[0]] and keys[1] not in pool.cached
+
+
+def test_a_default_max_tokens_shrinks_to_the_room_left(llm):
+    """No params given: the default max_tokens (256 here) fits the context instead of failing."""
+    out = llm.generate([list(range(1, 251))])[0]  # context 256
+    assert len(out.token_ids) <= 6 and out.finish_reason in ("stop", "length")
+    with pytest.raises(ContextLengthError):  # asked for explicitly: the user hears about it
+        llm.generate([list(range(1, 251))], SamplingParams(max_tokens=10))
