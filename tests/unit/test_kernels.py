@@ -81,10 +81,11 @@ def test_act_mul_matches_torch(monkeypatch, act):
     torch.testing.assert_close(fast.float(), slow.float(), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 20.0)])
-def test_decode_attention_matches_sdpa(window, softcap):
+@pytest.mark.parametrize("window,softcap,dh", [(None, None, 64), (5, None, 64), (None, 20.0, 64), (None, None, 48),
+                                               (5, None, 256)])  # dh % 32: bf16 dot products; 48: plain loops
+def test_decode_attention_matches_sdpa(window, softcap, dh):
     g = torch.Generator().manual_seed(3)
-    h, hkv, dh, slots_n = 8, 2, 64, 64
+    h, hkv, slots_n = 8, 2, 64
     kc = torch.randn(hkv, slots_n, dh, generator=g).to(BF)
     vc = torch.randn(hkv, slots_n, dh, generator=g).to(BF)
     tables = [torch.randperm(slots_n, generator=g)[:n] for n in (1, 9, 30)]  # scattered pages

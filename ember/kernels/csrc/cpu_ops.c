@@ -196,28 +196,57 @@ void ember_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t 
                 acc[r][e] = 0.f;
             }
         const int64_t *sl = slots + i * max_n;
-        for (int64_t j = 0; j < m; j++) {
-            const uint16_t *kr = kc + (g * s_slots + sl[j0 + j]) * dh;
-            float kf[256];
-            for (int64_t e = 0; e < dh; e++) kf[e] = bf2f(kr[e]);
-            for (int64_t r = 0; r < rep; r++) {
-                float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t e = 0; e < dh; e++) dot += qf[r][e] * kf[e];
-                dot *= scale;
-                if (softcap > 0.f) dot = softcap * tanhf(dot / softcap);
-                sc[r * m + j] = dot;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+        if (dh % 32 == 0) {  /* bf16 dot products straight from the cache rows, fp32 sums */
+            const uint16_t *qr = q + i * q_stride + g * rep * dh;
+            for (int64_t j = 0; j < m; j++) {
+                const uint16_t *kr = kc + (g * s_slots + sl[j0 + j]) * dh;
+                for (int64_t r = 0; r < rep; r++) {
+                    __m512 d = _mm512_setzero_ps();
+                    for (int64_t c = 0; c < dh; c += 32)
+                        d = _mm512_dpbf16_ps(d, (__m512bh)_mm512_loadu_si512((const void *)(qr + r * dh + c)),
+                                             (__m512bh)_mm512_loadu_si512((const void *)(kr + c)));
+                    float dot = _mm512_reduce_add_ps(d) * scale;
+                    if (softcap > 0.f) dot = softcap * tanhf(dot / softcap);
+                    sc[r * m + j] = dot;
+                }
             }
-        }
-        for (int64_t r = 0; r < rep; r++) softmax(sc + r * m, m);
-        for (int64_t j = 0; j < m; j++) {
-            const uint16_t *vr = vc + (g * s_slots + sl[j0 + j]) * dh;
-            float vf[256];
-            for (int64_t e = 0; e < dh; e++) vf[e] = bf2f(vr[e]);
-            for (int64_t r = 0; r < rep; r++) {
-                const float p = sc[r * m + j];
+            for (int64_t r = 0; r < rep; r++) softmax(sc + r * m, m);
+            for (int64_t j = 0; j < m; j++) {
+                const uint16_t *vr = vc + (g * s_slots + sl[j0 + j]) * dh;
+                for (int64_t c = 0; c < dh; c += 16) {
+                    const __m512 v = bf16x16(_mm256_loadu_si256((const __m256i *)(vr + c)));
+                    for (int64_t r = 0; r < rep; r++)
+                        _mm512_storeu_ps(&acc[r][c], _mm512_fmadd_ps(_mm512_set1_ps(sc[r * m + j]), v,
+                                                                     _mm512_loadu_ps(&acc[r][c])));
+                }
+            }
+        } else
+#endif
+        {
+            for (int64_t j = 0; j < m; j++) {
+                const uint16_t *kr = kc + (g * s_slots + sl[j0 + j]) * dh;
+                float kf[256];
+                for (int64_t e = 0; e < dh; e++) kf[e] = bf2f(kr[e]);
+                for (int64_t r = 0; r < rep; r++) {
+                    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t e = 0; e < dh; e++) dot += qf[r][e] * kf[e];
+                    dot *= scale;
+                    if (softcap > 0.f) dot = softcap * tanhf(dot / softcap);
+                    sc[r * m + j] = dot;
+                }
+            }
+            for (int64_t r = 0; r < rep; r++) softmax(sc + r * m, m);
+            for (int64_t j = 0; j < m; j++) {
+                const uint16_t *vr = vc + (g * s_slots + sl[j0 + j]) * dh;
+                float vf[256];
+                for (int64_t e = 0; e < dh; e++) vf[e] = bf2f(vr[e]);
+                for (int64_t r = 0; r < rep; r++) {
+                    const float p = sc[r * m + j];
 #pragma omp simd
-                for (int64_t e = 0; e < dh; e++) acc[r][e] += p * vf[e];
+                    for (int64_t e = 0; e < dh; e++) acc[r][e] += p * vf[e];
+                }
             }
         }
         for (int64_t r = 0; r < rep; r++)
