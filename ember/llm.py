@@ -234,11 +234,11 @@ def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool, dict[str, Any]
     """A GGUF file or a Hugging Face model directory -> (config, named tensors, tokenizer, quantized?,
     the model's sampling defaults, the checkpoint's dtype when it states one)."""
     from ember.hub import ember_home
-    from ember.weights.hf import HFCheckpoint, is_hf_dir
+    from ember.weights.hf import HFCheckpoint, is_hf_dir, read_json
 
     if is_hf_dir(path):
         ckpt = HFCheckpoint(path)
-        gen = _read_json(path / "generation_config.json")
+        gen = read_json(path / "generation_config.json", default={})
         eos = gen.get("eos_token_id")
         extra = [eos] if isinstance(eos, int) else list(eos or [])
         tok = Tokenizer.from_hf_dir(path, extra)
@@ -273,15 +273,6 @@ def generation_defaults(gen: dict[str, Any]) -> dict[str, Any]:
         if gen.get(key) is not None:
             out[key] = gen[key]
     return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise ParameterError(f"{path} cannot be read: {e}") from None
 
 
 def _quant_spec(quantize: str | None, double_quant: bool | None, compute_dtype: str | torch.dtype | None

@@ -94,8 +94,9 @@ class Tokenizer:
             raise ModelFormatError(f"{path}: tokenizer.json is missing (ember reads fast tokenizers; convert a "
                                    f"slow one with transformers: AutoTokenizer.from_pretrained(...).save_pretrained)")
         backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-        cfg_path = path / "tokenizer_config.json"
-        cfg: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        from ember.weights.hf import read_json
+
+        cfg = read_json(path / "tokenizer_config.json", default={})
 
         def special(key: str) -> int | None:
             tok = cfg.get(key)

@@ -31,6 +31,17 @@ _KIND = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _QPARTS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ / AWQ linear as stored
 
 
+def read_json(path: Path, default: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON file of a model directory; `default` when it is optional and absent. A broken file is a
+    ModelFormatError naming it (every JSON of a model directory is read through here)."""
+    if default is not None and not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{path} cannot be read: {e}") from None
+
+
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
@@ -49,10 +60,7 @@ def _plus_one(dequant):
 class HFCheckpoint:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        try:
-            self.hf = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ModelFormatError(f"{self.path / 'config.json'} cannot be read: {e}") from None
+        self.hf = read_json(self.path / "config.json")
         archs = self.hf.get("architectures") or []
         self.hf_arch = archs[0] if archs else self.hf.get("model_type", "?")
         self.arch = NATIVE.get(self.hf_arch)  # None: not native, the transformers fallback may run it
@@ -158,7 +166,7 @@ class HFCheckpoint:
     def _weight_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
             missing = [s for s in shards if not (self.path / s).is_file()]
             if missing:
                 raise ModelFormatError(f"{self.path}: shards {missing[:3]} named by the index are missing "

@@ -128,6 +128,11 @@ def test_broken_directories_are_clear_errors(tmp_path, tokenizer_files):
     with pytest.raises(ModelFormatError, match="missing"):
         ember.load(path)
     _, path = make_dir("qwen2", tmp_path, tokenizer_files)
+    good = (path / "tokenizer_config.json").read_text()
+    (path / "tokenizer_config.json").write_text("{ broken")
+    with pytest.raises(ModelFormatError, match="tokenizer_config.json cannot be read"):
+        ember.load(path)
+    (path / "tokenizer_config.json").write_text(good)
     cfg = json.loads((path / "config.json").read_text())
     cfg["architectures"], cfg["model_type"] = ["FancyNewForCausalLM"], "fancy_new"
     (path / "config.json").write_text(json.dumps(cfg))

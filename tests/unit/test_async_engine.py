@@ -23,6 +23,14 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
+@pytest.fixture
+def aeng(tiny_path):
+    """An AsyncEngine over a fresh tiny model; its loop thread is stopped afterwards."""
+    a = AsyncEngine(ember.load(tiny_path, dtype="float32").engine)
+    yield a
+    a.close()
+
+
 async def collect(aeng: AsyncEngine, prompt: list[int], params: SamplingParams) -> list[int]:
     return [t async for out in aeng.generate(prompt, params) for t in out.token_ids]
 
@@ -44,10 +52,9 @@ def test_concurrent_streams_match_the_offline_api(tiny_path):
         aeng.close()
 
 
-def test_errors_reach_the_caller_and_leaving_early_aborts(tiny_path):
-    llm = ember.load(tiny_path, dtype="float32")
-    aeng = AsyncEngine(llm.engine)
-    start = llm.engine.kv.num_free_blocks
+def test_errors_reach_the_caller_and_leaving_early_aborts(aeng):
+    eng = aeng.engine
+    start = eng.kv.num_free_blocks
 
     async def main():
         with pytest.raises(ParameterError, match="vocabulary"):
@@ -59,21 +66,16 @@ def test_errors_reach_the_caller_and_leaving_early_aborts(tiny_path):
                 break  # the generator's cleanup aborts the request
         for _ in range(100):
             await asyncio.sleep(0.02)
-            if not llm.engine.has_unfinished():
+            if not eng.has_unfinished():
                 break
         return n
 
-    try:
-        assert asyncio.run(main()) == 3
-        assert not llm.engine.has_unfinished() and llm.engine.kv.num_free_blocks == start
-    finally:
-        aeng.close()
+    assert asyncio.run(main()) == 3
+    assert not eng.has_unfinished() and eng.kv.num_free_blocks == start
 
 
-def test_a_failing_step_fails_its_requests_not_the_loop(tiny_path, monkeypatch):
-    llm = ember.load(tiny_path, dtype="float32")
-    aeng = AsyncEngine(llm.engine)
-    real = llm.engine.runner.run
+def test_a_failing_step_fails_its_requests_not_the_loop(aeng, monkeypatch):
+    real = aeng.engine.runner.run
     calls = {"n": 0}
 
     def flaky(batch):
@@ -82,23 +84,19 @@ def test_a_failing_step_fails_its_requests_not_the_loop(tiny_path, monkeypatch):
             raise RuntimeError("boom")
         return real(batch)
 
-    monkeypatch.setattr(llm.engine.runner, "run", flaky)
+    monkeypatch.setattr(aeng.engine.runner, "run", flaky)
 
     async def main():
         with pytest.raises(RuntimeError, match="boom"):
             await collect(aeng, [1, 2, 3], greedy(4))
         return await collect(aeng, [1, 2, 3], greedy(4))  # the loop lives on
 
-    try:
-        assert len(asyncio.run(main())) == 4
-    finally:
-        aeng.close()
+    assert len(asyncio.run(main())) == 4
 
 
-def test_cancelled_callers_leave_the_loop_alive_and_nothing_running(tiny_path):
-    llm = ember.load(tiny_path, dtype="float32")
-    aeng = AsyncEngine(llm.engine)
-    start = llm.engine.kv.num_free_blocks
+def test_cancelled_callers_leave_the_loop_alive_and_nothing_running(aeng):
+    eng = aeng.engine
+    start = eng.kv.num_free_blocks
 
     def slow():
         time.sleep(0.3)
@@ -114,12 +112,9 @@ def test_cancelled_callers_leave_the_loop_alive_and_nothing_running(tiny_path):
         assert await aeng.call(lambda: 7) == 7  # the loop thread lives on
         for _ in range(100):
             await asyncio.sleep(0.02)
-            if not llm.engine.has_unfinished():
+            if not eng.has_unfinished():
                 break
 
-    try:
-        asyncio.run(main())
-        assert not llm.engine.has_unfinished() and llm.engine.kv.num_free_blocks == start
-        assert not aeng._pending
-    finally:
-        aeng.close()
+    asyncio.run(main())
+    assert not eng.has_unfinished() and eng.kv.num_free_blocks == start
+    assert not aeng._pending
