@@ -68,7 +68,7 @@ def _ember(model: Path, ids: list[int], gen: int, trials: int) -> Result:
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # "already quantized": the driver's header already says ember re-quantizes
         warnings.simplefilter("ignore")
-        llm = ember.load(model, quantize=quantize, batch_invariant=_invariant())
+        llm = ember.load(model, quantize=quantize)
     load = time.perf_counter() - t0
     prefill, decode = [], []
     for i in range(trials + 1):  # the first run warms up
@@ -82,12 +82,9 @@ def _ember(model: Path, ids: list[int], gen: int, trials: int) -> Result:
             prefill.append(p)
             decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     return Result("ember", load, statistics.median(prefill), statistics.median(decode), _peak_rss_mb(),
-                  f"{llm.dtype}".removeprefix("torch.") + (f", {quantize} on load" if quantize else "")
-                  + ("" if _invariant() else ", not batch-invariant"))
+                  f"{llm.dtype}".removeprefix("torch.") + (f", {quantize} on load" if quantize else ""))
 
 
-def _invariant() -> bool:
-    return os.environ.get("EMBER_BENCH_INVARIANT", "1") == "1"
 
 
 def _transformers(model: Path, ids: list[int], gen: int, trials: int) -> Result:
@@ -164,7 +161,7 @@ def _ember_serving(model: Path, ids: list[int], gen: int, concurrency: int) -> S
     import ember
     from ember import SamplingParams
 
-    llm = ember.load(model, batch_invariant=_invariant())
+    llm = ember.load(model)
     eng = llm.engine
     params = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True)
     llm.generate([ids[1:] + ids[:1]] * 2, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
@@ -208,11 +205,11 @@ def available(engine: str) -> bool:
 
 
 def run_engine(engine: str, model: Path, ids: list[int], gen: int, trials: int, threads: int,
-               quantize: str | None = None, batch_invariant: bool = True) -> Result:
+               quantize: str | None = None) -> Result:
     """quantize: ember's on-load quantization (nf4, fp4, int8); peers always run the file as stored.
     engine "ember-serving": the concurrency benchmark, `trials` being the number of concurrent requests."""
     env = dict(os.environ, EMBER_BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               EMBER_BENCH_QUANTIZE=quantize or "", EMBER_BENCH_INVARIANT="1" if batch_invariant else "0")
+               EMBER_BENCH_QUANTIZE=quantize or "")
     cmd = [sys.executable, "-m", "ember.bench", engine, str(model), json.dumps(ids), str(gen), str(trials)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():

@@ -122,7 +122,6 @@ class EngineConfig:
     max_num_seqs: int = 64  # requests running at once
     max_num_batched_tokens: int = 512  # token budget per engine step (chunked prefill beyond it)
     prefix_caching: bool = True  # reuse the KV of full blocks shared with earlier requests
-    batch_invariant: bool = True  # a sequence's output never depends on its batch neighbours
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

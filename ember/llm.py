@@ -18,7 +18,6 @@ from ember.engine.kv_cache import KVCache
 from ember.engine.outputs import CompletionOutput, RequestOutput
 from ember.errors import ParameterError, TemplateError
 from ember.quant.base import QuantSpec
-from ember.quant.packed import set_batch_invariant
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import Tokenizer
 
@@ -183,16 +182,13 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
          chat_template: str | os.PathLike[str] | None = None, max_model_len: int | None = None,
          kv_cache_memory: int | None = None, quantize: str | None = None, double_quant: bool | None = None,
          compute_dtype: str | torch.dtype | None = None, prefix_caching: bool = True,
-         batch_invariant: bool = True, quiet: bool = True) -> LLM:
+         quiet: bool = True) -> LLM:
     """Load a model, ready to generate: an alias ('smollm2-135m', the default), a local .gguf file or a
     Hugging Face model directory.
 
     quantize: "nf4" / "fp4" (bitsandbytes 4-bit; `double_quant` defaults to True, `compute_dtype` to
     bf16 on CPU) or "int8" (per-channel weight-only) re-quantizes every linear but the output head.
     prefix_caching: requests (and chat turns) sharing a prefix reuse its KV cache instead of recomputing it.
-    batch_invariant: every sequence computes exactly as it would alone, whatever runs beside it (greedy
-    output of a batch equals single output). False lets single-stream decoding take a faster kernel on
-    CPUs with AMX (about 25 %), at the price of that guarantee.
     """
     from ember.hub import DEFAULT_MODEL, resolve_model
     from ember.models.loader import build_model
@@ -209,7 +205,7 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     if kv_cache_memory is None:
         kv_cache_memory = default_kv_bytes(dev)
     engine_cfg = EngineConfig(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-                              prefix_caching=prefix_caching, batch_invariant=batch_invariant)
+                              prefix_caching=prefix_caching)
     if tensors is None:  # an architecture without a native model: transformers runs it
         from ember.models.hf_fallback import load_fallback
 
@@ -221,8 +217,6 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
         engine_cfg.prefix_caching = False
     else:
         net = build_model(cfg, tensors, dt, dev, spec)
-    if not batch_invariant:
-        set_batch_invariant(net, False)
     kv = KVCache(cfg, engine_cfg.kv_cache_memory, engine_cfg.block_size, dt, dev,  # type: ignore[arg-type]
                  engine_cfg.prefix_caching)
     engine = Engine(net, tokenizer, cfg, engine_cfg, kv)

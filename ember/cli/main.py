@@ -37,11 +37,6 @@ KvOpt = Annotated[str | None, typer.Option(
     "--kv-cache-memory", help="Memory for the KV cache, e.g. 512MB or 2GiB (default: a fifth of the free RAM, "
     "at most 2 GiB; of the free GPU memory on a GPU).")]
 
-InvOpt = Annotated[bool, typer.Option(
-    "--batch-invariant/--no-batch-invariant", help="Compute every sequence exactly as it would run alone, "
-    "whatever shares its step (default). --no-batch-invariant: single-stream decoding ~25% faster on CPUs "
-    "with AMX, but outputs may then differ on near-ties between batched and single runs.")]
-
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -85,7 +80,7 @@ def sampling_options(knobs: dict[str, Any], fallback: dict[str, Any], model_defa
 
 
 def load_model(model: str | None, device: str, dtype: str, chat_template: str | None, max_model_len: int | None,
-               quantize: Quantize | None = None, kv_cache_memory: str | None = None, batch_invariant: bool = True):
+               quantize: Quantize | None = None, kv_cache_memory: str | None = None):
     import ember
 
     err = sys.stderr
@@ -93,7 +88,6 @@ def load_model(model: str | None, device: str, dtype: str, chat_template: str | 
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as notes:  # one line each, not Python's two-line format
         llm = ember.load(model, device=device, dtype=dtype, chat_template=chat_template, kv_cache_memory=kv_bytes,
-                         batch_invariant=batch_invariant,
                          max_model_len=max_model_len, quantize=quantize.value if quantize else None, quiet=False)
     for note in notes:
         print(f"[ember] warning: {note.message}", file=err)
@@ -131,7 +125,6 @@ def generate(
     max_model_len: CtxOpt = None,
     quantize: QuantOpt = None,
     kv_cache_memory: KvOpt = None,
-    batch_invariant: InvOpt = True,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Print token counts and speed to stderr.")] = True,
 ) -> None:
     """Stream a continuation of PROMPT to standard output."""
@@ -143,7 +136,7 @@ def generate(
                  repetition_penalty=repetition_penalty)
     rest = (presence_penalty, frequency_penalty, seed, stop, min_tokens, ignore_eos)
     sampling_options(knobs, GENERATE_DEFAULTS, None, *rest)  # bad values fail before the model loads
-    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory, batch_invariant)
+    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory)
     params = sampling_options(knobs, GENERATE_DEFAULTS, llm.generation_defaults, *rest)
     if chat:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -192,7 +185,6 @@ def chat_cmd(
     max_model_len: CtxOpt = None,
     quantize: QuantOpt = None,
     kv_cache_memory: KvOpt = None,
-    batch_invariant: InvOpt = True,
 ) -> None:
     """Chat with a model. Type `exit`, `quit`, `bye` or Ctrl-D to leave (the history is saved);
     Ctrl-C stops a reply while it streams."""
@@ -207,7 +199,7 @@ def chat_cmd(
     rest = (presence_penalty, frequency_penalty, seed, stop)
     sampling_options(knobs, CHAT_DEFAULTS, None, *rest)  # bad values fail before the model loads
     history = ChatSession.read_history(load_from) if load_from else []
-    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory, batch_invariant)
+    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory)
     params = sampling_options(knobs, CHAT_DEFAULTS, llm.generation_defaults, *rest)
     ChatSession(llm, params, history, system=system, save_to=save_to).run()
 
@@ -224,7 +216,6 @@ def bench(
     concurrency: Annotated[list[int] | None, typer.Option(
         "--concurrency", help="Serving benchmark instead: N requests at once (repeatable, e.g. 1 4 16 64); "
                               "aggregate tok/s, time to first token, inter-token latency.")] = None,
-    batch_invariant: InvOpt = True,
 ) -> None:
     """Measure load time, prefill and decode speed (batch 1), weights GB/s and peak RSS, beside peers.
 
@@ -259,8 +250,7 @@ def bench(
         for c in concurrency:
             print(f"[bench] {c} concurrent requests ...", file=sys.stderr)
             try:
-                serving.append(b.run_engine("ember-serving", path, ids, gen_len, c, n_threads,
-                                            batch_invariant=batch_invariant))
+                serving.append(b.run_engine("ember-serving", path, ids, gen_len, c, n_threads))
             except RuntimeError as e:
                 raise EmberError(str(e)) from None
         print(b.serving_table(serving))  # type: ignore[arg-type]
@@ -270,7 +260,7 @@ def bench(
         print(f"[bench] running {engine} ...", file=sys.stderr)
         try:
             results.append(b.run_engine(engine, path, ids, gen_len, trials, n_threads,
-                                        quant if engine == "ember" else None, batch_invariant))
+                                        quant if engine == "ember" else None))
         except RuntimeError as e:
             raise EmberError(str(e)) from None
     print(b.table(results, b.weight_bytes(path)))
@@ -292,7 +282,6 @@ def serve(
     max_model_len: CtxOpt = None,
     quantize: QuantOpt = None,
     kv_cache_memory: KvOpt = None,
-    batch_invariant: InvOpt = True,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /metrics, /health), batching all requests in one engine.
@@ -313,7 +302,7 @@ def serve(
             probe.bind((host, port))
         except OSError as e:
             raise EmberError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or --host") from None
-    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory, batch_invariant)
+    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory)
     name = served_model_name or (Path(model).stem if model and model.endswith(".gguf") else model or DEFAULT_MODEL)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"[ember] warning: listening on {host} without --api-key: anyone who can reach it can use it",

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "cpu_ops.c", CSRC / "qgemm.c", CSRC / "qgemm_amx.c"]  # with the headers beside them
+SOURCES = [CSRC / "cpu_ops.c", CSRC / "qtile.c", CSRC / "decode_step.c"]  # with the headers beside them
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
 
 _P = ctypes.c_void_p
@@ -33,10 +33,9 @@ SIGNATURES = {
     "ember_rope_store": [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _F, _P, _P, _I, _P],
     "ember_act_mul": [_P, _P, _I, _I, ctypes.c_int],
     "ember_decode_attention": [_P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _F, _P],
-    "ember_qgemm": [_P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P],
-    "ember_qgemm_amx": [_P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P],
-    "ember_qdequant": [_P, _P, _I, _P, _P, _I, _I, _I, _P],
-    "ember_qrows_f32": [_P, _P, _I, _P, _P, _P, _I, _I, _P],
+    "ember_qtile_matmul": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _I],
+    "ember_qtile_rows_f32": [_P, _I, _P, _P, _P, _I, _I, _P],
+    "ember_llama_decode": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P],
 }
 
 
@@ -82,6 +81,6 @@ def cpu_ops() -> ctypes.CDLL | None:
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    lib.ember_qgemm_available.restype = ctypes.c_int
-    lib.ember_amx_available.restype = ctypes.c_int
+    for name in ("ember_qtile_available", "ember_qtile_amx_built", "ember_amx_available"):
+        getattr(lib, name).restype = ctypes.c_int
     return lib

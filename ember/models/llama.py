@@ -13,6 +13,7 @@ from ember.layers.linear import QKV_GATE_UP, Linear
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import rope_cos_sin, rope_inv_freq
+from ember.models.decode_step import DecodeStep
 
 
 class LlamaAttention(nn.Module):
@@ -65,17 +66,21 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_freqs", torch.ones(cfg.rope_dim // 2), persistent=False)  # type: ignore[operator]
         self.inv_freq: torch.Tensor | None = None
         self.refiner: nn.Module | None = None  # set by the loader when the head is packed
+        self.decode_step: DecodeStep | None = None  # one C call per all-decode step, when the model qualifies
 
     def post_load(self) -> None:
         """Called once weights are in: derive the rotary frequencies (they may depend on a loaded tensor)."""
         c = self.config
         self.inv_freq = rope_inv_freq(c.rope_dim, c.rope_theta, c.rope_scaling, self.rope_freqs).to(
             self.rope_freqs.device)
+        self.decode_step = DecodeStep.build(self)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids: [T] flat tokens of all sequences -> hidden states [T, D]."""
         x = self.embed_tokens(input_ids)  # [T, D] fp32 residual stream
         rope = rope_cos_sin(ctx.positions, self.inv_freq, torch.float32)  # cos, sin: [T, rd/2]
+        if self.decode_step is not None and (out := self.decode_step(x, rope, ctx)) is not None:
+            return out
         delta = None
         for layer in self.layers:
             delta = layer(x, delta, rope, ctx)

@@ -68,10 +68,14 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
     if (cfg.tie_word_embeddings and isinstance(lm_head, Linear) and lm_head.method.name == "dense"
             and model.embed_tokens.weight.numel()):
         lm_head.weight = model.embed_tokens.weight  # share, don't hold a second dense copy
+    # the residual stream stays fp32; matmul inputs use the compute dtype, or fp32 where every linear is on
+    # ember's int8 kernel (it splits fp32 activations into ~16 bits itself: closer to fp32 than bf16 inputs)
+    body = [m for m in modules.values() if isinstance(m, Linear) and m is not lm_head]
+    norm_out = torch.float32 if body and all(isinstance(m.method, PackedBlocksMethod) for m in body) else dtype
     for m in modules.values():
         if isinstance(m, RMSNorm):
             m.weight.data = m.weight.data.to(device=device, dtype=torch.float32)  # norms stay fp32: cheap, exact
-            m.out_dtype = dtype  # the residual stream stays fp32; matmul inputs use the compute dtype
+            m.out_dtype = norm_out
     _attach_refiner(model, cfg, lm_head, embed_raw, head_raw)
     model.post_load()
     return model.eval()
@@ -85,8 +89,6 @@ def _attach_refiner(model: nn.Module, cfg: ModelConfig, lm_head: Linear | None, 
         return
     if isinstance(lm_head.method, PackedBlocksMethod):
         model.refiner = TopRefiner(partial(rows_f32, lm_head))
-        # its top candidates are recomputed exactly: any kernel may serve it
-        lm_head.batch_invariant, lm_head.refined_head = False, True
         return
     emb = model.embed_tokens
     if cfg.tie_word_embeddings and emb.codes is not None:

@@ -1,20 +1,20 @@
-"""GGUF block codes kept packed in ember's own layout and run by ember's kernels (kernels/csrc).
+"""GGUF block codes kept packed in ember's tile layout and run by ember's int8 kernel (kernels/csrc/qtile.c).
 
-Per block of 32 weights: 16 bytes of nibbles, one uint32 bit plane per code bit above 4, and fp16 scale
-and offset — 20 bytes for 4-bit codes, as Q4_1 itself. On CPUs with AMX every batch size runs one AMX
-kernel straight from the codes (its cost barely grows with the rows, and a row's result never depends
-on its batch neighbours). Without AMX: the AVX512-BF16 gemv up to 8 rows; beyond, the weight is decoded
-to bf16 a row chunk at a time for PyTorch's bf16 matmul.
+Rows go in tiles of 16; per (tile, block of 32) the 16 rows' codes sit in the operand order of the CPU's
+int8 dot-product instructions: 4-bit codes as nibbles (256 bytes, 16 bytes per row-block as Q4_1 itself),
+wider codes as bytes; fp16 scale and offset per row-block. Activations are split per block into two int8
+parts (~16 bits kept), so every block sum is an exact integer and one float epilogue follows: the gemv
+(few rows) and the AMX-INT8 kernel (many rows) give the same bits, so a sequence's output never depends on
+how many others share its step.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ember.kernels import cpu_ops
@@ -23,63 +23,81 @@ from ember.quant.gguf_blocks import GROUP, KIND_BITS, Canonical
 from ember.quant.int4 import INT4_KINDS, gguf_chunks
 from ember.weights.base import RawTensor
 
-MAX_GEMV_ROWS = 8  # the fused kernel keeps one accumulator per activation row
-MIN_AMX_ROWS = 4  # from here on the AMX kernel beats the gemv (SmolLM2's linears, 2 threads)
-DEQUANT_ROWS = 8192  # prefill decodes at most this many weight rows to bf16 at once
+TILE = 16  # weight rows per tile
+MAX_GEMV_ROWS = 4  # more activation rows take AMX where the CPU has it (same result, faster)
 
 
 def available() -> bool:
     lib = cpu_ops()
-    return lib is not None and bool(lib.ember_qgemm_available())
+    return lib is not None and bool(lib.ember_qtile_available())
 
 
 @functools.cache
 def amx_available() -> bool:
-    """AMX tiles (Sapphire Rapids and later) and the kernel built for them; asks Linux for the tile state."""
+    """AMX-INT8 tiles (Sapphire Rapids and later) and the kernel built for them; asks Linux for the tile state."""
     lib = cpu_ops()
-    return lib is not None and bool(lib.ember_amx_available()) and os.environ.get("EMBER_AMX", "1") != "0"
+    return (lib is not None and bool(lib.ember_qtile_amx_built()) and bool(lib.ember_amx_available())
+            and os.environ.get("EMBER_AMX", "1") != "0")
 
 
-def pack_blocks(c: Canonical, planes: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Canonical codes [N, K] -> nibbles [N, ceil(K/64), 32] u8, bit planes [N, K/32, planes] i32, s/o fp16 [N, K/32]."""
+def pack_tiles(c: Canonical, bits8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical codes [N, K] (N a multiple of 16, or the last rows zero-padded) -> codes
+    [N/16, K/32, 512 or 256] u8, scales and offsets fp16 [N/16, K/32, 16]."""
     n, k = c.q.shape
-    q = c.q.view(n, k // GROUP, GROUP)  # [N, B, 32]
-    if q.shape[1] % 2:  # an odd block count gets a phantom block of zero codes to complete its pair
-        q = torch.cat((q, torch.zeros(n, 1, GROUP, dtype=q.dtype)), dim=1)
-    pairs = q.view(n, -1, 2, GROUP)  # [N, B/2, 2, 32]
-    nib = (pairs[:, :, 0] & 15) | ((pairs[:, :, 1] & 15) << 4)  # byte j: code j of blocks 2i and 2i+1
-    q = q[:, : k // GROUP]
-    bits = None
-    if planes:  # bit 4+p of the 32 codes -> 4 little-endian bytes -> one uint32 (stored as int32)
-        byte_w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-        planes_u8 = [(((q >> (4 + p)) & 1).view(n, -1, 4, 8) * byte_w).sum(-1, dtype=torch.uint8)
-                     for p in range(planes)]  # [N, B, 4] each
-        bits = torch.stack(planes_u8, dim=2).contiguous().view(torch.int32).squeeze(-1)  # [N, B, planes]
-    return nib.contiguous(), bits, c.scale.to(torch.float16), c.offset.to(torch.float16)
+    pad = -n % TILE
+    q, s, o = c.q, c.scale, c.offset
+    if pad:  # missing rows of the last tile: zero codes, scale and offset
+        q = torch.cat((q, q.new_zeros(pad, k)))
+        s, o = torch.cat((s, s.new_zeros(pad, k // GROUP))), torch.cat((o, o.new_zeros(pad, k // GROUP)))
+    t, nb = (n + pad) // TILE, k // GROUP
+    u = q.view(t, TILE, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(t, nb, 8, TILE * 4)  # [T, B, group, row*4]
+    if not bits8:
+        u = u[:, :, 0::2] | (u[:, :, 1::2] << 4)  # chunk c: group 2c in low nibbles, 2c+1 in high
+    tiles = lambda v: v.to(torch.float16).view(t, TILE, nb).transpose(1, 2).contiguous()  # noqa: E731
+    return u.reshape(t, nb, -1).contiguous(), tiles(s), tiles(o)
 
 
-def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], planes: int, bias: torch.Tensor | None) -> None:
-    parts = [pack_blocks(c, planes) for c in chunks]
-    layer.nib = nn.Parameter(torch.cat([p[0] for p in parts]), requires_grad=False)
-    layer.bit_planes = None if not planes else nn.Parameter(torch.cat([p[1] for p in parts]), requires_grad=False)
-    layer.s16 = nn.Parameter(torch.cat([p[2] for p in parts]), requires_grad=False)
-    layer.o16 = nn.Parameter(torch.cat([p[3] for p in parts]), requires_grad=False)
-    layer.planes = planes
+def _whole_tiles(chunks: Iterable[Canonical]) -> Iterator[Canonical]:
+    """Re-cut row chunks so that each but the last holds whole tiles (chunks end anywhere: fused shards)."""
+    carry: Canonical | None = None
+    for c in chunks:
+        if carry is not None:
+            c = Canonical(torch.cat((carry.q, c.q)), torch.cat((carry.scale, c.scale)),
+                          torch.cat((carry.offset, c.offset)), max(carry.bits, c.bits))
+        cut = c.q.shape[0] // TILE * TILE
+        carry = Canonical(c.q[cut:], c.scale[cut:], c.offset[cut:], c.bits) if cut < c.q.shape[0] else None
+        if cut:
+            yield Canonical(c.q[:cut], c.scale[:cut], c.offset[:cut], c.bits)
+    if carry is not None:
+        yield carry
+
+
+def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], bits: int, bias: torch.Tensor | None) -> None:
+    """bits: the widest code among the layer's shards (4: nibbles; more: a byte per code)."""
+    parts, layer.n_out = [], 0
+    for c in _whole_tiles(chunks):  # one chunk's canonical codes at a time: bounded load memory
+        parts.append(pack_tiles(c, bits > 4))
+        layer.n_out += c.q.shape[0]
+    layer.codes = nn.Parameter(torch.cat([p[0] for p in parts]), requires_grad=False)
+    layer.s16 = nn.Parameter(torch.cat([p[1] for p in parts]), requires_grad=False)
+    layer.o16 = nn.Parameter(torch.cat([p[2] for p in parts]), requires_grad=False)
+    layer.bits8 = bits > 4
     layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
 
 
-def _args(layer: nn.Module) -> tuple:
-    bp = layer.bit_planes
-    return (layer.nib.data_ptr(), None if bp is None else bp.data_ptr(), layer.planes, layer.s16.data_ptr(),
-            layer.o16.data_ptr())
+def _w(layer: nn.Module) -> tuple:
+    return layer.codes.data_ptr(), int(layer.bits8), layer.s16.data_ptr(), layer.o16.data_ptr()
 
 
-def dequantize_rows(layer: nn.Module, r0: int, r1: int) -> torch.Tensor:
-    """Weight rows [r0, r1) as bf16 [r1 - r0, K]."""
-    k = layer.s16.shape[1] * GROUP
-    out = torch.empty(r1 - r0, k, dtype=torch.bfloat16)
-    cpu_ops().ember_qdequant(*_args(layer), r0, r1, k, out.data_ptr())  # type: ignore[union-attr]
-    return out
+def matmul(layer: nn.Module, x: torch.Tensor, n: int, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, K] bf16 or fp32 (contiguous) -> x @ W.T [M, N] in out_dtype (bf16 or fp32)."""
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=out_dtype)
+    f32 = out_dtype == torch.float32
+    cpu_ops().ember_qtile_matmul(*_w(layer), x.data_ptr(), int(x.dtype == torch.float32), m, n, k,  # type: ignore[union-attr]
+                                 y.data_ptr() if f32 else None, None if f32 else y.data_ptr(),
+                                 int(m > MAX_GEMV_ROWS and amx_available()))
+    return y
 
 
 def rows_f32(layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -87,50 +105,28 @@ def rows_f32(layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     ids = ids.to(torch.int64).contiguous()
     k = layer.s16.shape[1] * GROUP
     out = torch.empty(ids.shape[0], k)
-    cpu_ops().ember_qrows_f32(*_args(layer), ids.data_ptr(), ids.shape[0], k, out.data_ptr())  # type: ignore[union-attr]
+    cpu_ops().ember_qtile_rows_f32(*_w(layer), ids.data_ptr(), ids.shape[0], k, out.data_ptr())  # type: ignore[union-attr]
     return out
 
 
 class PackedBlocksMethod(QuantMethod):
-    """GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K on ember's kernel: 4-bit codes + bit planes per block."""
+    """GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K on ember's int8 tile kernel."""
 
     name = "packed"
 
     def pack(self, layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | None,
              dtype: torch.dtype, device: torch.device) -> None:
-        pack_chunks(layer, gguf_chunks(shards), max(KIND_BITS[s.kind] for s in shards) - 4, bias)
+        pack_chunks(layer, gguf_chunks(shards), max(KIND_BITS[s.kind] for s in shards), bias)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if x.dtype != torch.bfloat16 or not x.is_contiguous():
+        if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
             x = x.to(torch.bfloat16).contiguous()  # [T, K]
-        m, k = x.shape
-        n = layer.nib.shape[0]
-        # Where AMX exists every row takes it, whatever the batch: a row's result then never depends on
-        # its batch neighbours (batched output equals single output). A layer marked not batch-invariant
-        # (the refined head, whose top candidates are recomputed exactly; every layer when the user
-        # opts out) takes the faster gemv for a few rows.
-        if amx_available() and (m >= MIN_AMX_ROWS or getattr(layer, "batch_invariant", True)):
-            y = torch.empty(m, n, dtype=torch.bfloat16)
-            cpu_ops().ember_qgemm_amx(*_args(layer), x.data_ptr(), m, n, k, None, y.data_ptr())  # type: ignore[union-attr]
-        elif m <= MAX_GEMV_ROWS:
-            y = torch.empty(m, n, dtype=torch.bfloat16)
-            cpu_ops().ember_qgemm(*_args(layer), x.data_ptr(), m, n, k, None, y.data_ptr())  # type: ignore[union-attr]
-        else:
-            y = torch.cat([F.linear(x, dequantize_rows(layer, r, min(n, r + DEQUANT_ROWS)))
-                           for r in range(0, n, DEQUANT_ROWS)], dim=-1)
+        y = matmul(layer, x, layer.n_out)
         if layer.bias is not None:
             y = y + layer.bias
-        return y.view(*shape[:-1], n)
-
-
-def set_batch_invariant(model: nn.Module, on: bool) -> None:
-    """on=False: a few rows (single-stream decode) take the gemv, ~25 % faster on AMX machines, but a
-    sequence's numbers then depend on how many sequences share its step."""
-    for mod in model.modules():
-        if hasattr(mod, "nib") and not getattr(mod, "refined_head", False):
-            mod.batch_invariant = on
+        return y.view(*shape[:-1], layer.n_out)
 
 
 def packed_ok(shards: list[RawTensor], dtype: torch.dtype, device: torch.device) -> bool:

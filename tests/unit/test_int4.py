@@ -56,7 +56,7 @@ def test_bf16_scales_and_zeros_lose_no_more_than_bf16_weights(kind):
 
 
 def test_fused_linear_with_mixed_kinds_matches_dense(cpu_backend):
-    """q in Q4_K, k in Q5_0 and v in Q8_0: one fused matmul (ember's kernel: 4 bit planes for all three;
+    """q in Q4_K, k in Q5_0 and v in Q8_0: one fused matmul (ember's kernel: byte codes for all three;
     torch's int4 kernel: 2 planes)."""
     shards = [_raw("Q4_K", 64, 256, 1), _raw("Q5_0", 32, 256, 2), _raw("Q8_0", 32, 256, 3)]
     lin = Linear(256, [64, 32, 32], bias=True, shards=("q", "k", "v"))
@@ -66,7 +66,7 @@ def test_fused_linear_with_mixed_kinds_matches_dense(cpu_backend):
                                  lambda a: a.view(np.float32)), is_bias=True)
     lin.finalize(torch.bfloat16, torch.device("cpu"))
     if cpu_backend == "kernels":
-        assert isinstance(lin.method, PackedBlocksMethod) and lin.planes == 4
+        assert isinstance(lin.method, PackedBlocksMethod) and lin.bits8
     else:
         assert isinstance(lin.method, Int4Method) and lin.planes == 2
     w = torch.cat([s.dequantize() for s in shards])  # [128, 256] reference weights
@@ -94,7 +94,7 @@ def test_refiner_makes_the_top_candidates_exact(source):
         if not packed.available():
             pytest.skip("ember's kernels are not available here")
         layer = torch.nn.Module()
-        packed.pack_chunks(layer, [c], 4, None)
+        packed.pack_chunks(layer, [c], c.bits, None)
         rows = partial(packed.rows_f32, layer)
         ids = torch.tensor([299, 0, 17, 17])
         assert torch.equal(rows(ids), w[ids])  # bit for bit: Q8_0's q * s + o is exact in fp32
@@ -124,6 +124,6 @@ def test_row_chunked_packing_equals_one_shot(monkeypatch, cpu_backend):
     whole = build()
     monkeypatch.setattr(int4, "CHUNK_ROWS", 96)  # not a multiple of 64: exercises the carried rows
     chunked = build()
-    names = ("nib", "bit_planes", "s16", "o16") if cpu_backend == "kernels" else ("qweight", "scales_zeros")
+    names = ("codes", "s16", "o16") if cpu_backend == "kernels" else ("qweight", "scales_zeros")
     for name in names:
         assert torch.equal(getattr(whole, name), getattr(chunked, name)), name

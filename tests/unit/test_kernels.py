@@ -111,48 +111,55 @@ def _canonical(n: int, k: int, bits: int, seed: int) -> Canonical:
     return Canonical(q, scale, offset, bits)
 
 
-@pytest.mark.skipif(not packed.available(), reason="needs AVX512-BF16")
+@pytest.mark.skipif(not packed.available(), reason="needs AVX512-VNNI")
 @pytest.mark.parametrize("bits", [4, 5, 6, 8])
-@pytest.mark.parametrize("k", [576, 96])  # 18 blocks, and 3 (an odd count: a phantom pair half)
-def test_packed_blocks_matmul(bits, k):
+@pytest.mark.parametrize("k", [576, 96])
+def test_tile_matmul(bits, k):
+    """Against x @ W.T in float64 with a ragged last tile of weight rows (N = 70): the int8 split of the
+    activations keeps ~16 bits, so the fp32 result is close to exact; and reading rows back is exact."""
     c = _canonical(70, k, bits, bits)
     layer = nn.Module()
-    packed.pack_chunks(layer, [c], bits - 4, None)
+    packed.pack_chunks(layer, [c], bits, None)
     w = c.dequantize()  # [N, K] fp32 reference weights
-    # decoding back is exact: every code, scale and offset survives the packing
-    assert torch.equal(packed.dequantize_rows(layer, 0, 70), w.to(BF))
-    assert torch.equal(packed.dequantize_rows(layer, 20, 33), w[20:33].to(BF))
-    method = packed.PackedBlocksMethod()
-    for m in (1, 3, 8, 13, 40):  # gemv from the codes, AMX (codes / dequantized slab) or the bf16 matmul
-        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(BF)
-        ref = x.float() @ w.t()
-        y = method.apply(layer, x)
-        assert y.shape == (m, 70) and y.dtype == BF
-        torch.testing.assert_close(y.float(), ref, rtol=0, atol=8e-3 * ref.abs().max().item())
-    # fp32 output: the kernel itself is exact up to fp32 rounding (x is bf16 already)
-    y32 = torch.empty(1, 70)
-    x = torch.randn(1, k).to(BF)
-    cpu_ops().ember_qgemm(*packed._args(layer), x.data_ptr(), 1, 70, k, y32.data_ptr(), None)
-    torch.testing.assert_close(y32, x.float() @ w.t(), rtol=1e-4, atol=1e-4)
+    ids = torch.tensor([69, 0, 33, 16, 15])
+    assert torch.equal(packed.rows_f32(layer, ids), w[ids])  # every code, scale and offset survives packing
+    for m in (1, 3, 8, 13, 40):  # the gemv (<= 4 rows at a time) and, with AMX, the tile kernel
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        ref = x.double() @ w.double().t()
+        y = packed.matmul(layer, x, 70, torch.float32)
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-4 * ref.abs().max().item())
+        yb = packed.PackedBlocksMethod().apply(layer, x.to(BF))  # bf16 in and out, as the model runs it
+        assert yb.shape == (m, 70) and yb.dtype == BF
+        torch.testing.assert_close(yb.float(), x.to(BF).float() @ w.t(), rtol=0, atol=8e-3 * ref.abs().max().item())
 
 
-@pytest.mark.skipif(not packed.amx_available(), reason="needs AMX")
-@pytest.mark.parametrize("bits", [4, 5, 8])
-@pytest.mark.parametrize("m", [1, 5, 16, 17, 70])  # one tile of activation rows, and several with a ragged last
-def test_amx_matmul_fp32(bits, m):
-    """fp32 output: exact up to summation order, with a ragged last tile of weight rows (N = 50); and each
-    row's result does not depend on the other rows (batched output equals single output)."""
+@pytest.mark.skipif(not packed.available(), reason="needs AVX512-VNNI")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [5, 16, 17, 70])
+def test_batched_rows_equal_single_rows(bits, m, monkeypatch):
+    """Each row's result is the same bits whatever else is in the batch and whichever kernel runs it
+    (the gemv for a few rows, AMX-INT8 for many): batched output equals single output."""
     c = _canonical(50, 160, bits, bits + m)
     layer = nn.Module()
-    packed.pack_chunks(layer, [c], bits - 4, None)
+    packed.pack_chunks(layer, [c], bits, None)
     x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).to(BF)
-    y = torch.full((m, 50), float("nan"))
-    cpu_ops().ember_qgemm_amx(*packed._args(layer), x.data_ptr(), m, 50, 160, y.data_ptr(), None)
-    ref = x.double() @ c.dequantize().double().t()
-    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-    row = torch.empty(1, 50)
-    cpu_ops().ember_qgemm_amx(*packed._args(layer), x[m - 1 :].data_ptr(), 1, 50, 160, row.data_ptr(), None)
-    assert torch.equal(row[0], y[m - 1])
+    batched = packed.matmul(layer, x, 50, torch.float32)
+    for i in (0, m // 2, m - 1):
+        assert torch.equal(packed.matmul(layer, x[i : i + 1], 50, torch.float32)[0], batched[i])
+    monkeypatch.setattr(packed, "MAX_GEMV_ROWS", 1 << 30)  # every row on the gemv
+    assert torch.equal(packed.matmul(layer, x, 50, torch.float32), batched)
+
+
+def test_zero_activation_block():
+    """A block of zeros (max |x| = 0) must give 0, not NaN."""
+    if not packed.available():
+        pytest.skip("needs AVX512-VNNI")
+    c = _canonical(16, 64, 4, 1)
+    layer = nn.Module()
+    packed.pack_chunks(layer, [c], 4, None)
+    x = torch.zeros(1, 64)
+    x[0, 40] = 1.0
+    torch.testing.assert_close(packed.matmul(layer, x, 16, torch.float32)[0], c.dequantize()[:, 40])
 
 
 def test_no_compiler_falls_back(monkeypatch, torch_only):

@@ -1,0 +1,289 @@
+/* Block-quantized matmul on int8 dot products (AVX512-VNNI; AMX-INT8 for many rows).
+ *
+ * Weights: GGUF-style blocks of 32, w = s * u + o with unsigned codes u (4..8 bits) and fp16 s, o per block.
+ * They are stored in tiles of 16 rows: per (tile, block) the codes of the 16 rows in 8 groups of 4
+ * consecutive k, group g = 64 bytes [row][4] (the operand layout of vpdpbusd and of AMX's B tile):
+ *   8-bit codes: 512 bytes;  4-bit: 256 bytes, chunk c of 64 holds group 2c in its low nibbles, 2c+1 in high;
+ * and s, o as fp16 [tile][block][16 rows].
+ * Activations: per row and block, x ~ d (h + l / 256) with int8 h = round(x / d), d = max|x| / 127, and l the
+ * rounded remainder, so the code sums are exact integers with ~16 bits of the activation kept:
+ *   sum_i w_i x_i = s d/256 * (256 sum u h + sum u l) + o * sum x.
+ * Lanes are the 16 weight rows, so a block's scaling is one fmadd for 16 outputs, and every output
+ * element goes through exactly the same float operations whichever kernel (gemv or AMX) and batch
+ * size computes it: batched output equals single output, bit for bit. */
+#pragma GCC optimize("no-fast-math")  /* the float epilogue must not be re-associated differently per kernel */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
+#include <immintrin.h>
+
+int ember_qtile_available(void) { return 1; }
+
+typedef struct {
+    const uint8_t *codes;     /* [ntiles][nb][256 or 512] */
+    const uint16_t *s16, *o16; /* [ntiles][nb][16] */
+    int bits8;                /* 8-bit (512-byte) or 4-bit (256-byte) code blocks */
+    int64_t nb;
+} tiled_w;
+
+typedef struct {  /* quantized activations */
+    int8_t *h, *l;  /* [M, K] */
+    float *d, *xs;  /* [M, nb]: d / 256, sum of x per block */
+} qact;
+
+/* the 8 code groups of one (tile, block) as u8 vectors */
+static inline __attribute__((always_inline)) void load_codes(const tiled_w *w, int64_t t, int64_t b, __m512i *u) {
+    const int64_t at = t * w->nb + b;
+    if (w->bits8) {
+        const uint8_t *p = w->codes + at * 512;
+        for (int g = 0; g < 8; g++) u[g] = _mm512_loadu_si512((const void *)(p + g * 64));
+        return;
+    }
+    const uint8_t *p = w->codes + at * 256;
+    const __m512i lo = _mm512_set1_epi8(15);
+    for (int c = 0; c < 4; c++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(p + c * 64));
+        u[2 * c] = _mm512_and_si512(v, lo);
+        u[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo);
+    }
+}
+
+/* acc (16 weight rows) += s d/256 (256 H + L) + o X: the one float epilogue both kernels share */
+static inline __attribute__((always_inline)) __m512 epilogue(__m512 acc, __m512i hsum, __m512i lsum, __m512 sv,
+                                                             __m512 ov, float d, float xs) {
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hsum, 8), lsum));
+    acc = _mm512_fmadd_ps(f, _mm512_mul_ps(sv, _mm512_set1_ps(d)), acc);
+    return _mm512_fmadd_ps(ov, _mm512_set1_ps(xs), acc);
+}
+
+static inline void store_out(__m512 v, int64_t m, int64_t n, int64_t r0, float *y_f32, uint16_t *y_bf16) {
+    const int64_t rows = n - r0 < 16 ? n - r0 : 16;
+    const __mmask16 mk = (__mmask16)((1u << rows) - 1);
+    if (y_f32) {
+        _mm512_mask_storeu_ps(y_f32 + m * n + r0, mk, v);
+        return;
+    }
+    float tmp[16];
+    _mm512_storeu_ps(tmp, v);
+    for (int64_t i = 0; i < rows; i++) y_bf16[m * n + r0 + i] = f2bf(tmp[i]);
+}
+
+/* one tile of 16 weight rows against activation rows m0 .. m0 + MR (MR <= 4, constant per call site) */
+static inline __attribute__((always_inline)) void gemv_tile(const int MR, const tiled_w *w, const qact *a,
+                                                            int64_t t, int64_t m0, int64_t n, int64_t k,
+                                                            float *y_f32, uint16_t *y_bf16) {
+    __m512 acc[4];
+    for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < w->nb; b++) {
+        __m512i u[8];
+        load_codes(w, t, b, u);
+        const int64_t at = (t * w->nb + b) * 16;
+        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->s16 + at)));
+        const __m512 ov = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + at)));
+        for (int m = 0; m < MR; m++) {
+            const int32_t *h = (const int32_t *)(a->h + (m0 + m) * k + b * 32);
+            const int32_t *l = (const int32_t *)(a->l + (m0 + m) * k + b * 32);
+            __m512i hs = _mm512_setzero_si512(), ls = _mm512_setzero_si512();
+            for (int g = 0; g < 8; g++) {
+                hs = _mm512_dpbusd_epi32(hs, u[g], _mm512_set1_epi32(h[g]));
+                ls = _mm512_dpbusd_epi32(ls, u[g], _mm512_set1_epi32(l[g]));
+            }
+            acc[m] = epilogue(acc[m], hs, ls, sv, ov, a->d[(m0 + m) * w->nb + b], a->xs[(m0 + m) * w->nb + b]);
+        }
+    }
+    for (int m = 0; m < MR; m++) store_out(acc[m], m0 + m, n, t * 16, y_f32, y_bf16);
+}
+
+static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
+                 uint16_t *y_bf16) {
+    const int64_t ntiles = (n + 15) / 16;
+#pragma omp parallel for schedule(static) if (n * k > 65536)
+    for (int64_t t = 0; t < ntiles; t++)
+        for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
+            switch (m_rows - m0 < 4 ? m_rows - m0 : 4) {  /* constant MR per case: accumulators in registers */
+                case 1: gemv_tile(1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 2: gemv_tile(2, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 3: gemv_tile(3, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                default: gemv_tile(4, w, a, t, m0, n, k, y_f32, y_bf16); break;
+            }
+        }
+}
+
+/* x [M, K] (bf16 or fp32) -> h, l, d/256, block sums; rows padded with zeros up to m_pad */
+static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, int64_t k) {
+    const int64_t nb = k / 32;
+    qact a = {aligned_alloc(64, (size_t)(m_pad * k + 64)), aligned_alloc(64, (size_t)(m_pad * k + 64)),
+              aligned_alloc(64, (size_t)(m_pad * nb) * 4 + 64), aligned_alloc(64, (size_t)(m_pad * nb) * 4 + 64)};
+    memset(a.h + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
+    memset(a.l + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
+#pragma omp parallel for schedule(static) if (m_rows * k > 65536)
+    for (int64_t i = 0; i < m_rows * nb; i++) {
+        const int64_t m = i / nb, b = i % nb, at = m * k + b * 32;
+        __m512 v[2];
+        for (int j = 0; j < 2; j++)
+            v[j] = x_f32 ? _mm512_loadu_ps((const float *)x + at + j * 16)
+                         : _mm512_castsi512_ps(_mm512_slli_epi32(
+                               _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at + j * 16))), 16));
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        a.xs[i] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        a.d[i] = amax / 127.f / 256.f;
+        const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        for (int j = 0; j < 2; j++) {
+            const __m512 t = _mm512_mul_ps(v[j], inv);
+            const __m512i h = _mm512_cvtps_epi32(t);  /* round to nearest even */
+            const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(h)), _mm512_set1_ps(256.f));
+            __m512i l = _mm512_cvtps_epi32(r);
+            l = _mm512_min_epi32(_mm512_max_epi32(l, _mm512_set1_epi32(-128)), _mm512_set1_epi32(127));
+            _mm_storeu_si128((__m128i *)(a.h + at + j * 16), _mm512_cvtepi32_epi8(h));
+            _mm_storeu_si128((__m128i *)(a.l + at + j * 16), _mm512_cvtepi32_epi8(l));
+        }
+    }
+    return a;
+}
+
+static void release(qact *a) {
+    free(a->h);
+    free(a->l);
+    free(a->d);
+    free(a->xs);
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* Linux hands out the AMX register state only on request (once per process, for all its threads) */
+int ember_amx_available(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
+
+typedef struct __attribute__((packed, aligned(64))) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* tmm0/1: C int32 [16 activation rows][16 weight rows] for h and l; tmm2/3: A = h, l [16 rows][32 k];
+ * tmm4: B = one block's codes [8 groups][16 rows][4]. Configured per thread. */
+static void configure_tiles(void) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    const int rows[5] = {16, 16, 16, 16, 8}, colsb[5] = {64, 64, 32, 32, 64};
+    for (int t = 0; t < 5; t++) {
+        c.rows[t] = (uint8_t)rows[t];
+        c.colsb[t] = (uint16_t)colsb[t];
+    }
+    _tile_loadconfig(&c);
+}
+
+static void amx(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
+                uint16_t *y_bf16) {
+    const int64_t ntiles = (n + 15) / 16, mtiles = (m_rows + 15) / 16, nb = w->nb;
+#pragma omp parallel if (n * k > 65536)
+    {
+        configure_tiles();
+        uint8_t *slab = w->bits8 ? NULL : aligned_alloc(64, (size_t)nb * 512);  /* 4-bit codes as bytes */
+        int32_t c[2][256] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < ntiles; t++) {
+            const uint8_t *codes = w->codes + t * nb * 512;
+            if (slab) {
+                for (int64_t b = 0; b < nb; b++) {
+                    __m512i u[8];
+                    load_codes(w, t, b, u);
+                    for (int g = 0; g < 8; g++) _mm512_store_si512((void *)(slab + b * 512 + g * 64), u[g]);
+                }
+                codes = slab;
+            }
+            for (int64_t mt = 0; mt < mtiles; mt++) {
+                __m512 acc[16];
+                for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+                for (int64_t b = 0; b < nb; b++) {
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_loadd(4, codes + b * 512, 64);
+                    _tile_loadd(2, a->h + mt * 16 * k + b * 32, k);
+                    _tile_loadd(3, a->l + mt * 16 * k + b * 32, k);
+                    _tile_dpbsud(0, 2, 4);
+                    _tile_dpbsud(1, 3, 4);
+                    _tile_stored(0, c[0], 64);
+                    _tile_stored(1, c[1], 64);
+                    const int64_t at = (t * nb + b) * 16;
+                    const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->s16 + at)));
+                    const __m512 ov = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + at)));
+                    for (int i = 0; i < 16 && mt * 16 + i < m_rows; i++) {
+                        const int64_t m = mt * 16 + i;
+                        acc[i] = epilogue(acc[i], _mm512_load_si512((const void *)(c[0] + i * 16)),
+                                          _mm512_load_si512((const void *)(c[1] + i * 16)), sv, ov,
+                                          a->d[m * nb + b], a->xs[m * nb + b]);
+                    }
+                }
+                for (int i = 0; i < 16 && mt * 16 + i < m_rows; i++) store_out(acc[i], mt * 16 + i, n, t * 16, y_f32, y_bf16);
+            }
+        }
+        free(slab);
+        _tile_release();
+    }
+}
+#define HAVE_AMX_INT8 1
+#endif
+
+/* y[m, n] = sum_k x[m, k] w[n, k]. x bf16 or fp32 [M, K]; y fp32 or bf16 [M, N]. use_amx: take AMX-INT8
+ * (when built with it; the caller checks the OS grants it) - the result is the same either way. */
+void ember_qtile_matmul(const uint8_t *codes, int64_t bits8, const uint16_t *s16, const uint16_t *o16,
+                        const void *x, int64_t x_f32, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
+                        uint16_t *y_bf16, int64_t use_amx) {
+    const tiled_w w = {codes, s16, o16, (int)bits8, k / 32};
+#ifdef HAVE_AMX_INT8
+    if (use_amx) {
+        qact a = quantize(x, (int)x_f32, m_rows, (m_rows + 15) / 16 * 16, k);
+        amx(&w, &a, m_rows, n, k, y_f32, y_bf16);
+        release(&a);
+        return;
+    }
+#endif
+    (void)use_amx;
+    qact a = quantize(x, (int)x_f32, m_rows, m_rows, k);
+    gemv(&w, &a, m_rows, n, k, y_f32, y_bf16);
+    release(&a);
+}
+
+/* Rows `rows[i]` (any order) in fp32 [n, K], q * s + o in gguf-py's two roundings: token embeddings and
+ * the head's exact top-candidate recompute read the packed head itself. */
+void ember_qtile_rows_f32(const uint8_t *codes, int64_t bits8, const uint16_t *s16, const uint16_t *o16,
+                          const int64_t *rows, int64_t n, int64_t k, float *out) {
+    const int64_t nb = k / 32;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t t = rows[i] / 16, r = rows[i] % 16;
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t at = t * nb + b;
+            const float s = _cvtsh_ss(s16[at * 16 + r]), o = _cvtsh_ss(o16[at * 16 + r]);
+            for (int j = 0; j < 32; j++) {
+                const int g = j / 4, kk = j % 4;
+                const uint8_t q = bits8 ? codes[at * 512 + g * 64 + r * 4 + kk]
+                                        : (uint8_t)(codes[at * 256 + (g / 2) * 64 + r * 4 + kk] >> (4 * (g % 2))) & 15;
+                out[i * k + b * 32 + j] = (float)q * s + o;
+            }
+        }
+    }
+}
+
+#ifdef HAVE_AMX_INT8
+int ember_qtile_amx_built(void) { return 1; }
+#else
+int ember_qtile_amx_built(void) { return 0; }
+int ember_amx_available(void) { return 0; }
+#endif
+#else
+int ember_amx_available(void) { return 0; }
+int ember_qtile_available(void) { return 0; }
+int ember_qtile_amx_built(void) { return 0; }
+void ember_qtile_matmul(void) {}
+void ember_qtile_rows_f32(void) {}
+#endif
