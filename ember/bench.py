@@ -72,6 +72,7 @@ def _ember(model: Path, ids: list[int], gen: int, trials: int) -> Result:
     load = time.perf_counter() - t0
     prefill, decode = [], []
     for i in range(trials + 1):  # the first run warms up
+        llm.engine.kv.pool.reset_prefix_cache()  # else every trial after the first reuses the prompt's cache
         t = time.perf_counter()
         llm.generate([ids], SamplingParams(temperature=0, max_tokens=1))
         p = len(ids) / (time.perf_counter() - t)
