@@ -150,6 +150,7 @@ class ServingResult:
     ttft_p99_ms: float
     itl_p50_ms: float
     peak_rss_mb: float
+    engine: str = "ember"
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -233,11 +234,11 @@ def table(results: list[Result], weight_bytes: int) -> str:
 
 
 def serving_table(results: list[ServingResult]) -> str:
-    rows = ["| concurrency | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | peak RSS MB |",
-            "|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| engine | concurrency | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | peak RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        rows.append(f"| {r.concurrency} | {r.aggregate_tok_s:.0f} | {r.ttft_p50_ms:.0f} | {r.ttft_p99_ms:.0f} | "
-                    f"{r.itl_p50_ms:.1f} | {r.peak_rss_mb:.0f} |")
+        rows.append(f"| {r.engine} | {r.concurrency} | {r.aggregate_tok_s:.0f} | {r.ttft_p50_ms:.0f} | "
+                    f"{r.ttft_p99_ms:.0f} | {r.itl_p50_ms:.1f} | {r.peak_rss_mb:.0f} |")
     return "\n".join(rows)
 
 

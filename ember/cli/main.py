@@ -207,7 +207,9 @@ def chat_cmd(
 @app.command()
 def bench(
     model: ModelOpt = None,
-    vs: Annotated[list[str] | None, typer.Option("--vs", help="Peer to measure in the same run: transformers, llama.cpp (repeatable).")] = None,
+    vs: Annotated[list[str] | None, typer.Option("--vs", help="Peer to measure in the same run: transformers, llama.cpp (repeatable). "
+                                                  "With --concurrency: llama.cpp's server (llama-server on PATH or "
+                                                  "$LLAMA_SERVER) under the same load.")] = None,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens for the prefill measurement.")] = 128,
     gen_len: Annotated[int, typer.Option(help="Tokens generated for the decode measurement.")] = 64,
     trials: Annotated[int, typer.Option(help="Measured trials after one warm-up; medians are reported.")] = 3,
@@ -229,7 +231,14 @@ def bench(
     for p in peers:
         if p not in b.ENGINES[1:]:
             raise EmberError(f"--vs {p!r}: unknown peer; choose from {', '.join(b.ENGINES[1:])}")
-        if not b.available(p):
+        if concurrency:  # the serving benchmark drives llama.cpp's own server, not the Python binding
+            if p != "llama.cpp":
+                raise EmberError(f"--concurrency runs against llama.cpp's server only, not --vs {p}")
+            from ember import bench_llama_server
+
+            if bench_llama_server.binary() is None:
+                raise EmberError(bench_llama_server.HELP)
+        elif not b.available(p):
             pkg = {"transformers": "transformers accelerate", "llama.cpp": "llama-cpp-python"}[p]
             raise EmberError(f"--vs {p}: not installed (pip install {pkg}); ember never requires it")
     if prompt_len < 1 or gen_len < 2 or trials < 1:
@@ -244,13 +253,19 @@ def bench(
           f"{n_threads} threads" + (f", ember quantized to {quant} on load (peers as stored)" if quant else ""),
           file=sys.stderr)
     if concurrency:
-        if peers or quant or any(c < 1 for c in concurrency):
-            raise EmberError("--concurrency takes counts >= 1 and runs ember alone (no --vs, no --quantize yet)")
+        if quant or any(c < 1 for c in concurrency):
+            raise EmberError("--concurrency takes counts >= 1 (and no --quantize yet)")
+        if peers and path.is_dir():
+            raise EmberError("--vs llama.cpp needs a .gguf file; this model is a Hugging Face directory")
         serving = []
         for c in concurrency:
             print(f"[bench] {c} concurrent requests ...", file=sys.stderr)
             try:
                 serving.append(b.run_engine("ember-serving", path, ids, gen_len, c, n_threads))
+                if peers:
+                    from ember import bench_llama_server
+
+                    serving.append(bench_llama_server.run(path, ids, gen_len, c, n_threads))
             except RuntimeError as e:
                 raise EmberError(str(e)) from None
         print(b.serving_table(serving))  # type: ignore[arg-type]

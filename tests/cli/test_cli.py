@@ -151,11 +151,67 @@ def test_bench_concurrency_table(smollm_gguf):
     r = run("bench", "-m", str(smollm_gguf), "--concurrency", "1", "--concurrency", "3", "--gen-len", "4",
             "--prompt-len", "8", "--threads", "1")
     assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ember |")]
     assert len(rows) == 2
     for row in rows:
-        cells = [float(c) for c in row.strip("|").split("|")]
+        cells = [float(c) for c in row.strip("|").split("|")[1:]]
         assert cells[1] > 0 and cells[2] > 0 and cells[5] > 0  # tok/s, TTFT, RSS
+
+
+FAKE_LLAMA_SERVER = """#!{python}
+# stands in for llama.cpp's llama-server: checks its flags and the /completion request, streams tokens
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+a = sys.argv
+flags = {{a[i]: a[i + 1] for i in range(1, len(a) - 1) if a[i].startswith("-")}}
+assert flags["-m"].endswith(".gguf") and int(flags["-np"]) >= 1 and int(flags["-t"]) >= 1
+assert int(flags["-c"]) >= int(flags["-np"]) * 12, flags  # every slot holds prompt + generation
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b'{{"status": "ok"}}'
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path == "/completion" and req["stream"] and req["ignore_eos"], req
+        assert all(isinstance(t, int) for t in req["prompt"]) and req["temperature"] == 0
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for i in range(req["n_predict"]):
+            last = i == req["n_predict"] - 1
+            self.wfile.write(("data: " + json.dumps({{"content": "x", "tokens": [i], "stop": last}}) + "\\n\\n").encode())
+            self.wfile.flush()
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(flags["--port"])), H).serve_forever()
+"""
+
+
+def test_bench_concurrency_drives_llama_server(smollm_gguf, tmp_path):
+    """--concurrency --vs llama.cpp starts llama-server (here a stand-in that checks the flags and the
+    request), sends the same load and reports its row; without the binary, a clear error."""
+    fake = tmp_path / "llama-server"
+    fake.write_text(FAKE_LLAMA_SERVER.format(python=sys.executable))
+    fake.chmod(0o755)
+    args = ("bench", "-m", str(smollm_gguf), "--concurrency", "2", "--gen-len", "5", "--prompt-len", "6",
+            "--threads", "1", "--vs", "llama.cpp")
+    r = subprocess.run([*EMBER, *args], capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, LLAMA_SERVER=str(fake)))
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| llama.cpp server |"))
+    cells = [float(c) for c in row.strip("|").split("|")[1:]]
+    assert cells[0] == 2 and cells[1] > 0 and cells[2] > 0  # concurrency, tok/s, TTFT
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_SERVER"}
+    env["PATH"] = os.path.dirname(sys.executable)  # python, but no llama-server
+    r = subprocess.run([*EMBER, *args], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 1 and "llama-server" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_serve_answers_and_refuses_a_busy_port(smollm_gguf):

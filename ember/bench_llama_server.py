@@ -1,0 +1,122 @@
+"""`ember bench --concurrency N --vs llama.cpp`: llama.cpp's own server under the load ember gets.
+
+llama-server is started on the same GGUF with N slots (`-np N`, each with room for the prompt and the
+generation), the same thread count and a free loopback port; N streaming `/completion` requests with the
+same prompt token ids (greedy, `ignore_eos`, no prompt cache) arrive at once. Its timings come from the
+arrival of each streamed chunk, as ember's do from each step's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ember.bench import ServingResult, _percentile
+
+HELP = ("llama.cpp's server was not found: build llama.cpp (cmake --build build -t llama-server) and put "
+        "llama-server on PATH, or set LLAMA_SERVER=/path/to/llama-server")
+
+
+def binary() -> str | None:
+    return os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass  # not listening yet, or 503 while the model loads
+        time.sleep(0.2)
+    raise RuntimeError(f"llama-server was not ready after {timeout:.0f} s:\n{log.read_text()[-2000:]}")
+
+
+def _stream(url: str, prompt: list[int], gen: int, stamps: list[float], errors: list[str]) -> None:
+    """One streaming completion; a timestamp per generated token."""
+    body = json.dumps({"prompt": prompt, "n_predict": gen, "stream": True, "ignore_eos": True,
+                       "cache_prompt": False, "temperature": 0}).encode()
+    req = urllib.request.Request(f"{url}/completion", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                chunk = json.loads(line[6:])
+                n = len(chunk.get("tokens") or []) or (1 if chunk.get("content") else 0)
+                stamps.extend([time.perf_counter()] * n)
+                if chunk.get("stop"):
+                    break
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        errors.append(str(e))
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    try:
+        for ln in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if ln.startswith("VmHWM:"):
+                return int(ln.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def run(model: Path, ids: list[int], gen: int, concurrency: int, threads: int) -> ServingResult:
+    exe = binary()
+    if exe is None:
+        raise RuntimeError(HELP)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    ctx = concurrency * (len(ids) + gen + 16)  # llama-server splits -c evenly between its slots
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "llama-server.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen([exe, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                                     "-np", str(concurrency), "-c", str(ctx), "-t", str(threads)],
+                                    stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(url, proc, log)
+            stamps: list[list[float]] = [[] for _ in range(concurrency)]
+            errors: list[str] = []
+            prompts = [ids[i % len(ids):] + ids[: i % len(ids)] for i in range(concurrency)]  # as ember's
+            workers = [threading.Thread(target=_stream, args=(url, p, gen, s, errors))
+                       for p, s in zip(prompts, stamps, strict=True)]
+            t0 = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            wall = time.perf_counter() - t0
+            if errors or any(not s for s in stamps):
+                raise RuntimeError(f"llama-server requests failed: {errors[:3] or 'no tokens streamed'}")
+            rss = _vm_hwm_mb(proc.pid)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    ttft = [(s[0] - t0) * 1e3 for s in stamps]
+    gaps = [(b - a) * 1e3 for s in stamps for a, b in zip(s, s[1:], strict=False)]
+    return ServingResult(concurrency, sum(map(len, stamps)) / wall, _percentile(ttft, 50), _percentile(ttft, 99),
+                         _percentile(gaps, 50), rss, engine="llama.cpp server")
