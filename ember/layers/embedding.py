@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.quant.gguf_blocks import DECODERS, GROUP, decode
+from ember.quant.gguf_blocks import GROUP, GROUP32_KINDS, decode
 from ember.weights.base import RawTensor
 
 
@@ -30,7 +30,7 @@ class Embedding(nn.Module):
     def load(self, raw: RawTensor, dtype: torch.dtype, device: torch.device, packed: bool) -> None:
         """packed: keep block codes (1 byte per weight + per-group scale/offset) instead of a dense table."""
         self.out_dtype = dtype
-        if packed and raw.kind in DECODERS and self.dim % GROUP == 0:
+        if packed and raw.kind in GROUP32_KINDS and self.dim % GROUP == 0:
             c = decode(raw.kind, raw.data, (self.num_embeddings, self.dim))
             self.codes, self.scale, self.offset = c.q.to(device), c.scale.to(device), c.offset.to(device)
             self.weight = nn.Parameter(torch.empty(0, device=device), requires_grad=False)

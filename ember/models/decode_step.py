@@ -21,7 +21,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("codes", _P), ("s16", _P), ("o16", _P), ("bits8", _I)]
+    _fields_ = [("codes", _P), ("s16", _P), ("o16", _P), ("mode", _I)]
 
 
 class _Layer(ctypes.Structure):
@@ -35,7 +35,7 @@ class _Dims(ctypes.Structure):
 
 
 def _lin(m: nn.Module) -> _Linear:
-    return _Linear(m.codes.data_ptr(), m.s16.data_ptr(), m.o16.data_ptr(), int(m.bits8))
+    return _Linear(m.codes.data_ptr(), m.s16.data_ptr(), m.o16.data_ptr(), packed.mode(m))
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -16,7 +16,7 @@ from ember.layers.logits import TopRefiner, canonical_rows
 from ember.layers.norm import RMSNorm
 from ember.models.registry import model_class
 from ember.quant.base import QuantSpec
-from ember.quant.gguf_blocks import DECODERS, Canonical, decode
+from ember.quant.gguf_blocks import GROUP32_KINDS, Canonical, decode
 from ember.quant.packed import PackedBlocksMethod, rows_f32
 from ember.weights.base import RawTensor
 
@@ -95,7 +95,7 @@ def _attach_refiner(model: nn.Module, cfg: ModelConfig, lm_head: Linear | None, 
         codes = Canonical(emb.codes, emb.scale, emb.offset, 8)
     else:
         raw = head_raw if head_raw is not None else embed_raw
-        if raw is None or raw.kind not in DECODERS:
+        if raw is None or raw.kind not in GROUP32_KINDS:
             return
         codes = decode(raw.kind, raw.data, (raw.shape[0], raw.shape[1]))
     model.refiner = TopRefiner(canonical_rows(codes))

@@ -1,6 +1,7 @@
-"""GGUF block formats decoded to one canonical form: w = q * scale + offset, groups of 32 along K.
+"""GGUF block formats decoded to one canonical form: w = q * scale + offset, groups of 32 along K
+(16 for Q6_K, whose sub-blocks of 16 have their own scales).
 
-q is an unsigned integer code (4, 5 or 8 bits), scale and offset are fp32 per group of 32. For every
+q is an unsigned integer code (4 to 8 bits), scale and offset are fp32 per group. For every
 kind handled here the canonical form reproduces gguf-py's dequantizers bit for bit (the products
 involved are exact in fp32), so the int4 kernel mapping can be derived from it without guessing.
 Block layouts: ggml-quants (llama.cpp) / gguf-py quants.py.
@@ -20,15 +21,29 @@ QK_K = 256
 @dataclass
 class Canonical:
     q: torch.Tensor  # [N, K] uint8 codes in 0 .. 2**bits - 1
-    scale: torch.Tensor  # [N, K / 32] fp32
-    offset: torch.Tensor  # [N, K / 32] fp32
+    scale: torch.Tensor  # [N, K / group] fp32
+    offset: torch.Tensor  # [N, K / group] fp32
     bits: int
+    zero: int | None = None  # offset == -zero * scale exactly (Q6_K): gguf-py computes (q - zero) * scale
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
 
     def dequantize(self) -> torch.Tensor:
-        """[N, K] fp32, computed in gguf-py's order (q * scale, then + offset)."""
+        """[N, K] fp32, computed in gguf-py's order (q * scale, then + offset; or (q - zero) * scale)."""
         n, k = self.q.shape
-        q = self.q.view(n, k // GROUP, GROUP).float()
+        q = self.q.view(n, k // self.group, self.group).float()
+        if self.zero is not None:
+            return ((q - self.zero) * self.scale[..., None]).view(n, k)
         return (q * self.scale[..., None] + self.offset[..., None]).view(n, k)
+
+    def to_group16(self) -> Canonical:
+        """The same weights with one scale and offset per 16 (each group-32 value twice)."""
+        if self.group == 16:
+            return self
+        return Canonical(self.q, self.scale.repeat_interleave(2, dim=1), self.offset.repeat_interleave(2, dim=1),
+                         self.bits, self.zero)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -117,14 +132,31 @@ def _q5_k(b: torch.Tensor) -> Canonical:
     return Canonical(q, scale, offset, 5)
 
 
+def _q6_k(b: torch.Tensor) -> Canonical:
+    # ql[128]: 2 halves of 64 bytes, low nibbles = elements 0..63 of the half, high = 64..127 (as 2 x 32);
+    # qh[64]: 2 halves of 32 bytes, bit pairs 0/2/4/6 = the top 2 bits of the half's 4 runs of 32;
+    # scales: 16 int8 (one per 16 elements); d f16 last. w = d * sc * (q - 32), q in 0..63
+    lead = b.shape[:-1]
+    ql = b[..., 0:128].reshape(*lead, 2, 1, 64)
+    ql = torch.cat(((ql & 0xF), (ql >> 4)), dim=-2).reshape(*lead, 2, 4, 32)  # [..., half, run, 32]
+    qh = b[..., 128:192].reshape(*lead, 2, 1, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)
+    qh = (qh >> shifts) & 3  # [..., half, run, 32]
+    q = (ql | (qh << 4)).reshape(*lead, QK_K)
+    scale = _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(torch.int8).float()  # [..., 16]
+    return Canonical(q, scale, -32 * scale, 6, zero=32)
+
+
 # kind -> (bytes per block, elements per block, decoder)
 DECODERS = {
     "Q4_0": (18, 32, _q4_0), "Q4_1": (20, 32, _q4_1), "Q5_0": (22, 32, _q5_0), "Q5_1": (24, 32, _q5_1),
-    "Q8_0": (34, 32, _q8_0), "Q4_K": (144, QK_K, _q4_k), "Q5_K": (176, QK_K, _q5_k),
+    "Q8_0": (34, 32, _q8_0), "Q4_K": (144, QK_K, _q4_k), "Q5_K": (176, QK_K, _q5_k), "Q6_K": (210, QK_K, _q6_k),
 }
+GROUP16 = frozenset({"Q6_K"})  # one scale per 16 elements
+GROUP32_KINDS = frozenset(DECODERS) - GROUP16
 
 
-KIND_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
+KIND_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
 CHUNK_ROWS = 8192  # rows decoded at a time: bounds the transient memory of big tensors (a 262k vocab)
 
 
@@ -132,13 +164,16 @@ def decode(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Canonical:
     """Raw GGUF rows [N, bytes per row] of a 2-D tensor [N, K] -> canonical codes, scales and offsets."""
     block_bytes, _, fn = DECODERS[kind]
     n, k = shape
+    groups = k // (16 if kind in GROUP16 else GROUP)  # one scale per group (K-quants: per sub-block)
     q = torch.empty(n, k, dtype=torch.uint8)
-    scale = torch.empty(n, k // GROUP, dtype=torch.float32)
-    offset = torch.empty(n, k // GROUP, dtype=torch.float32)
+    scale = torch.empty(n, groups, dtype=torch.float32)
+    offset = torch.empty(n, groups, dtype=torch.float32)
+    zero = None
     for r in range(0, n, CHUNK_ROWS):
         rows = min(CHUNK_ROWS, n - r)
         c = fn(_blocks(data[r : r + rows], rows, block_bytes))
         q[r : r + rows] = c.q.reshape(rows, k)
-        scale[r : r + rows] = c.scale.reshape(rows, k // GROUP)  # one scale per 32 (K-quants: per sub-block)
-        offset[r : r + rows] = c.offset.reshape(rows, k // GROUP)
-    return Canonical(q, scale, offset, KIND_BITS[kind])
+        scale[r : r + rows] = c.scale.reshape(rows, groups)
+        offset[r : r + rows] = c.offset.reshape(rows, groups)
+        zero = c.zero
+    return Canonical(q, scale, offset, KIND_BITS[kind], zero)

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from ember.quant.base import QuantMethod
-from ember.quant.gguf_blocks import CHUNK_ROWS, DECODERS, GROUP, KIND_BITS, Canonical, decode
+from ember.quant.gguf_blocks import CHUNK_ROWS, GROUP, GROUP32_KINDS, KIND_BITS, Canonical, decode
 from ember.weights.base import RawTensor
 
-INT4_KINDS = frozenset(DECODERS)
+INT4_KINDS = GROUP32_KINDS  # torch's kernel has one scale per 32
 PACK_ROWS = 64  # _convert_weight_to_int4pack_for_cpu lays rows out in blocks of this many
 
 

@@ -2,7 +2,8 @@
 
 Rows go in tiles of 16; per (tile, block of 32) the 16 rows' codes sit in the operand order of the CPU's
 int8 dot-product instructions: 4-bit codes as nibbles (256 bytes, 16 bytes per row-block as Q4_1 itself),
-wider codes as bytes; fp16 scale and offset per row-block. Activations are split per block into two int8
+wider codes as bytes; fp16 scale and offset per row-block (two per row-block, one per 16, for Q6_K and
+any layer fused with it). Activations are split per block into two int8
 parts (~16 bits kept), so every block sum is an exact integer and one float epilogue follows: the gemv
 (few rows) and the AMX-INT8 kernel (many rows) give the same bits, so a sequence's output never depends on
 how many others share its step.
@@ -19,8 +20,8 @@ from torch import nn
 
 from ember.kernels import cpu_ops
 from ember.quant.base import QuantMethod
-from ember.quant.gguf_blocks import GROUP, KIND_BITS, Canonical
-from ember.quant.int4 import INT4_KINDS, gguf_chunks
+from ember.quant.gguf_blocks import DECODERS, GROUP, GROUP16, KIND_BITS, Canonical
+from ember.quant.int4 import gguf_chunks
 from ember.weights.base import RawTensor
 
 TILE = 16  # weight rows per tile
@@ -42,18 +43,19 @@ def amx_available() -> bool:
 
 def pack_tiles(c: Canonical, bits8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Canonical codes [N, K] (N a multiple of 16, or the last rows zero-padded) -> codes
-    [N/16, K/32, 512 or 256] u8, scales and offsets fp16 [N/16, K/32, 16]."""
+    [N/16, K/32, 512 or 256] u8, scales and offsets fp16 [N/16, K/32, 16] ([..., 2 halves x 16] for group 16)."""
     n, k = c.q.shape
+    per = GROUP // c.group  # scales per block of 32 and row
     pad = -n % TILE
     q, s, o = c.q, c.scale, c.offset
     if pad:  # missing rows of the last tile: zero codes, scale and offset
         q = torch.cat((q, q.new_zeros(pad, k)))
-        s, o = torch.cat((s, s.new_zeros(pad, k // GROUP))), torch.cat((o, o.new_zeros(pad, k // GROUP)))
+        s, o = torch.cat((s, s.new_zeros(pad, s.shape[1]))), torch.cat((o, o.new_zeros(pad, o.shape[1])))
     t, nb = (n + pad) // TILE, k // GROUP
     u = q.view(t, TILE, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(t, nb, 8, TILE * 4)  # [T, B, group, row*4]
     if not bits8:
         u = u[:, :, 0::2] | (u[:, :, 1::2] << 4)  # chunk c: group 2c in low nibbles, 2c+1 in high
-    tiles = lambda v: v.to(torch.float16).view(t, TILE, nb).transpose(1, 2).contiguous()  # noqa: E731
+    tiles = lambda v: v.to(torch.float16).view(t, TILE, nb, per).permute(0, 2, 3, 1).reshape(t, nb, per * TILE)  # noqa: E731
     return u.reshape(t, nb, -1).contiguous(), tiles(s), tiles(o)
 
 
@@ -72,21 +74,29 @@ def _whole_tiles(chunks: Iterable[Canonical]) -> Iterator[Canonical]:
         yield carry
 
 
-def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], bits: int, bias: torch.Tensor | None) -> None:
-    """bits: the widest code among the layer's shards (4: nibbles; more: a byte per code)."""
+def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], bits: int, bias: torch.Tensor | None,
+                sub16: bool = False) -> None:
+    """bits: the widest code among the layer's shards (4: nibbles; more: a byte per code); sub16: some shard
+    has a scale per 16 (Q6_K), so every shard's scales go per 16."""
     parts, layer.n_out = [], 0
+    chunks = (c.to_group16() if sub16 else c for c in chunks)
     for c in _whole_tiles(chunks):  # one chunk's canonical codes at a time: bounded load memory
         parts.append(pack_tiles(c, bits > 4))
         layer.n_out += c.q.shape[0]
     layer.codes = nn.Parameter(torch.cat([p[0] for p in parts]), requires_grad=False)
     layer.s16 = nn.Parameter(torch.cat([p[1] for p in parts]), requires_grad=False)
     layer.o16 = nn.Parameter(torch.cat([p[2] for p in parts]), requires_grad=False)
-    layer.bits8 = bits > 4
+    layer.bits8, layer.sub16 = bits > 4, sub16
     layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
 
 
+def mode(layer: nn.Module) -> int:
+    """The kernel's layout flags: 1 = byte codes, 2 = a scale per 16."""
+    return int(layer.bits8) | 2 * int(layer.sub16)
+
+
 def _w(layer: nn.Module) -> tuple:
-    return layer.codes.data_ptr(), int(layer.bits8), layer.s16.data_ptr(), layer.o16.data_ptr()
+    return layer.codes.data_ptr(), mode(layer), layer.s16.data_ptr(), layer.o16.data_ptr()
 
 
 def matmul(layer: nn.Module, x: torch.Tensor, n: int, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -110,13 +120,14 @@ def rows_f32(layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 class PackedBlocksMethod(QuantMethod):
-    """GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K on ember's int8 tile kernel."""
+    """GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K on ember's int8 tile kernel."""
 
     name = "packed"
 
     def pack(self, layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | None,
              dtype: torch.dtype, device: torch.device) -> None:
-        pack_chunks(layer, gguf_chunks(shards), max(KIND_BITS[s.kind] for s in shards), bias)
+        pack_chunks(layer, gguf_chunks(shards), max(KIND_BITS[s.kind] for s in shards), bias,
+                    any(s.kind in GROUP16 for s in shards))
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -131,4 +142,4 @@ class PackedBlocksMethod(QuantMethod):
 
 def packed_ok(shards: list[RawTensor], dtype: torch.dtype, device: torch.device) -> bool:
     return (device.type == "cpu" and dtype == torch.bfloat16 and available()
-            and all(s.kind in INT4_KINDS and len(s.shape) == 2 and s.shape[1] % GROUP == 0 for s in shards))
+            and all(s.kind in DECODERS and len(s.shape) == 2 and s.shape[1] % GROUP == 0 for s in shards))

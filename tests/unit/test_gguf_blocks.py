@@ -19,9 +19,10 @@ def _random_blocks(kind: str, rows: int, cols: int, seed: int) -> np.ndarray:
     block, size = GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    n_f16 = {"Q4_0": 1, "Q8_0": 1, "Q5_0": 1, "Q4_1": 2, "Q5_1": 2, "Q4_K": 2, "Q5_K": 2}[kind]
+    at, n_f16 = {"Q4_0": (0, 1), "Q8_0": (0, 1), "Q5_0": (0, 1), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2),
+                 "Q5_K": (0, 2), "Q6_K": (208, 1)}[kind]  # where the f16 scales sit in a block
     halves = rng.uniform(-2, 2, (rows, cols // block, n_f16)).astype(np.float16)
-    raw[..., : 2 * n_f16] = halves.view(np.uint8).reshape(rows, cols // block, 2 * n_f16)
+    raw[..., at : at + 2 * n_f16] = halves.view(np.uint8).reshape(rows, cols // block, 2 * n_f16)
     return raw.reshape(rows, -1)
 
 

@@ -12,11 +12,12 @@ from ember.layers.linear import Linear
 from ember.layers.logits import TopRefiner, canonical_rows
 from ember.quant import packed
 from ember.quant.gguf_blocks import GROUP, decode
-from ember.quant.int4 import Int4Method, kernel_available, to_planes
+from ember.quant.int4 import INT4_KINDS, Int4Method, kernel_available, to_planes
 from ember.quant.packed import PackedBlocksMethod
 from ember.weights.base import RawTensor
-from tests.unit.test_gguf_blocks import KINDS, _random_blocks
+from tests.unit.test_gguf_blocks import _random_blocks
 
+KINDS = sorted(INT4_KINDS)  # torch's int4 kernel: one scale per 32 (Q6_K runs on ember's kernel or dense)
 pytestmark = pytest.mark.skipif(not kernel_available(), reason="this torch has no CPU int4 kernel")
 
 
@@ -75,6 +76,25 @@ def test_fused_linear_with_mixed_kinds_matches_dense(cpu_backend):
     got = lin(x.to(torch.bfloat16)).float()
     err = (got - ref).abs().max() / ref.abs().max()
     assert err < 0.02, err  # bf16 activations and scales; the codes themselves are exact
+
+
+def test_fused_linear_with_q6_k_shard(cpu_backend):
+    """Q4_K_M files mix Q6_K (a scale per 16) into fused q/k/v: ember's kernel takes the whole layer with a
+    scale per 16; without the kernels such a layer runs dense."""
+    shards = [_raw("Q4_K", 64, 256, 1), _raw("Q6_K", 32, 256, 2), _raw("Q8_0", 48, 256, 3)]
+    lin = Linear(256, [64, 32, 48], shards=("q", "k", "v"))
+    for name, raw in zip("qkv", shards, strict=True):
+        lin.load(name, raw)
+    lin.finalize(torch.bfloat16, torch.device("cpu"))
+    if cpu_backend == "kernels":
+        assert isinstance(lin.method, PackedBlocksMethod) and lin.sub16 and lin.bits8
+    else:
+        assert lin.method.name == "dense"
+    w = torch.cat([s.dequantize() for s in shards])  # [144, 256] reference weights
+    x = torch.randn(5, 256)
+    ref = x.to(torch.bfloat16).float() @ w.T
+    err = (lin(x.to(torch.bfloat16)).float() - ref).abs().max() / ref.abs().max()
+    assert err < 0.02, err
 
 
 def test_int4_is_not_used_for_fp32_or_unsupported_kinds():

@@ -103,23 +103,24 @@ def test_decode_attention_matches_sdpa(window, softcap, dh):
         torch.testing.assert_close(out[i].float(), ref, rtol=0, atol=0.02)
 
 
-def _canonical(n: int, k: int, bits: int, seed: int) -> Canonical:
+def _canonical(n: int, k: int, bits: int, seed: int, group: int = 32) -> Canonical:
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=g)
-    scale = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3).half().float()  # fp16-exact, as GGUF stores them
-    offset = (-torch.rand(n, k // 32, generator=g) * 2**bits * 0.005).half().float()
+    scale = (torch.rand(n, k // group, generator=g) * 0.01 + 1e-3).half().float()  # fp16-exact, as GGUF stores them
+    offset = (-torch.rand(n, k // group, generator=g) * 2**bits * 0.005).half().float()
     return Canonical(q, scale, offset, bits)
 
 
 @pytest.mark.skipif(not packed.available(), reason="needs AVX512-VNNI")
-@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+@pytest.mark.parametrize("bits,group", [(4, 32), (5, 32), (6, 32), (8, 32), (6, 16), (4, 16)])
 @pytest.mark.parametrize("k", [576, 96])
-def test_tile_matmul(bits, k):
+def test_tile_matmul(bits, group, k):
     """Against x @ W.T in float64 with a ragged last tile of weight rows (N = 70): the int8 split of the
-    activations keeps ~16 bits, so the fp32 result is close to exact; and reading rows back is exact."""
-    c = _canonical(70, k, bits, bits)
+    activations keeps ~16 bits, so the fp32 result is close to exact; and reading rows back is exact.
+    group 16: a scale per 16 (Q6_K)."""
+    c = _canonical(70, k, bits, bits, group)
     layer = nn.Module()
-    packed.pack_chunks(layer, [c], bits, None)
+    packed.pack_chunks(layer, [c], bits, None, sub16=group == 16)
     w = c.dequantize()  # [N, K] fp32 reference weights
     ids = torch.tensor([69, 0, 33, 16, 15])
     assert torch.equal(packed.rows_f32(layer, ids), w[ids])  # every code, scale and offset survives packing
@@ -134,14 +135,14 @@ def test_tile_matmul(bits, k):
 
 
 @pytest.mark.skipif(not packed.available(), reason="needs AVX512-VNNI")
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (6, 16)])
 @pytest.mark.parametrize("m", [5, 16, 17, 70])
-def test_batched_rows_equal_single_rows(bits, m, monkeypatch):
+def test_batched_rows_equal_single_rows(bits, group, m, monkeypatch):
     """Each row's result is the same bits whatever else is in the batch and whichever kernel runs it
     (the gemv for a few rows, AMX-INT8 for many): batched output equals single output."""
-    c = _canonical(50, 160, bits, bits + m)
+    c = _canonical(50, 160, bits, bits + m, group)
     layer = nn.Module()
-    packed.pack_chunks(layer, [c], bits, None)
+    packed.pack_chunks(layer, [c], bits, None, sub16=group == 16)
     x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).to(BF)
     batched = packed.matmul(layer, x, 50, torch.float32)
     for i in (0, m // 2, m - 1):

@@ -19,14 +19,14 @@ void ember_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t 
                             int64_t s_slots, const int64_t *slots, const int64_t *lens, int64_t max_n, int64_t b,
                             int64_t h, int64_t hkv, int64_t dh, float scale, int64_t window, float softcap,
                             uint16_t *out);
-void ember_qtile_matmul(const uint8_t *codes, int64_t bits8, const uint16_t *s16, const uint16_t *o16,
+void ember_qtile_matmul(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                         const void *x, int64_t x_f32, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
                         uint16_t *y_bf16, int64_t use_amx);
 
 typedef struct {  /* one packed linear (ember/quant/packed.py) */
     const uint8_t *codes;
     const uint16_t *s16, *o16;
-    int64_t bits8;
+    int64_t mode;  /* 1: byte codes, 2: a scale per 16 */
 } qlinear;
 
 typedef struct {  /* mirrored by ember/models/decode_step.py */
@@ -42,7 +42,7 @@ typedef struct {
 
 static void linear(const qlinear *w, const void *x, int x_f32, int64_t t, int64_t n, int64_t k, int64_t amx_rows,
                    uint16_t *y) {
-    ember_qtile_matmul(w->codes, w->bits8, w->s16, w->o16, x, x_f32, t, n, k, NULL, y, t > amx_rows);
+    ember_qtile_matmul(w->codes, w->mode, w->s16, w->o16, x, x_f32, t, n, k, NULL, y, t > amx_rows);
 }
 
 /* x [T, D] fp32 residual stream (in place) -> out [T, D] fp32 final-normed hidden states. One query per

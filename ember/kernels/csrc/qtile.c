@@ -4,7 +4,7 @@
  * They are stored in tiles of 16 rows: per (tile, block) the codes of the 16 rows in 8 groups of 4
  * consecutive k, group g = 64 bytes [row][4] (the operand layout of vpdpbusd and of AMX's B tile):
  *   8-bit codes: 512 bytes;  4-bit: 256 bytes, chunk c of 64 holds group 2c in its low nibbles, 2c+1 in high;
- * and s, o as fp16 [tile][block][16 rows].
+ * and s, o as fp16 [tile][block][16 rows] - or [tile][block][2 halves][16 rows] with a scale per 16 (Q6_K).
  * Activations: per row and block, x ~ d (h + l / 256) with int8 h = round(x / d), d = max|x| / 127, and l the
  * rounded remainder, so the code sums are exact integers with ~16 bits of the activation kept:
  *   sum_i w_i x_i = s d/256 * (256 sum u h + sum u l) + o * sum x.
@@ -25,14 +25,15 @@ int ember_qtile_available(void) { return 1; }
 
 typedef struct {
     const uint8_t *codes;     /* [ntiles][nb][256 or 512] */
-    const uint16_t *s16, *o16; /* [ntiles][nb][16] */
+    const uint16_t *s16, *o16; /* [ntiles][nb][16] or [ntiles][nb][2][16] */
     int bits8;                /* 8-bit (512-byte) or 4-bit (256-byte) code blocks */
+    int sub16;                /* a scale and offset per 16 k (two halves of 4 groups each) */
     int64_t nb;
 } tiled_w;
 
 typedef struct {  /* quantized activations */
     int8_t *h, *l;  /* [M, K] */
-    float *d, *xs;  /* [M, nb]: d / 256, sum of x per block */
+    float *d, *xs;  /* [M, nb]: d / 256; sum of x per block ([M, nb, 2]: per half with sub16) */
 } qact;
 
 /* the 8 code groups of one (tile, block) as u8 vectors */
@@ -78,21 +79,25 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
                                                             float *y_f32, uint16_t *y_bf16) {
     __m512 acc[4];
     for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps();
+    const int halves = w->sub16 ? 2 : 1, gpart = 8 / halves;  /* code groups per scale */
     for (int64_t b = 0; b < w->nb; b++) {
         __m512i u[8];
         load_codes(w, t, b, u);
-        const int64_t at = (t * w->nb + b) * 16;
-        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->s16 + at)));
-        const __m512 ov = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + at)));
-        for (int m = 0; m < MR; m++) {
-            const int32_t *h = (const int32_t *)(a->h + (m0 + m) * k + b * 32);
-            const int32_t *l = (const int32_t *)(a->l + (m0 + m) * k + b * 32);
-            __m512i hs = _mm512_setzero_si512(), ls = _mm512_setzero_si512();
-            for (int g = 0; g < 8; g++) {
-                hs = _mm512_dpbusd_epi32(hs, u[g], _mm512_set1_epi32(h[g]));
-                ls = _mm512_dpbusd_epi32(ls, u[g], _mm512_set1_epi32(l[g]));
+        for (int hf = 0; hf < halves; hf++) {
+            const int64_t at = ((t * w->nb + b) * halves + hf) * 16;
+            const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->s16 + at)));
+            const __m512 ov = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + at)));
+            for (int m = 0; m < MR; m++) {
+                const int32_t *h = (const int32_t *)(a->h + (m0 + m) * k + b * 32) + hf * gpart;
+                const int32_t *l = (const int32_t *)(a->l + (m0 + m) * k + b * 32) + hf * gpart;
+                __m512i hs = _mm512_setzero_si512(), ls = _mm512_setzero_si512();
+                for (int g = 0; g < gpart; g++) {
+                    hs = _mm512_dpbusd_epi32(hs, u[hf * gpart + g], _mm512_set1_epi32(h[g]));
+                    ls = _mm512_dpbusd_epi32(ls, u[hf * gpart + g], _mm512_set1_epi32(l[g]));
+                }
+                acc[m] = epilogue(acc[m], hs, ls, sv, ov, a->d[(m0 + m) * w->nb + b],
+                                  a->xs[((m0 + m) * w->nb + b) * halves + hf]);
             }
-            acc[m] = epilogue(acc[m], hs, ls, sv, ov, a->d[(m0 + m) * w->nb + b], a->xs[(m0 + m) * w->nb + b]);
         }
     }
     for (int m = 0; m < MR; m++) store_out(acc[m], m0 + m, n, t * 16, y_f32, y_bf16);
@@ -114,10 +119,10 @@ static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int
 }
 
 /* x [M, K] (bf16 or fp32) -> h, l, d/256, block sums; rows padded with zeros up to m_pad */
-static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, int64_t k) {
+static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, int64_t k, int sub16) {
     const int64_t nb = k / 32;
     qact a = {aligned_alloc(64, (size_t)(m_pad * k + 64)), aligned_alloc(64, (size_t)(m_pad * k + 64)),
-              aligned_alloc(64, (size_t)(m_pad * nb) * 4 + 64), aligned_alloc(64, (size_t)(m_pad * nb) * 4 + 64)};
+              aligned_alloc(64, (size_t)(m_pad * nb) * 4 + 64), aligned_alloc(64, (size_t)(m_pad * nb) * 8 + 64)};
     memset(a.h + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
     memset(a.l + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
 #pragma omp parallel for schedule(static) if (m_rows * k > 65536)
@@ -129,7 +134,12 @@ static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, in
                          : _mm512_castsi512_ps(_mm512_slli_epi32(
                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at + j * 16))), 16));
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-        a.xs[i] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        if (sub16) {  /* v[0], v[1]: the block's two halves */
+            a.xs[2 * i] = _mm512_reduce_add_ps(v[0]);
+            a.xs[2 * i + 1] = _mm512_reduce_add_ps(v[1]);
+        } else {
+            a.xs[i] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        }
         a.d[i] = amax / 127.f / 256.f;
         const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         for (int j = 0; j < 2; j++) {
@@ -169,13 +179,14 @@ typedef struct __attribute__((packed, aligned(64))) {
 } tile_config;
 
 /* tmm0/1: C int32 [16 activation rows][16 weight rows] for h and l; tmm2/3: A = h, l [16 rows][32 k];
- * tmm4: B = one block's codes [8 groups][16 rows][4]. Configured per thread. */
+ * tmm4: B = one block's codes [8 groups][16 rows][4]; with a scale per 16, tmm5/6: A halves [16][16 k],
+ * tmm7: B half [4 groups][16 rows][4]. Configured per thread. */
 static void configure_tiles(void) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    const int rows[5] = {16, 16, 16, 16, 8}, colsb[5] = {64, 64, 32, 32, 64};
-    for (int t = 0; t < 5; t++) {
+    const int rows[8] = {16, 16, 16, 16, 8, 16, 16, 4}, colsb[8] = {64, 64, 32, 32, 64, 16, 16, 64};
+    for (int t = 0; t < 8; t++) {
         c.rows[t] = (uint8_t)rows[t];
         c.colsb[t] = (uint16_t)colsb[t];
     }
@@ -204,26 +215,36 @@ static void amx(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int6
             for (int64_t mt = 0; mt < mtiles; mt++) {
                 __m512 acc[16];
                 for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-                for (int64_t b = 0; b < nb; b++) {
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_loadd(4, codes + b * 512, 64);
-                    _tile_loadd(2, a->h + mt * 16 * k + b * 32, k);
-                    _tile_loadd(3, a->l + mt * 16 * k + b * 32, k);
-                    _tile_dpbsud(0, 2, 4);
-                    _tile_dpbsud(1, 3, 4);
-                    _tile_stored(0, c[0], 64);
-                    _tile_stored(1, c[1], 64);
-                    const int64_t at = (t * nb + b) * 16;
-                    const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->s16 + at)));
-                    const __m512 ov = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + at)));
-                    for (int i = 0; i < 16 && mt * 16 + i < m_rows; i++) {
-                        const int64_t m = mt * 16 + i;
-                        acc[i] = epilogue(acc[i], _mm512_load_si512((const void *)(c[0] + i * 16)),
-                                          _mm512_load_si512((const void *)(c[1] + i * 16)), sv, ov,
-                                          a->d[m * nb + b], a->xs[m * nb + b]);
+                const int halves = w->sub16 ? 2 : 1;
+                for (int64_t b = 0; b < nb; b++)
+                    for (int hf = 0; hf < halves; hf++) {
+                        _tile_zero(0);
+                        _tile_zero(1);
+                        if (w->sub16) {  /* k 16 hf .. 16 hf + 15 of the block: its own scale */
+                            _tile_loadd(7, codes + b * 512 + hf * 256, 64);
+                            _tile_loadd(5, a->h + mt * 16 * k + b * 32 + hf * 16, k);
+                            _tile_loadd(6, a->l + mt * 16 * k + b * 32 + hf * 16, k);
+                            _tile_dpbsud(0, 5, 7);
+                            _tile_dpbsud(1, 6, 7);
+                        } else {
+                            _tile_loadd(4, codes + b * 512, 64);
+                            _tile_loadd(2, a->h + mt * 16 * k + b * 32, k);
+                            _tile_loadd(3, a->l + mt * 16 * k + b * 32, k);
+                            _tile_dpbsud(0, 2, 4);
+                            _tile_dpbsud(1, 3, 4);
+                        }
+                        _tile_stored(0, c[0], 64);
+                        _tile_stored(1, c[1], 64);
+                        const int64_t at = ((t * nb + b) * halves + hf) * 16;
+                        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->s16 + at)));
+                        const __m512 ov = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + at)));
+                        for (int i = 0; i < 16 && mt * 16 + i < m_rows; i++) {
+                            const int64_t m = mt * 16 + i;
+                            acc[i] = epilogue(acc[i], _mm512_load_si512((const void *)(c[0] + i * 16)),
+                                              _mm512_load_si512((const void *)(c[1] + i * 16)), sv, ov,
+                                              a->d[m * nb + b], a->xs[(m * nb + b) * halves + hf]);
+                        }
                     }
-                }
                 for (int i = 0; i < 16 && mt * 16 + i < m_rows; i++) store_out(acc[i], mt * 16 + i, n, t * 16, y_f32, y_bf16);
             }
         }
@@ -236,35 +257,36 @@ static void amx(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int6
 
 /* y[m, n] = sum_k x[m, k] w[n, k]. x bf16 or fp32 [M, K]; y fp32 or bf16 [M, N]. use_amx: take AMX-INT8
  * (when built with it; the caller checks the OS grants it) - the result is the same either way. */
-void ember_qtile_matmul(const uint8_t *codes, int64_t bits8, const uint16_t *s16, const uint16_t *o16,
+void ember_qtile_matmul(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                         const void *x, int64_t x_f32, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
                         uint16_t *y_bf16, int64_t use_amx) {
-    const tiled_w w = {codes, s16, o16, (int)bits8, k / 32};
+    const tiled_w w = {codes, s16, o16, (int)(mode & 1), (int)(mode >> 1 & 1), k / 32};
 #ifdef HAVE_AMX_INT8
     if (use_amx) {
-        qact a = quantize(x, (int)x_f32, m_rows, (m_rows + 15) / 16 * 16, k);
+        qact a = quantize(x, (int)x_f32, m_rows, (m_rows + 15) / 16 * 16, k, w.sub16);
         amx(&w, &a, m_rows, n, k, y_f32, y_bf16);
         release(&a);
         return;
     }
 #endif
     (void)use_amx;
-    qact a = quantize(x, (int)x_f32, m_rows, m_rows, k);
+    qact a = quantize(x, (int)x_f32, m_rows, m_rows, k, w.sub16);
     gemv(&w, &a, m_rows, n, k, y_f32, y_bf16);
     release(&a);
 }
 
 /* Rows `rows[i]` (any order) in fp32 [n, K], q * s + o in gguf-py's two roundings: token embeddings and
  * the head's exact top-candidate recompute read the packed head itself. */
-void ember_qtile_rows_f32(const uint8_t *codes, int64_t bits8, const uint16_t *s16, const uint16_t *o16,
+void ember_qtile_rows_f32(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                           const int64_t *rows, int64_t n, int64_t k, float *out) {
-    const int64_t nb = k / 32;
+    const int64_t nb = k / 32, bits8 = mode & 1, halves = mode & 2 ? 2 : 1;
     for (int64_t i = 0; i < n; i++) {
         const int64_t t = rows[i] / 16, r = rows[i] % 16;
         for (int64_t b = 0; b < nb; b++) {
             const int64_t at = t * nb + b;
-            const float s = _cvtsh_ss(s16[at * 16 + r]), o = _cvtsh_ss(o16[at * 16 + r]);
             for (int j = 0; j < 32; j++) {
+                const int64_t si = (at * halves + (halves == 2 ? j / 16 : 0)) * 16 + r;
+                const float s = _cvtsh_ss(s16[si]), o = _cvtsh_ss(o16[si]);
                 const int g = j / 4, kk = j % 4;
                 const uint8_t q = bits8 ? codes[at * 512 + g * 64 + r * 4 + kk]
                                         : (uint8_t)(codes[at * 256 + (g / 2) * 64 + r * 4 + kk] >> (4 * (g % 2))) & 15;
