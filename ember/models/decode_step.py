@@ -1,4 +1,5 @@
-"""One C call per decode step for Llama-family models on ember's packed CPU kernels (kernels/csrc/decode_step.c).
+"""One C call per decode step for Llama-family and Gemma 3 models on ember's packed CPU kernels
+(kernels/csrc/decode_step.c).
 
 Taken when every sequence of the step decodes one token and every linear of the body is packed without a
 bias; anything else (prefill, mixed steps, other formats) runs the per-op path, which computes the same
@@ -14,10 +15,12 @@ import torch
 from torch import nn
 
 from ember.kernels import cpu_ops
+from ember.kernels.ops import ACTS
 from ember.layers.attention import ForwardContext
 from ember.quant import packed
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class _Linear(ctypes.Structure):
@@ -25,21 +28,30 @@ class _Linear(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("in_norm", _P), ("post_norm", _P), ("q_norm", _P), ("k_norm", _P), ("qkv", _Linear),
-                ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("kc", _P), ("vc", _P)]
+    _fields_ = [("in_norm", _P), ("mlp_norm", _P), ("q_norm", _P), ("k_norm", _P), ("attn_out_norm", _P),
+                ("mlp_out_norm", _P), ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
+                ("kc", _P), ("vc", _P), ("window", _I), ("rope", _I)]
 
 
 class _Dims(ctypes.Structure):
-    _fields_ = [(n, _I) for n in ("layers", "d", "nq", "nkv", "dh", "inter", "half", "s_slots", "window",
-                                  "amx_rows")] + [("eps", _F), ("qk_eps", _F), ("scale", _F)]
+    _fields_ = [(n, _I) for n in ("layers", "d", "nq", "nkv", "dh", "inter", "half", "s_slots", "amx_rows",
+                                  "act")] + [(n, _F) for n in ("eps", "qk_eps", "scale", "softcap")]
 
 
 def _lin(m: nn.Module) -> _Linear:
     return _Linear(m.codes.data_ptr(), m.s16.data_ptr(), m.o16.data_ptr(), packed.mode(m))
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _ptr(m: nn.Module | None) -> int | None:
+    return None if m is None else m.weight.data_ptr()
+
+
+def _norms(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module | None, nn.Module | None]:
+    """(input norm, pre-MLP norm, attention-output norm, MLP-output norm) of a Llama or Gemma 3 layer."""
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma's sandwich
+        return (layer.input_layernorm, layer.pre_feedforward_layernorm, layer.post_attention_layernorm,
+                layer.post_feedforward_layernorm)
+    return layer.input_layernorm, layer.post_attention_layernorm, None, None
 
 
 class DecodeStep:
@@ -53,17 +65,19 @@ class DecodeStep:
         """None unless the model qualifies (see the module docstring)."""
         if os.environ.get("EMBER_FUSED", "1") == "0" or cpu_ops() is None or not packed.available():
             return None
+        eps = {model.norm.eps}
         for layer in model.layers:
             a, mlp = layer.self_attn, layer.mlp
             lins = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
             if not all(isinstance(m.method, packed.PackedBlocksMethod) and m.bias is None for m in lins):
                 return None
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if mlp.act != "silu" or any(n.out_dtype != torch.float32 for n in norms):
+            norms = [n for n in _norms(layer) if n is not None]
+            if any(n.out_dtype != torch.float32 for n in norms[:2]):
                 return None
+            eps |= {n.eps for n in norms}
             if a.dh > 256 or a.h // a.hkv > 16:  # the decode attention kernel's limits
                 return None
-        return DecodeStep(model)
+        return DecodeStep(model) if len(eps) == 1 else None  # the kernel takes one eps for every norm
 
     def _layer_array(self, ctx: ForwardContext) -> ctypes.Array:
         key = tuple(t.data_ptr() for t in ctx.k_cache) + tuple(t.data_ptr() for t in ctx.v_cache)
@@ -71,33 +85,33 @@ class DecodeStep:
             rows = []
             for i, layer in enumerate(self.model.layers):
                 a, mlp = layer.self_attn, layer.mlp
-                rows.append(_Layer(layer.input_layernorm.weight.data_ptr(),
-                                   layer.post_attention_layernorm.weight.data_ptr(),
-                                   _ptr(a.q_norm.weight if a.q_norm is not None else None),
-                                   _ptr(a.k_norm.weight if a.k_norm is not None else None),
-                                   _lin(a.qkv_proj), _lin(a.o_proj), _lin(mlp.gate_up_proj), _lin(mlp.down_proj),
-                                   ctx.k_cache[i].data_ptr(), ctx.v_cache[i].data_ptr()))
+                n_in, n_mlp, n_attn_out, n_mlp_out = _norms(layer)
+                rows.append(_Layer(_ptr(n_in), _ptr(n_mlp), _ptr(a.q_norm), _ptr(a.k_norm), _ptr(n_attn_out),
+                                   _ptr(n_mlp_out), _lin(a.qkv_proj), _lin(a.o_proj), _lin(mlp.gate_up_proj),
+                                   _lin(mlp.down_proj), ctx.k_cache[i].data_ptr(), ctx.v_cache[i].data_ptr(),
+                                   getattr(a, "window", None) or 0, int(not getattr(a, "sliding", True))))
             self._layers, self._cache_key = (_Layer * len(rows))(*rows), key
         return self._layers
 
-    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
-                 ) -> torch.Tensor | None:
-        """x: [T, D] fp32 embeddings -> final-normed hidden states [T, D] fp32, or None: take the per-op path."""
+    def __call__(self, x: torch.Tensor, ropes: list[Rope], ctx: ForwardContext) -> torch.Tensor | None:
+        """x: [T, D] fp32 embeddings; ropes: cos/sin tables [T, rd/2] (Llama: one; Gemma: local, global)
+        -> final-normed hidden states [T, D] fp32, or None: take the per-op path."""
         t = x.shape[0]
         kc = ctx.k_cache[0]
         if (ctx.decode_slots is None or ctx.decode_rows is not None or len(ctx.seqs) != t
                 or kc.dtype != torch.bfloat16 or not kc.is_contiguous()):
             return None  # not every sequence decodes, or a cache the kernels do not read
         m, a = self.model, self.model.layers[0].self_attn
-        dims = _Dims(len(m.layers), x.shape[1], a.h, a.hkv, a.dh, m.layers[0].mlp.inter, rope[0].shape[-1],
-                     kc.shape[1], 0, packed.MAX_GEMV_ROWS if packed.amx_available() else 1 << 62,
-                     m.norm.eps, a.q_norm.eps if a.q_norm is not None else 1e-6, a.scale)
-        cos, sin = rope[0].contiguous(), rope[1].contiguous()
+        dims = _Dims(len(m.layers), x.shape[1], a.h, a.hkv, a.dh, m.layers[0].mlp.inter, ropes[0][0].shape[-1],
+                     kc.shape[1], packed.MAX_GEMV_ROWS if packed.amx_available() else 1 << 62,
+                     ACTS[m.layers[0].mlp.act], m.norm.eps, a.q_norm.eps if a.q_norm is not None else 1e-6,
+                     a.scale, getattr(a, "softcap", None) or 0.0)
+        tables = [r.contiguous() for rope in ropes for r in rope]  # cos, sin per table
+        ptrs = (_P * 4)(*[tables[i % len(tables)].data_ptr() for i in range(4)])
         x = x.contiguous()
         out = torch.empty_like(x)
         slots, lens = ctx.decode_slots.contiguous(), ctx.decode_lens.contiguous()
-        cpu_ops().ember_llama_decode(  # type: ignore[union-attr]
-            self._layer_array(ctx), ctypes.byref(dims), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-            ctx.slot_mapping.data_ptr(), slots.data_ptr(), lens.data_ptr(), slots.shape[1], t,
-            m.norm.weight.data_ptr(), out.data_ptr())
+        cpu_ops().ember_decode_step(  # type: ignore[union-attr]
+            self._layer_array(ctx), ctypes.byref(dims), x.data_ptr(), ptrs, ctx.slot_mapping.data_ptr(),
+            slots.data_ptr(), lens.data_ptr(), slots.shape[1], t, m.norm.weight.data_ptr(), out.data_ptr())
         return out

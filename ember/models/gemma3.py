@@ -20,6 +20,7 @@ from ember.layers.linear import QKV_GATE_UP, Linear
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import rope_cos_sin, rope_inv_freq
+from ember.models.decode_step import DecodeStep
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, Dh/2] fp32
 Pending = tuple[torch.Tensor | None, RMSNorm | None]  # a block output not yet added, and its post-norm
@@ -84,18 +85,22 @@ class Gemma3ForCausalLM(nn.Module):
         self.inv_freq_local: torch.Tensor | None = None
         self.inv_freq_global: torch.Tensor | None = None
         self.refiner: nn.Module | None = None  # set by the loader when the head is packed
+        self.decode_step: DecodeStep | None = None  # one C call per all-decode step, when the model qualifies
 
     def post_load(self) -> None:
         """Called once weights are in: rotary frequencies for local (no scaling) and global layers."""
         c, dev = self.config, self.norm.weight.device
         self.inv_freq_local = rope_inv_freq(c.rope_dim, float(c.extra["rope_local_base"]), None).to(dev)
         self.inv_freq_global = rope_inv_freq(c.rope_dim, c.rope_theta, c.rope_scaling).to(dev)
+        self.decode_step = DecodeStep.build(self)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids: [T] flat tokens of all sequences -> hidden states [T, D]."""
         x = self.embed_tokens(input_ids) * self.embed_scale  # [T, D] fp32 residual stream
         local = rope_cos_sin(ctx.positions, self.inv_freq_local, torch.float32)  # [T, Dh/2] each, all layers
         glob = rope_cos_sin(ctx.positions, self.inv_freq_global, torch.float32)
+        if self.decode_step is not None and (out := self.decode_step(x, [local, glob], ctx)) is not None:
+            return out
         pending: Pending = (None, None)
         for layer in self.layers:
             pending = layer(x, pending, local if layer.self_attn.sliding else glob, ctx)

@@ -79,7 +79,7 @@ class LlamaForCausalLM(nn.Module):
         """input_ids: [T] flat tokens of all sequences -> hidden states [T, D]."""
         x = self.embed_tokens(input_ids)  # [T, D] fp32 residual stream
         rope = rope_cos_sin(ctx.positions, self.inv_freq, torch.float32)  # cos, sin: [T, rd/2]
-        if self.decode_step is not None and (out := self.decode_step(x, rope, ctx)) is not None:
+        if self.decode_step is not None and (out := self.decode_step(x, [rope], ctx)) is not None:
             return out
         delta = None
         for layer in self.layers:

@@ -97,3 +97,28 @@ def test_decode_across_window_matches_one_shot(llm32):
     assert out.token_ids == want.argmax(-1).tolist()
     got = torch.tensor([lp.logprob for lp in out.logprobs])
     assert (got - want.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]).abs().max() < 1e-4
+
+
+def test_fused_decode_step_equals_per_op(gemma_gguf):
+    """Gemma's all-decode steps run as one C call (sandwich norms, GeGLU, local/global rope, sliding
+    window): the same logprobs, bit for bit, as the per-op path — past the 512-token window too."""
+    from ember.quant import packed
+
+    if not packed.available():
+        pytest.skip("ember's packed kernels are not available here")
+    llm = ember.load(gemma_gguf)
+    model = llm.engine.model
+    assert model.decode_step is not None
+    long = llm.encode(" ".join(["The river bends past the old mill and the town beyond it."] * 45))[:515]
+    prompts = [llm.encode("The capital of France is"), long]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    fused = llm.generate(prompts, params)
+    llm.engine.kv.pool.reset_prefix_cache()  # the same prefill both times (a cached prefix attends in chunks)
+    step, model.decode_step = model.decode_step, None
+    try:
+        per_op = llm.generate(prompts, params)
+    finally:
+        model.decode_step = step
+    for a, b in zip(fused, per_op, strict=True):
+        assert a.token_ids == b.token_ids
+        assert [lp.logprob for lp in a.logprobs] == [lp.logprob for lp in b.logprobs]

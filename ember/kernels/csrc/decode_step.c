@@ -1,6 +1,7 @@
-/* A whole decode step of a Llama-family decoder in one call: for every layer, add + RMSNorm, the packed
- * qkv projection, q/k norms + RoPE + cache write, paged decode attention, o projection, add + RMSNorm,
- * gate/up, SiLU * up, down; then the final norm.
+/* A whole decode step of a Llama-family or Gemma 3 decoder in one call: for every layer, add + RMSNorm,
+ * the packed qkv projection, q/k norms + RoPE + cache write, paged decode attention (sliding window,
+ * soft-cap), o projection, add + RMSNorm, gate/up, act * up, down; then the final norm. Gemma's sandwich
+ * norms normalize a block's output before its residual add (the add_rmsnorm kernel's post weight).
  *
  * It calls exactly the kernels the per-op path calls, with the same dtypes in the same order, so a
  * sequence's numbers are the same whether it decodes here or in a mixed prefill/decode step. What it
@@ -30,15 +31,17 @@ typedef struct {  /* one packed linear (ember/quant/packed.py) */
 } qlinear;
 
 typedef struct {  /* mirrored by ember/models/decode_step.py */
-    const float *in_norm, *post_norm, *q_norm, *k_norm;  /* fp32; q/k norms may be NULL */
+    const float *in_norm, *mlp_norm, *q_norm, *k_norm;  /* fp32; q/k norms may be NULL */
+    const float *attn_out_norm, *mlp_out_norm;  /* Gemma's sandwich norms of a block's output, or NULL */
     qlinear qkv, o, gate_up, down;
     uint16_t *kc, *vc;  /* [nkv, s_slots, dh] bf16 */
-} llama_layer;
+    int64_t window, rope;  /* sliding window (0: none); which cos/sin table */
+} dec_layer;
 
 typedef struct {
-    int64_t layers, d, nq, nkv, dh, inter, half, s_slots, window, amx_rows;
-    float eps, qk_eps, scale;
-} llama_dims;
+    int64_t layers, d, nq, nkv, dh, inter, half, s_slots, amx_rows, act;
+    float eps, qk_eps, scale, softcap;
+} dec_dims;
 
 static void linear(const qlinear *w, const void *x, int x_f32, int64_t t, int64_t n, int64_t k, int64_t amx_rows,
                    uint16_t *y) {
@@ -46,32 +49,35 @@ static void linear(const qlinear *w, const void *x, int x_f32, int64_t t, int64_
 }
 
 /* x [T, D] fp32 residual stream (in place) -> out [T, D] fp32 final-normed hidden states. One query per
- * sequence: cos/sin [T, half], slots [T] (where the new k/v go), dslots [T, max_n] and dlens [T] (each
- * sequence's cache slots). amx_rows: more rows than this take AMX in the matmul (same result). */
-void ember_llama_decode(const llama_layer *L, const llama_dims *c, float *x, const float *cos_t, const float *sin_t,
-                        const int64_t *slots, const int64_t *dslots, const int64_t *dlens, int64_t max_n,
-                        int64_t t, const float *final_norm, float *out) {
+ * sequence: rope[2 * table] / rope[2 * table + 1] = cos / sin [T, half], slots [T] (where the new k/v go),
+ * dslots [T, max_n] and dlens [T] (each sequence's cache slots). amx_rows: more rows than this take AMX in
+ * the matmul (same result). act: 0 SiLU, 1 tanh-GELU. */
+void ember_decode_step(const dec_layer *L, const dec_dims *c, float *x, const float *const *rope,
+                       const int64_t *slots, const int64_t *dslots, const int64_t *dlens, int64_t max_n,
+                       int64_t t, const float *final_norm, float *out) {
     const int64_t nqkv = (c->nq + 2 * c->nkv) * c->dh, nattn = c->nq * c->dh;
     float *h = malloc(sizeof(float) * t * c->d);
     uint16_t *qkv = malloc(2 * t * nqkv), *att = malloc(2 * t * nattn), *delta = malloc(2 * t * c->d);
     uint16_t *gu = malloc(4 * t * c->inter), *act = malloc(2 * t * c->inter);
     const uint16_t *pending = NULL;  /* the previous layer's output, added by this layer's first norm */
+    const float *pending_norm = NULL;  /* and its sandwich norm */
     for (int64_t l = 0; l < c->layers; l++) {
-        const llama_layer *w = L + l;
-        ember_add_rmsnorm(x, pending, NULL, w->in_norm, c->eps, t, c->d, NULL, h);
+        const dec_layer *w = L + l;
+        ember_add_rmsnorm(x, pending, pending_norm, w->in_norm, c->eps, t, c->d, NULL, h);
         linear(&w->qkv, h, 1, t, nqkv, c->d, c->amx_rows, qkv);
-        ember_rope_store(qkv, t, c->nq, c->nkv, c->dh, c->half, cos_t, sin_t, w->q_norm, w->k_norm, c->qk_eps,
-                         w->kc, w->vc, c->s_slots, slots);
+        ember_rope_store(qkv, t, c->nq, c->nkv, c->dh, c->half, rope[2 * w->rope], rope[2 * w->rope + 1], w->q_norm,
+                         w->k_norm, c->qk_eps, w->kc, w->vc, c->s_slots, slots);
         ember_decode_attention(qkv, nqkv, w->kc, w->vc, c->s_slots, dslots, dlens, max_n, t, c->nq, c->nkv, c->dh,
-                               c->scale, c->window, 0.f, att);
+                               c->scale, w->window, c->softcap, att);
         linear(&w->o, att, 0, t, c->d, nattn, c->amx_rows, delta);
-        ember_add_rmsnorm(x, delta, NULL, w->post_norm, c->eps, t, c->d, NULL, h);
+        ember_add_rmsnorm(x, delta, w->attn_out_norm, w->mlp_norm, c->eps, t, c->d, NULL, h);
         linear(&w->gate_up, h, 1, t, 2 * c->inter, c->d, c->amx_rows, gu);
-        ember_act_mul(gu, act, t, c->inter, 0);
+        ember_act_mul(gu, act, t, c->inter, (int)c->act);
         linear(&w->down, act, 0, t, c->d, c->inter, c->amx_rows, delta);
         pending = delta;
+        pending_norm = w->mlp_out_norm;
     }
-    ember_add_rmsnorm(x, pending, NULL, final_norm, c->eps, t, c->d, NULL, out);
+    ember_add_rmsnorm(x, pending, pending_norm, final_norm, c->eps, t, c->d, NULL, out);
     free(h);
     free(qkv);
     free(att);
