@@ -61,3 +61,23 @@ def generate_in_chunks(llm, ids: list[int], budget: int, params):
         return llm.generate([ids], params)[0]
     finally:
         cfg.max_num_batched_tokens = old
+
+
+def assert_fused_step_equals_per_op(llm, prompts, max_tokens: int) -> None:
+    """Generate with the one-call decode step, then with the per-op path (same prefill: the prefix cache is
+    emptied in between): tokens and logprobs must agree bit for bit."""
+    from ember import SamplingParams
+
+    model = llm.engine.model
+    assert model.decode_step is not None
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)
+    fused = llm.generate(prompts, params)
+    llm.engine.kv.pool.reset_prefix_cache()  # a cached prefix would attend in chunks (last bits differ)
+    step, model.decode_step = model.decode_step, None
+    try:
+        per_op = llm.generate(prompts, params)
+    finally:
+        model.decode_step = step
+    for a, b in zip(fused, per_op, strict=True):
+        assert a.token_ids == b.token_ids
+        assert [lp.logprob for lp in a.logprobs] == [lp.logprob for lp in b.logprobs]

@@ -13,6 +13,7 @@ from ember import SamplingParams
 from tests.reference import (
     N_TOKENS,
     PROMPTS,
+    assert_fused_step_equals_per_op,
     assert_same_until_near_tie,
     generate_in_chunks,
     load_reference,
@@ -107,18 +108,5 @@ def test_fused_decode_step_equals_per_op(gemma_gguf):
     if not packed.available():
         pytest.skip("ember's packed kernels are not available here")
     llm = ember.load(gemma_gguf)
-    model = llm.engine.model
-    assert model.decode_step is not None
     long = llm.encode(" ".join(["The river bends past the old mill and the town beyond it."] * 45))[:515]
-    prompts = [llm.encode("The capital of France is"), long]
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
-    fused = llm.generate(prompts, params)
-    llm.engine.kv.pool.reset_prefix_cache()  # the same prefill both times (a cached prefix attends in chunks)
-    step, model.decode_step = model.decode_step, None
-    try:
-        per_op = llm.generate(prompts, params)
-    finally:
-        model.decode_step = step
-    for a, b in zip(fused, per_op, strict=True):
-        assert a.token_ids == b.token_ids
-        assert [lp.logprob for lp in a.logprobs] == [lp.logprob for lp in b.logprobs]
+    assert_fused_step_equals_per_op(llm, [llm.encode("The capital of France is"), long], 8)

@@ -7,6 +7,7 @@ import pytest
 import ember
 from ember import SamplingParams
 from ember.errors import ContextLengthError, ParameterError
+from tests.reference import assert_fused_step_equals_per_op
 
 
 @pytest.fixture(scope="module")
@@ -161,18 +162,6 @@ def test_fused_decode_step_equals_per_op(llm):
     logprobs, same tokens) for a batch whose sequences have different lengths."""
     from ember.quant import packed
 
-    model = llm.engine.model
     if not packed.available():
         pytest.skip("ember's packed kernels are not available here")
-    assert model.decode_step is not None
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
-    prompts = BATCH_PROMPTS[:5]
-    fused = llm.generate(prompts, params)
-    step, model.decode_step = model.decode_step, None
-    try:
-        per_op = llm.generate(prompts, params)
-    finally:
-        model.decode_step = step
-    for a, b in zip(fused, per_op, strict=True):
-        assert a.token_ids == b.token_ids
-        assert [lp.logprob for lp in a.logprobs] == [lp.logprob for lp in b.logprobs]
+    assert_fused_step_equals_per_op(llm, BATCH_PROMPTS[:5], 12)
