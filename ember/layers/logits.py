@@ -29,6 +29,14 @@ def canonical_rows(codes: Canonical) -> Rows:
     return rows
 
 
+def head_logits(head: nn.Module, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """hidden [B, D] fp32 -> logits [B, V] fp32. A head on ember's packed kernel (`out_f32`, set by the loader)
+    takes the fp32 hidden state and returns fp32, with no bf16 rounding of either; others run in `dtype`."""
+    if getattr(head, "out_f32", False):
+        return head(hidden)
+    return head(hidden.to(dtype)).float()
+
+
 class TopRefiner(nn.Module):
     """rows: exact fp32 head rows by id (from the packed head itself, or from canonical codes)."""
 

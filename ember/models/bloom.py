@@ -18,6 +18,7 @@ from ember.config import ModelConfig
 from ember.layers.attention import ForwardContext, paged_attention
 from ember.layers.embedding import Embedding
 from ember.layers.linear import Linear
+from ember.layers.logits import head_logits
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:
@@ -105,5 +106,5 @@ class BloomForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, D] fp32 -> logits [B, V] fp32."""
-        logits = self.lm_head(hidden.to(self.embed_tokens.out_dtype)).float()
+        logits = head_logits(self.lm_head, hidden, self.embed_tokens.out_dtype)
         return logits if self.refiner is None else self.refiner(logits, hidden)

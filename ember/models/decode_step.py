@@ -80,7 +80,8 @@ class DecodeStep:
         return DecodeStep(model) if len(eps) == 1 else None  # the kernel takes one eps for every norm
 
     def _layer_array(self, ctx: ForwardContext) -> ctypes.Array:
-        key = tuple(t.data_ptr() for t in ctx.k_cache) + tuple(t.data_ptr() for t in ctx.v_cache)
+        # the engine's caches are allocated once: the lists and their first tensors identify them
+        key = (id(ctx.k_cache), id(ctx.v_cache), ctx.k_cache[0].data_ptr(), ctx.v_cache[0].data_ptr())
         if self._layers is None or key != self._cache_key:
             rows = []
             for i, layer in enumerate(self.model.layers):

@@ -17,6 +17,7 @@ from ember.config import ModelConfig
 from ember.layers.attention import ForwardContext, qkv_attention
 from ember.layers.embedding import Embedding
 from ember.layers.linear import QKV_GATE_UP, Linear
+from ember.layers.logits import head_logits
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import rope_cos_sin, rope_inv_freq
@@ -108,7 +109,7 @@ class Gemma3ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, D] fp32 (last position of each sequence) -> logits [B, V] in fp32."""
-        logits = self.lm_head(hidden.to(self.embed_tokens.out_dtype)).float()
+        logits = head_logits(self.lm_head, hidden, self.embed_tokens.out_dtype)
         if self.refiner is not None:
             logits = self.refiner(logits, hidden)
         if self.final_softcap is not None:  # monotonic: the refiner's top candidates stay the top

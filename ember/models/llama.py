@@ -10,6 +10,7 @@ from ember.config import ModelConfig
 from ember.layers.attention import ForwardContext, qkv_attention
 from ember.layers.embedding import Embedding
 from ember.layers.linear import QKV_GATE_UP, Linear
+from ember.layers.logits import head_logits
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import rope_cos_sin, rope_inv_freq
@@ -88,5 +89,5 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, D] fp32 (last position of each sequence) -> logits [B, V] in fp32."""
-        logits = self.lm_head(hidden.to(self.embed_tokens.out_dtype)).float()
+        logits = head_logits(self.lm_head, hidden, self.embed_tokens.out_dtype)
         return logits if self.refiner is None else self.refiner(logits, hidden)

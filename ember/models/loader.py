@@ -89,6 +89,7 @@ def _attach_refiner(model: nn.Module, cfg: ModelConfig, lm_head: Linear | None, 
         return
     if isinstance(lm_head.method, PackedBlocksMethod):
         model.refiner = TopRefiner(partial(rows_f32, lm_head))
+        lm_head.out_f32 = True  # fp32 in and out (see head_logits)
         return
     emb = model.embed_tokens
     if cfg.tie_word_embeddings and emb.codes is not None:

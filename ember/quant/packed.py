@@ -134,7 +134,7 @@ class PackedBlocksMethod(QuantMethod):
         x = x.reshape(-1, shape[-1])
         if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
             x = x.to(torch.bfloat16).contiguous()  # [T, K]
-        y = matmul(layer, x, layer.n_out)
+        y = matmul(layer, x, layer.n_out, torch.float32 if getattr(layer, "out_f32", False) else torch.bfloat16)
         if layer.bias is not None:
             y = y + layer.bias
         return y.view(*shape[:-1], layer.n_out)

@@ -80,8 +80,13 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
     __m512 acc[4];
     for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps();
     const int halves = w->sub16 ? 2 : 1, gpart = 8 / halves;  /* code groups per scale */
+    const int64_t cb = w->bits8 ? 512 : 256;
     for (int64_t b = 0; b < w->nb; b++) {
         __m512i u[8];
+        /* a decode step streams the weights from DRAM once: asking 4 KiB ahead hides part of the latency
+         * the hardware prefetcher leaves (the 168M-weight Gemma head: -12..20 %; prefetches never fault) */
+        const uint8_t *ahead = w->codes + (t * w->nb + b) * cb + 4096;
+        for (int64_t o = 0; o < cb; o += 64) _mm_prefetch((const char *)(ahead + o), _MM_HINT_T0);
         load_codes(w, t, b, u);
         for (int hf = 0; hf < halves; hf++) {
             const int64_t at = ((t * w->nb + b) * halves + hf) * 16;
