@@ -9,6 +9,7 @@ llama-cpp-python, each used only when installed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import statistics
@@ -228,7 +229,8 @@ def table(results: list[Result], weight_bytes: int) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         gbs = r.decode_tok_s * weight_bytes / 1e9
-        rows.append(f"| {r.engine} | {r.load_s:.2f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | {gbs:.1f} | "
+        load = "n/a" if math.isnan(r.load_s) else f"{r.load_s:.2f}"
+        rows.append(f"| {r.engine} | {load} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | {gbs:.1f} | "
                     f"{r.peak_rss_mb:.0f} | {r.decode_tok_s / base.decode_tok_s:.2f}x | {r.note} |")
     return "\n".join(rows)
 

@@ -207,7 +207,8 @@ def chat_cmd(
 @app.command()
 def bench(
     model: ModelOpt = None,
-    vs: Annotated[list[str] | None, typer.Option("--vs", help="Peer to measure in the same run: transformers, llama.cpp (repeatable). "
+    vs: Annotated[list[str] | None, typer.Option("--vs", help="Peer to measure in the same run: transformers, llama.cpp (repeatable; llama.cpp's "
+                                                  "llama-bench on PATH or $LLAMA_BENCH, else llama-cpp-python). "
                                                   "With --concurrency: llama.cpp's server (llama-server on PATH or "
                                                   "$LLAMA_SERVER) under the same load.")] = None,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens for the prefill measurement.")] = 128,
@@ -225,6 +226,7 @@ def bench(
     measure continuous batching instead: N distinct prompts of --prompt-len tokens arrive at once and
     each generates --gen-len tokens."""
     from ember import bench as b
+    from ember import bench_llama_cpp
     from ember.hub import DEFAULT_MODEL, resolve_model
 
     peers = list(vs or [])
@@ -234,13 +236,14 @@ def bench(
         if concurrency:  # the serving benchmark drives llama.cpp's own server, not the Python binding
             if p != "llama.cpp":
                 raise EmberError(f"--concurrency runs against llama.cpp's server only, not --vs {p}")
-            from ember import bench_llama_server
-
-            if bench_llama_server.binary() is None:
-                raise EmberError(bench_llama_server.HELP)
+            if bench_llama_cpp.binary() is None:
+                raise EmberError(bench_llama_cpp.HELP)
+        elif p == "llama.cpp" and bench_llama_cpp.binary("llama-bench") is not None:
+            pass  # llama.cpp's own benchmark program, preferred to the Python binding when both are there
         elif not b.available(p):
-            pkg = {"transformers": "transformers accelerate", "llama.cpp": "llama-cpp-python"}[p]
-            raise EmberError(f"--vs {p}: not installed (pip install {pkg}); ember never requires it")
+            pkg = {"transformers": "pip install transformers accelerate",
+                   "llama.cpp": "pip install llama-cpp-python, or llama-bench on PATH / $LLAMA_BENCH"}[p]
+            raise EmberError(f"--vs {p}: not installed ({pkg}); ember never requires it")
     if prompt_len < 1 or gen_len < 2 or trials < 1:
         raise EmberError("--prompt-len >= 1, --gen-len >= 2 and --trials >= 1 are needed")
     path = resolve_model(model or DEFAULT_MODEL)
@@ -263,9 +266,7 @@ def bench(
             try:
                 serving.append(b.run_engine("ember-serving", path, ids, gen_len, c, n_threads))
                 if peers:
-                    from ember import bench_llama_server
-
-                    serving.append(bench_llama_server.run(path, ids, gen_len, c, n_threads))
+                    serving.append(bench_llama_cpp.run(path, ids, gen_len, c, n_threads))
             except RuntimeError as e:
                 raise EmberError(str(e)) from None
         print(b.serving_table(serving))  # type: ignore[arg-type]
@@ -274,6 +275,9 @@ def bench(
     for engine in ["ember", *peers]:
         print(f"[bench] running {engine} ...", file=sys.stderr)
         try:
+            if engine == "llama.cpp" and bench_llama_cpp.binary("llama-bench") is not None:
+                results.append(bench_llama_cpp.llama_bench(path, len(ids), gen_len, trials, n_threads))
+                continue
             results.append(b.run_engine(engine, path, ids, gen_len, trials, n_threads,
                                         quant if engine == "ember" else None))
         except RuntimeError as e:

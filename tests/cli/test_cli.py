@@ -245,3 +245,29 @@ def test_serve_answers_and_refuses_a_busy_port(smollm_gguf):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+FAKE_LLAMA_BENCH = """#!{python}
+# stands in for llama.cpp's llama-bench: checks its flags, prints its JSON report
+import json, sys
+a = sys.argv
+flags = {{a[i]: a[i + 1] for i in range(1, len(a) - 1) if a[i].startswith("-")}}
+assert flags["-m"].endswith(".gguf") and flags["-o"] == "json" and int(flags["-t"]) >= 1, flags
+p, n = int(flags["-p"]), int(flags["-n"])
+print(json.dumps([{{"n_prompt": p, "n_gen": 0, "avg_ts": 123.5}}, {{"n_prompt": 0, "n_gen": n, "avg_ts": 45.25}}]))
+"""
+
+
+def test_bench_vs_llama_bench_binary(smollm_gguf, tmp_path):
+    """Without llama-cpp-python, --vs llama.cpp runs llama.cpp's llama-bench (here a stand-in) and reads
+    its JSON report."""
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    fake.chmod(0o755)
+    r = subprocess.run([*EMBER, "bench", "-m", str(smollm_gguf), "--trials", "1", "--gen-len", "4", "--prompt-len",
+                        "8", "--threads", "1", "--vs", "llama.cpp"], capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, LLAMA_BENCH=str(fake)))
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| llama.cpp |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "n/a" and float(cells[2]) == 124 and float(cells[3]) == 45.2 and float(cells[5]) > 0

@@ -1,6 +1,10 @@
-"""`ember bench --concurrency N --vs llama.cpp`: llama.cpp's own server under the load ember gets.
+"""llama.cpp's own programs as `ember bench` peers, when they are installed (never required).
 
-llama-server is started on the same GGUF with N slots (`-np N`, each with room for the prompt and the
+`ember bench --vs llama.cpp` with llama-bench on PATH (or $LLAMA_BENCH; preferred to llama-cpp-python):
+llama-bench on the same file, prompt length, generation length, trials and threads (its prompt is its
+own random tokens of that length; it reports no load time).
+
+`ember bench --concurrency N --vs llama.cpp`: llama-server is started on the same GGUF with N slots (`-np N`, each with room for the prompt and the
 generation), the same thread count and a free loopback port; N streaming `/completion` requests with the
 same prompt token ids (greedy, `ignore_eos`, no prompt cache) arrive at once. Its timings come from the
 arrival of each streamed chunk, as ember's do from each step's outputs.
@@ -20,14 +24,41 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ember.bench import ServingResult, _percentile
+from ember.bench import Result, ServingResult, _percentile
 
 HELP = ("llama.cpp's server was not found: build llama.cpp (cmake --build build -t llama-server) and put "
         "llama-server on PATH, or set LLAMA_SERVER=/path/to/llama-server")
 
 
-def binary() -> str | None:
-    return os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+def binary(name: str = "llama-server") -> str | None:
+    """llama-server or llama-bench: $LLAMA_SERVER / $LLAMA_BENCH, else PATH."""
+    return os.environ.get(name.upper().replace("-", "_")) or shutil.which(name)
+
+
+def llama_bench(model: Path, prompt_len: int, gen: int, trials: int, threads: int) -> Result:
+    """Prefill (pp) and decode (tg) tok/s from llama-bench's JSON report; peak RSS of its process."""
+    exe = binary("llama-bench")
+    if exe is None:
+        raise RuntimeError("llama-bench was not found: put it on PATH or set LLAMA_BENCH=/path/to/llama-bench")
+    cmd = [exe, "-m", str(model), "-t", str(threads), "-p", str(prompt_len), "-n", str(gen), "-r", str(trials),
+           "-o", "json"]
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # reaped here: its own peak RSS, not all children's
+        code = os.waitstatus_to_exitcode(status)
+        proc.returncode = code
+        out_f.seek(0)
+        err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
+    if code:
+        raise RuntimeError(f"llama-bench exited with {code}:\n{err.strip()[-2000:]}")
+    try:
+        rows = json.loads(out)
+        pp = next(r["avg_ts"] for r in rows if r["n_prompt"] == prompt_len and r["n_gen"] == 0)
+        tg = next(r["avg_ts"] for r in rows if r["n_gen"] == gen and r["n_prompt"] == 0)
+    except (ValueError, KeyError, StopIteration) as e:
+        raise RuntimeError(f"llama-bench printed no pp{prompt_len} / tg{gen} rows ({e}):\n{out[-1000:]}") from None
+    return Result("llama.cpp", float("nan"), pp, tg, usage.ru_maxrss / 1024, "llama-bench (its own random prompt tokens)")
 
 
 def _free_port() -> int:
