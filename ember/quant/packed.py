@@ -52,9 +52,10 @@ def pack_tiles(c: Canonical, bits8: bool) -> tuple[torch.Tensor, torch.Tensor, t
         q = torch.cat((q, q.new_zeros(pad, k)))
         s, o = torch.cat((s, s.new_zeros(pad, s.shape[1]))), torch.cat((o, o.new_zeros(pad, o.shape[1])))
     t, nb = (n + pad) // TILE, k // GROUP
-    u = q.view(t, TILE, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(t, nb, 8, TILE * 4)  # [T, B, group, row*4]
-    if not bits8:
-        u = u[:, :, 0::2] | (u[:, :, 1::2] << 4)  # chunk c: group 2c in low nibbles, 2c+1 in high
+    u = q.view(t, TILE, nb, 8, 4)  # [T, row, B, group, 4]
+    if not bits8:  # chunk c: group 2c in low nibbles, 2c+1 in high (merged first: half the bytes to permute)
+        u = u[:, :, :, 0::2] | (u[:, :, :, 1::2] << 4)  # [T, row, B, 4, 4]
+    u = u.permute(0, 2, 3, 1, 4)  # [T, B, group or chunk, row, 4]
     tiles = lambda v: v.to(torch.float16).view(t, TILE, nb, per).permute(0, 2, 3, 1).reshape(t, nb, per * TILE)  # noqa: E731
     return u.reshape(t, nb, -1).contiguous(), tiles(s), tiles(o)
 
