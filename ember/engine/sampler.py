@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.kernels import ops
 from ember.sampling_params import SamplingParams
 
 
@@ -207,10 +208,10 @@ class Sampler:
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         # logits: [B, V]
         if batch.plain_greedy:
-            tokens = logits.argmax(dim=-1)  # [B]
+            tokens = ops.argmax(logits)  # [B]
         else:
             x = apply_penalties(logits, batch)  # [B, V] fp32
-            best = x.argmax(dim=-1)  # [B]
+            best = ops.argmax(x)  # [B]
             tokens = best if batch.all_greedy else torch.where(batch.greedy, best, self._draw(x, batch))
         token_ids = tokens.tolist()  # the one host sync of the step (two when logprobs are asked for)
         return SamplerOutput(token_ids, self._logprobs(logits, tokens, token_ids, batch))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "cpu_ops.c", CSRC / "qtile.c", CSRC / "decode_step.c"]  # with the headers beside them
+SOURCES = [CSRC / "cpu_ops.c", CSRC / "qtile.c", CSRC / "decode_step.c", CSRC / "select.c"]  # with the headers beside them
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
 
 _P = ctypes.c_void_p
@@ -36,6 +36,8 @@ SIGNATURES = {
     "ember_qtile_matmul": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _I],
     "ember_qtile_rows_f32": [_P, _I, _P, _P, _P, _I, _I, _P],
     "ember_decode_step": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P],
+    "ember_topk_rows": [_P, _I, _I, _I, _P, _P],
+    "ember_argmax_rows": [_P, _I, _I, _P],
 }
 
 
@@ -81,6 +83,7 @@ def cpu_ops() -> ctypes.CDLL | None:
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    for name in ("ember_qtile_available", "ember_qtile_amx_built", "ember_amx_available"):
+    for name in ("ember_qtile_available", "ember_qtile_amx_built", "ember_amx_available", "ember_topk_rows",
+                 "ember_argmax_rows"):
         getattr(lib, name).restype = ctypes.c_int
     return lib

@@ -93,3 +93,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         lens.data_ptr(), slots.shape[1], b, h, k_cache.shape[0], dh, scale, window or 0, softcap or 0.0,
         out.data_ptr())
     return out
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x: [B, V] -> indices [B, k] of each row's k largest values, largest first (as torch.topk)."""
+    lib = cpu_ops()
+    b, n = x.shape
+    if lib is not None and x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu" and k <= n:
+        vals, idx = torch.empty(b, k), torch.empty(b, k, dtype=torch.int64)
+        if lib.ember_topk_rows(x.data_ptr(), b, n, k, vals.data_ptr(), idx.data_ptr()):
+            return idx
+    return x.topk(k, dim=-1).indices  # NaN rows, other dtypes and devices
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x: [B, V] -> [B] int64, the first index of each row's maximum (as torch.argmax)."""
+    lib = cpu_ops()
+    if lib is not None and x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu" and x.dim() == 2:
+        idx = torch.empty(x.shape[0], dtype=torch.int64)
+        if lib.ember_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], idx.data_ptr()):
+            return idx
+    return x.argmax(dim=-1)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ember.kernels import ops
 from ember.quant.gguf_blocks import GROUP, Canonical
 
 Rows = Callable[[torch.Tensor], torch.Tensor]  # row ids [n] -> fp32 weight rows [n, D]
@@ -47,7 +48,7 @@ class TopRefiner(nn.Module):
     def forward(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """logits: [B, V] fp32 approximations; hidden: [B, D] fp32 -> logits with the top k exact."""
         b, d = hidden.shape
-        idx = logits.topk(min(self.k, logits.shape[-1]), dim=-1).indices  # [B, k]
+        idx = ops.topk_indices(logits, min(self.k, logits.shape[-1]))  # [B, k]
         w = self.rows(idx.reshape(-1)).view(b, -1, d)  # [B, k, D]
         exact = torch.einsum("bkd,bd->bk", w, hidden.float())  # [B, k]
         return logits.scatter(1, idx, exact)

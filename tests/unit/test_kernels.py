@@ -167,3 +167,22 @@ def test_no_compiler_falls_back(monkeypatch, torch_only):
     x = torch.randn(2, 8)
     y = ops.add_rmsnorm(x, None, torch.ones(8), 1e-6, torch.float32)
     torch.testing.assert_close(y, F.rms_norm(x, (8,), torch.ones(8), 1e-6))
+
+
+@pytest.mark.parametrize("n", [49152, 37, 5])
+def test_topk_and_argmax_match_torch(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(6, n, generator=g)
+    x[1, 3] = x[1, min(n - 1, 20)] = 50.0  # a tie at the top: the first index wins, as in torch
+    x[2] = -float("inf")
+    x[2, n - 1] = 0.0
+    k = min(16, n)
+    idx = ops.topk_indices(x, k)
+    # the same k values in the same order (which of equal values is taken is free, as in torch)
+    assert torch.equal(x.gather(1, idx), x.topk(k, dim=-1).values)
+    assert idx[1, :2].tolist() == [3, min(n - 1, 20)] and idx[2, 0] == n - 1
+    assert all(len(set(r)) == k for r in idx.tolist())  # no index twice
+    assert torch.equal(ops.argmax(x), x.argmax(dim=-1))
+    x[4, n // 2] = float("nan")  # a NaN row falls back to torch (NaN counts as the maximum there)
+    assert torch.equal(ops.argmax(x), x.argmax(dim=-1))
+    assert torch.equal(ops.topk_indices(x, k)[4], x.topk(k, dim=-1).indices[4])

@@ -1,0 +1,86 @@
+/* Row-wise top-k and argmax over fp32 logits [rows, n]: torch's CPU topk / argmax take ~1.4 / 1.1 ms for
+ * 16 rows of a 49k vocabulary here; a vectorized pass that only looks closer at values above the current
+ * k-th best reads each row once. Rows with a NaN are left to the caller (return value 0). */
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* insert (v, i) into the descending list vals/idx of length k (v beats the last entry) */
+static inline void insert(float *vals, int64_t *idx, int64_t k, float v, int64_t i) {
+    int64_t j = k - 1;
+    while (j > 0 && vals[j - 1] < v) {  /* equal values keep the earlier index first, as torch does */
+        vals[j] = vals[j - 1];
+        idx[j] = idx[j - 1];
+        j--;
+    }
+    vals[j] = v;
+    idx[j] = i;
+}
+
+static int row_has_nan(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (isnan(x[i])) return 1;
+    return 0;
+}
+
+/* vals/idx [rows, k], best first. Returns 1, or 0 when a row holds NaN (nothing written is to be used). */
+int ember_topk_rows(const float *x, int64_t rows, int64_t n, int64_t k, float *vals, int64_t *idx) {
+    int ok = 1;
+#pragma omp parallel for schedule(static) if (rows * n > 65536) reduction(& : ok)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *v = vals + r * k;
+        int64_t *ix = idx + r * k;
+        if (row_has_nan(xr, n)) {
+            ok = 0;
+            continue;
+        }
+        for (int64_t j = 0; j < k; j++) {
+            v[j] = -INFINITY;
+            ix[j] = -1;
+        }
+        int64_t i = 0;
+        for (; i < k && i < n; i++) insert(v, ix, i + 1, xr[i], i);  /* a growing list: the first k */
+#if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16) {
+            __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(xr + i), _mm512_set1_ps(v[k - 1]), _CMP_GT_OQ);
+            while (m) {  /* rare once the list has filled with large values */
+                const int j = __builtin_ctz(m);
+                if (xr[i + j] > v[k - 1]) insert(v, ix, k, xr[i + j], i + j);
+                m &= m - 1;
+            }
+        }
+#endif
+        for (; i < n; i++)
+            if (xr[i] > v[k - 1]) insert(v, ix, k, xr[i], i);
+    }
+    return ok;
+}
+
+/* idx [rows]: the first index of each row's maximum. Returns 0 when a row holds NaN. */
+int ember_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *idx) {
+    int ok = 1;
+#pragma omp parallel for schedule(static) if (rows * n > 65536) reduction(& : ok)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        if (row_has_nan(xr, n)) {
+            ok = 0;
+            continue;
+        }
+        float best = -INFINITY;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (; i + 16 <= n; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(xr + i));
+        best = _mm512_reduce_max_ps(mx);
+#endif
+        for (; i < n; i++) best = xr[i] > best ? xr[i] : best;
+        int64_t at = 0;
+        while (at < n - 1 && xr[at] != best) at++;  /* the first occurrence */
+        idx[r] = at;
+    }
+    return ok;
+}
