@@ -35,6 +35,13 @@ def binary(name: str = "llama-server") -> str | None:
     return os.environ.get(name.upper().replace("-", "_")) or shutil.which(name)
 
 
+def _spawn(cmd: list[str], **kw) -> subprocess.Popen:
+    try:
+        return subprocess.Popen(cmd, **kw)
+    except OSError as e:  # a wrong $LLAMA_SERVER / $LLAMA_BENCH: say which
+        raise RuntimeError(f"cannot run {cmd[0]}: {e.strerror or e}") from None
+
+
 def llama_bench(model: Path, prompt_len: int, gen: int, trials: int, threads: int) -> Result:
     """Prefill (pp) and decode (tg) tok/s from llama-bench's JSON report; peak RSS of its process."""
     exe = binary("llama-bench")
@@ -43,7 +50,7 @@ def llama_bench(model: Path, prompt_len: int, gen: int, trials: int, threads: in
     cmd = [exe, "-m", str(model), "-t", str(threads), "-p", str(prompt_len), "-n", str(gen), "-r", str(trials),
            "-o", "json"]
     with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
-        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True)
+        proc = _spawn(cmd, stdout=out_f, stderr=err_f, text=True)
         _, status, usage = os.wait4(proc.pid, 0)  # reaped here: its own peak RSS, not all children's
         code = os.waitstatus_to_exitcode(status)
         proc.returncode = code
@@ -122,7 +129,7 @@ def run(model: Path, ids: list[int], gen: int, concurrency: int, threads: int) -
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "llama-server.log"
         with log.open("w") as out:
-            proc = subprocess.Popen([exe, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+            proc = _spawn([exe, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                                      "-np", str(concurrency), "-c", str(ctx), "-t", str(threads)],
                                     stdout=out, stderr=subprocess.STDOUT)
         try:

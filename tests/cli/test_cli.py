@@ -271,3 +271,7 @@ def test_bench_vs_llama_bench_binary(smollm_gguf, tmp_path):
     row = next(line for line in r.stdout.splitlines() if line.startswith("| llama.cpp |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "n/a" and float(cells[2]) == 124 and float(cells[3]) == 45.2 and float(cells[5]) > 0
+    r = subprocess.run([*EMBER, "bench", "-m", str(smollm_gguf), "--trials", "1", "--gen-len", "4", "--vs", "llama.cpp",
+                        "--threads", "1"], capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, LLAMA_BENCH=str(tmp_path / "missing")))
+    assert r.returncode == 1 and "cannot run" in r.stderr and "Traceback" not in r.stderr
