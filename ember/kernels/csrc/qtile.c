@@ -123,11 +123,14 @@ static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int
         }
 }
 
+/* C11 aligned_alloc wants a size that is a multiple of the alignment (macOS returns NULL otherwise) */
+static void *alloc64(size_t n) { return aligned_alloc(64, (n + 127) & ~(size_t)63); }
+
 /* x [M, K] (bf16 or fp32) -> h, l, d/256, block sums; rows padded with zeros up to m_pad */
 static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, int64_t k, int sub16) {
     const int64_t nb = k / 32;
-    qact a = {aligned_alloc(64, (size_t)(m_pad * k + 64)), aligned_alloc(64, (size_t)(m_pad * k + 64)),
-              aligned_alloc(64, (size_t)(m_pad * nb) * 4 + 64), aligned_alloc(64, (size_t)(m_pad * nb) * 8 + 64)};
+    qact a = {alloc64((size_t)(m_pad * k)), alloc64((size_t)(m_pad * k)), alloc64((size_t)(m_pad * nb) * 4),
+              alloc64((size_t)(m_pad * nb) * 8)};
     memset(a.h + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
     memset(a.l + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
 #pragma omp parallel for schedule(static) if (m_rows * k > 65536)
