@@ -159,6 +159,20 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
+def serving_prompts(ids: list[int], n: int) -> list[list[int]]:
+    """n distinct prompts for the serving benchmark: rotations of `ids`, so no two share a prefix."""
+    return [ids[i % len(ids):] + ids[: i % len(ids)] for i in range(n)]
+
+
+def serving_result(stamps: list[list[float]], t0: float, wall: float, rss_mb: float,
+                   engine: str = "ember") -> ServingResult:
+    """From each request's token arrival times (all requests sent at t0; the run took `wall` seconds)."""
+    ttft = [(ts[0] - t0) * 1e3 for ts in stamps]
+    gaps = [(b - a) * 1e3 for ts in stamps for a, b in zip(ts, ts[1:], strict=False)]
+    return ServingResult(len(stamps), sum(map(len, stamps)) / wall, _percentile(ttft, 50), _percentile(ttft, 99),
+                         _percentile(gaps, 50), rss_mb, engine)
+
+
 def _ember_serving(model: Path, ids: list[int], gen: int, concurrency: int) -> ServingResult:
     """`concurrency` requests arrive at once (distinct prompts: no prefix to share), each generates `gen`."""
     import ember
@@ -170,17 +184,12 @@ def _ember_serving(model: Path, ids: list[int], gen: int, concurrency: int) -> S
     llm.generate([ids[1:] + ids[:1]] * 2, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
     eng.kv.pool.reset_prefix_cache()
     t0 = time.perf_counter()
-    stamps: dict[str, list[float]] = {eng.add_request(ids[i % len(ids):] + ids[: i % len(ids)], params): []
-                                      for i in range(concurrency)}
+    stamps: dict[str, list[float]] = {eng.add_request(p, params): [] for p in serving_prompts(ids, concurrency)}
     while eng.has_unfinished():
         for out in eng.step():
             if out.token_ids:
                 stamps[out.request_id].append(time.perf_counter())
-    wall = time.perf_counter() - t0
-    ttft = [(ts[0] - t0) * 1e3 for ts in stamps.values()]
-    gaps = [(b - a) * 1e3 for ts in stamps.values() for a, b in zip(ts, ts[1:], strict=False)]
-    return ServingResult(concurrency, sum(map(len, stamps.values())) / wall, _percentile(ttft, 50),
-                         _percentile(ttft, 99), _percentile(gaps, 50), _peak_rss_mb())
+    return serving_result(list(stamps.values()), t0, time.perf_counter() - t0, _peak_rss_mb())
 
 
 WORKERS = {"ember": _ember, "transformers": _transformers, "llama.cpp": _llama_cpp}

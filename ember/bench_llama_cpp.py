@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ember.bench import Result, ServingResult, _percentile
+from ember.bench import Result, ServingResult, serving_prompts, serving_result
 
 HELP = ("llama.cpp's server was not found: build llama.cpp (cmake --build build -t llama-server) and put "
         "llama-server on PATH, or set LLAMA_SERVER=/path/to/llama-server")
@@ -130,15 +130,14 @@ def run(model: Path, ids: list[int], gen: int, concurrency: int, threads: int) -
         log = Path(tmp) / "llama-server.log"
         with log.open("w") as out:
             proc = _spawn([exe, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-                                     "-np", str(concurrency), "-c", str(ctx), "-t", str(threads)],
-                                    stdout=out, stderr=subprocess.STDOUT)
+                           "-np", str(concurrency), "-c", str(ctx), "-t", str(threads)],
+                          stdout=out, stderr=subprocess.STDOUT)
         try:
             _wait_ready(url, proc, log)
             stamps: list[list[float]] = [[] for _ in range(concurrency)]
             errors: list[str] = []
-            prompts = [ids[i % len(ids):] + ids[: i % len(ids)] for i in range(concurrency)]  # as ember's
             workers = [threading.Thread(target=_stream, args=(url, p, gen, s, errors))
-                       for p, s in zip(prompts, stamps, strict=True)]
+                       for p, s in zip(serving_prompts(ids, concurrency), stamps, strict=True)]
             t0 = time.perf_counter()
             for w in workers:
                 w.start()
@@ -154,7 +153,4 @@ def run(model: Path, ids: list[int], gen: int, concurrency: int, threads: int) -
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    ttft = [(s[0] - t0) * 1e3 for s in stamps]
-    gaps = [(b - a) * 1e3 for s in stamps for a, b in zip(s, s[1:], strict=False)]
-    return ServingResult(concurrency, sum(map(len, stamps)) / wall, _percentile(ttft, 50), _percentile(ttft, 99),
-                         _percentile(gaps, 50), rss, engine="llama.cpp server")
+    return serving_result(stamps, t0, wall, rss, engine="llama.cpp server")
