@@ -57,7 +57,7 @@ def _norms(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module | None, nn
 class DecodeStep:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._layers: ctypes.Array | None = None
+        self._tables: tuple[ctypes.Array, _Dims] | None = None  # per-layer pointers and the shapes: fixed
         self._cache_key: tuple[int, ...] = ()
 
     @staticmethod
@@ -79,10 +79,15 @@ class DecodeStep:
                 return None
         return DecodeStep(model) if len(eps) == 1 else None  # the kernel takes one eps for every norm
 
-    def _layer_array(self, ctx: ForwardContext) -> ctypes.Array:
-        # the engine's caches are allocated once: the lists and their first tensors identify them
+    def _layer_tables(self, ctx: ForwardContext, half: int) -> tuple[ctypes.Array, _Dims]:
+        """Built once per KV cache (the engine allocates it once: its lists and first tensors identify it)."""
         key = (id(ctx.k_cache), id(ctx.v_cache), ctx.k_cache[0].data_ptr(), ctx.v_cache[0].data_ptr())
-        if self._layers is None or key != self._cache_key:
+        if self._tables is None or key != self._cache_key:
+            m, a = self.model, self.model.layers[0].self_attn
+            dims = _Dims(len(m.layers), m.norm.weight.shape[0], a.h, a.hkv, a.dh, m.layers[0].mlp.inter, half,
+                         ctx.k_cache[0].shape[1], packed.MAX_GEMV_ROWS if packed.amx_available() else 1 << 62,
+                         ACTS[m.layers[0].mlp.act], m.norm.eps, a.q_norm.eps if a.q_norm is not None else 1e-6,
+                         a.scale, getattr(a, "softcap", None) or 0.0)
             rows = []
             for i, layer in enumerate(self.model.layers):
                 a, mlp = layer.self_attn, layer.mlp
@@ -91,8 +96,8 @@ class DecodeStep:
                                    _ptr(n_mlp_out), _lin(a.qkv_proj), _lin(a.o_proj), _lin(mlp.gate_up_proj),
                                    _lin(mlp.down_proj), ctx.k_cache[i].data_ptr(), ctx.v_cache[i].data_ptr(),
                                    getattr(a, "window", None) or 0, int(not getattr(a, "sliding", True))))
-            self._layers, self._cache_key = (_Layer * len(rows))(*rows), key
-        return self._layers
+            self._tables, self._cache_key = ((_Layer * len(rows))(*rows), dims), key
+        return self._tables
 
     def __call__(self, x: torch.Tensor, ropes: list[Rope], ctx: ForwardContext) -> torch.Tensor | None:
         """x: [T, D] fp32 embeddings; ropes: cos/sin tables [T, rd/2] (Llama: one; Gemma: local, global)
@@ -102,17 +107,13 @@ class DecodeStep:
         if (ctx.decode_slots is None or ctx.decode_rows is not None or len(ctx.seqs) != t
                 or kc.dtype != torch.bfloat16 or not kc.is_contiguous()):
             return None  # not every sequence decodes, or a cache the kernels do not read
-        m, a = self.model, self.model.layers[0].self_attn
-        dims = _Dims(len(m.layers), x.shape[1], a.h, a.hkv, a.dh, m.layers[0].mlp.inter, ropes[0][0].shape[-1],
-                     kc.shape[1], packed.MAX_GEMV_ROWS if packed.amx_available() else 1 << 62,
-                     ACTS[m.layers[0].mlp.act], m.norm.eps, a.q_norm.eps if a.q_norm is not None else 1e-6,
-                     a.scale, getattr(a, "softcap", None) or 0.0)
+        layers, dims = self._layer_tables(ctx, ropes[0][0].shape[-1])
         tables = [r.contiguous() for rope in ropes for r in rope]  # cos, sin per table
         ptrs = (_P * 4)(*[tables[i % len(tables)].data_ptr() for i in range(4)])
         x = x.contiguous()
         out = torch.empty_like(x)
         slots, lens = ctx.decode_slots.contiguous(), ctx.decode_lens.contiguous()
         cpu_ops().ember_decode_step(  # type: ignore[union-attr]
-            self._layer_array(ctx), ctypes.byref(dims), x.data_ptr(), ptrs, ctx.slot_mapping.data_ptr(),
-            slots.data_ptr(), lens.data_ptr(), slots.shape[1], t, m.norm.weight.data_ptr(), out.data_ptr())
+            layers, ctypes.byref(dims), x.data_ptr(), ptrs, ctx.slot_mapping.data_ptr(), slots.data_ptr(),
+            lens.data_ptr(), slots.shape[1], t, self.model.norm.weight.data_ptr(), out.data_ptr())
         return out
