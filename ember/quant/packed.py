@@ -112,7 +112,8 @@ def matmul(layer: nn.Module, x: torch.Tensor, n: int, out_dtype: torch.dtype = t
 
 
 def rows_f32(layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Weight rows `ids` [n] (any order) in fp32 [n, K], computed q * s + o as gguf-py does."""
+    """Weight rows `ids` [n] (any order) in fp32 [n, K], computed q * s + o as gguf-py does (bit for bit for the
+    group-32 kinds; for Q6_K gguf-py's (q - 32) * s may differ in the last bit)."""
     ids = ids.to(torch.int64).contiguous()
     k = layer.s16.shape[1] * GROUP
     out = torch.empty(ids.shape[0], k)

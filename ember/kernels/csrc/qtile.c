@@ -283,8 +283,9 @@ void ember_qtile_matmul(const uint8_t *codes, int64_t mode, const uint16_t *s16,
     release(&a);
 }
 
-/* Rows `rows[i]` (any order) in fp32 [n, K], q * s + o in gguf-py's two roundings: token embeddings and
- * the head's exact top-candidate recompute read the packed head itself. */
+/* Rows `rows[i]` (any order) in fp32 [n, K], q * s + o in gguf-py's two roundings (Q6_K, which gguf-py
+ * computes as (q - 32) * s, may differ in the last bit): token embeddings and the head's exact
+ * top-candidate recompute read the packed head itself. */
 void ember_qtile_rows_f32(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                           const int64_t *rows, int64_t n, int64_t k, float *out) {
     const int64_t nb = k / 32, bits8 = mode & 1, halves = mode & 2 ? 2 : 1;
