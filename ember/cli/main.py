@@ -258,8 +258,6 @@ def bench(
     if concurrency:
         if quant or any(c < 1 for c in concurrency):
             raise EmberError("--concurrency takes counts >= 1 (and no --quantize yet)")
-        if peers and path.is_dir():
-            raise EmberError("--vs llama.cpp needs a .gguf file; this model is a Hugging Face directory")
         serving = []
         for c in concurrency:
             print(f"[bench] {c} concurrent requests ...", file=sys.stderr)
