@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "cpu_ops.c", CSRC / "qtile.c", CSRC / "decode_step.c", CSRC / "select.c"]  # with the headers beside them
+SOURCES = [CSRC / "cpu_ops.c", CSRC / "qtile.c", CSRC / "decode_step.c", CSRC / "select.c",
+           CSRC / "qpack.c"]  # with the headers beside them
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
 
 _P = ctypes.c_void_p
@@ -38,6 +39,8 @@ SIGNATURES = {
     "ember_decode_step": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P],
     "ember_topk_rows": [_P, _I, _I, _I, _P, _P],
     "ember_argmax_rows": [_P, _I, _I, _P],
+    "ember_gguf_decode": [_I, _P, _I, _I, _P, _P, _P],
+    "ember_qtile_pack": [_P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P],
 }
 
 

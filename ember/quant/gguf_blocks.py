@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ember.kernels import cpu_ops
+
 GROUP = 32
 QK_K = 256
 
@@ -156,6 +158,7 @@ GROUP16 = frozenset({"Q6_K"})  # one scale per 16 elements
 GROUP32_KINDS = frozenset(DECODERS) - GROUP16
 
 
+_KIND_ID = {kind: i for i, kind in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))}
 KIND_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
 CHUNK_ROWS = 8192  # rows decoded at a time: bounds the transient memory of big tensors (a 262k vocab)
 
@@ -168,12 +171,19 @@ def decode(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Canonical:
     q = torch.empty(n, k, dtype=torch.uint8)
     scale = torch.empty(n, groups, dtype=torch.float32)
     offset = torch.empty(n, groups, dtype=torch.float32)
-    zero = None
+    zero = 32 if kind == "Q6_K" else None
+    lib = cpu_ops()
+    if lib is not None:  # the same values from C, straight off the memory map (ten times faster)
+        rows = np.ascontiguousarray(data, dtype=np.uint8)
+        if rows.size != n * (k // DECODERS[kind][1]) * block_bytes:
+            raise ValueError(f"{kind} rows of {rows.size} bytes do not hold a [{n}, {k}] tensor")
+        lib.ember_gguf_decode(_KIND_ID[kind], rows.ctypes.data, n, k, q.data_ptr(), scale.data_ptr(),
+                              offset.data_ptr())
+        return Canonical(q, scale, offset, KIND_BITS[kind], zero)
     for r in range(0, n, CHUNK_ROWS):
         rows = min(CHUNK_ROWS, n - r)
         c = fn(_blocks(data[r : r + rows], rows, block_bytes))
         q[r : r + rows] = c.q.reshape(rows, k)
         scale[r : r + rows] = c.scale.reshape(rows, groups)
         offset[r : r + rows] = c.offset.reshape(rows, groups)
-        zero = c.zero
     return Canonical(q, scale, offset, KIND_BITS[kind], zero)

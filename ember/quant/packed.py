@@ -41,23 +41,17 @@ def amx_available() -> bool:
             and os.environ.get("EMBER_AMX", "1") != "0")
 
 
-def pack_tiles(c: Canonical, bits8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Canonical codes [N, K] (N a multiple of 16, or the last rows zero-padded) -> codes
-    [N/16, K/32, 512 or 256] u8, scales and offsets fp16 [N/16, K/32, 16] ([..., 2 halves x 16] for group 16)."""
+def pack_tiles(c: Canonical, bits8: bool, sub16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical codes [N, K] -> codes [ceil(N/16), K/32, 512 or 256] u8, scales and offsets fp16
+    [ceil(N/16), K/32, 16] ([..., 2 halves x 16] when sub16); the last tile's missing rows are zeros."""
     n, k = c.q.shape
-    per = GROUP // c.group  # scales per block of 32 and row
-    pad = -n % TILE
-    q, s, o = c.q, c.scale, c.offset
-    if pad:  # missing rows of the last tile: zero codes, scale and offset
-        q = torch.cat((q, q.new_zeros(pad, k)))
-        s, o = torch.cat((s, s.new_zeros(pad, s.shape[1]))), torch.cat((o, o.new_zeros(pad, o.shape[1])))
-    t, nb = (n + pad) // TILE, k // GROUP
-    u = q.view(t, TILE, nb, 8, 4)  # [T, row, B, group, 4]
-    if not bits8:  # chunk c: group 2c in low nibbles, 2c+1 in high (merged first: half the bytes to permute)
-        u = u[:, :, :, 0::2] | (u[:, :, :, 1::2] << 4)  # [T, row, B, 4, 4]
-    u = u.permute(0, 2, 3, 1, 4)  # [T, B, group or chunk, row, 4]
-    tiles = lambda v: v.to(torch.float16).view(t, TILE, nb, per).permute(0, 2, 3, 1).reshape(t, nb, per * TILE)  # noqa: E731
-    return u.reshape(t, nb, -1).contiguous(), tiles(s), tiles(o)
+    t, nb, per = -(-n // TILE), k // GROUP, 2 if sub16 else 1
+    codes = torch.empty(t, nb, 512 if bits8 else 256, dtype=torch.uint8)
+    s16, o16 = (torch.empty(t, nb, per * TILE, dtype=torch.float16) for _ in range(2))
+    q, s, o = c.q.contiguous(), c.scale.float().contiguous(), c.offset.float().contiguous()
+    cpu_ops().ember_qtile_pack(q.data_ptr(), s.data_ptr(), o.data_ptr(), n, k, c.group, int(bits8),  # type: ignore[union-attr]
+                               int(sub16), codes.data_ptr(), s16.data_ptr(), o16.data_ptr())
+    return codes, s16, o16
 
 
 def _whole_tiles(chunks: Iterable[Canonical]) -> Iterator[Canonical]:
@@ -80,9 +74,9 @@ def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], bits: int, bias: 
     """bits: the widest code among the layer's shards (4: nibbles; more: a byte per code); sub16: some shard
     has a scale per 16 (Q6_K), so every shard's scales go per 16."""
     parts, layer.n_out = [], 0
-    chunks = (c.to_group16() if sub16 else c for c in chunks)
+    chunks = (c.to_group16() if sub16 else c for c in chunks)  # one scale width, so chunks concatenate
     for c in _whole_tiles(chunks):  # one chunk's canonical codes at a time: bounded load memory
-        parts.append(pack_tiles(c, bits > 4))
+        parts.append(pack_tiles(c, bits > 4, sub16))
         layer.n_out += c.q.shape[0]
     layer.codes = nn.Parameter(torch.cat([p[0] for p in parts]), requires_grad=False)
     layer.s16 = nn.Parameter(torch.cat([p[1] for p in parts]), requires_grad=False)

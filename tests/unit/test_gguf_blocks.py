@@ -7,6 +7,8 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
+from ember.kernels import cpu_ops
+from ember.quant import gguf_blocks
 from ember.quant.gguf_blocks import DECODERS, decode
 from ember.weights.gguf import GGUFFile
 
@@ -36,6 +38,24 @@ def test_random_blocks_bit_exact(kind):
     # equal as numbers, bit for bit except the sign of zero (d * (q - 8) gives -0.0 where q*d - 8d gives +0.0)
     assert np.array_equal(got, want) and got.dtype == want.dtype
     assert int(c.q.max()) < 2**c.bits
+
+
+@pytest.mark.skipif(cpu_ops() is None, reason="no C compiler: decoding runs on PyTorch only")
+@pytest.mark.parametrize("kind", KINDS)
+def test_c_decoder_equals_torch_decoder(kind, monkeypatch):
+    """decode() runs C when the kernels are built; the PyTorch decoders (the fallback) give the same bits,
+    nan and inf scales included (random bytes)."""
+    raw = np.random.default_rng(7).integers(0, 256, (40, 4 * GGML_QUANT_SIZES[GGMLQuantizationType[kind]][1]),
+                                            dtype=np.uint8)
+    shape = (40, 4 * GGML_QUANT_SIZES[GGMLQuantizationType[kind]][0])
+    fast = decode(kind, raw, shape)
+    monkeypatch.setattr(gguf_blocks, "cpu_ops", lambda: None)
+    slow = decode(kind, raw, shape)
+    assert torch.equal(fast.q, slow.q) and fast.zero == slow.zero and fast.bits == slow.bits
+    for a, b in ((fast.scale, slow.scale), (fast.offset, slow.offset)):
+        nan = a.isnan()
+        assert torch.equal(nan, b.isnan()) and nan.any()  # NaN where NaN (torch makes every NaN 0x7fffffff)
+        assert torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))  # same bits, -0.0 included
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -151,6 +151,19 @@ def test_batched_rows_equal_single_rows(bits, group, m, monkeypatch):
     assert torch.equal(packed.matmul(layer, x, 50, torch.float32), batched)
 
 
+@pytest.mark.skipif(not packed.available(), reason="needs AVX512-VNNI")
+def test_packed_scales_round_as_torch_half():
+    """Packing rounds fp32 scales / offsets to fp16 as torch does: ties to even, subnormals, overflow to inf."""
+    edge = torch.tensor([0.0, -0.0, 1.0, 1 + 2**-11, 1 + 3 * 2**-11, 65504.0, 65519.0, 65520.0, -1e9, 2**-24,
+                         2**-25, 3 * 2**-26, 2**-14 - 2**-26, 6e-5, -3.3e-7, 1e-10, float("inf"), float("nan")])
+    vals = torch.cat((edge, torch.randn(110) * 10.0 ** torch.randint(-9, 5, (110,)).float()))  # [128]
+    c = Canonical(torch.zeros(16, 256, dtype=torch.uint8), vals.view(16, 8), -vals.view(16, 8), 4)
+    _, s16, o16 = packed.pack_tiles(c, bits8=False, sub16=False)  # [1, 8 blocks, 16 rows]
+    want = vals.view(16, 8).t().half()
+    assert torch.equal(s16[0].view(torch.int16), want.view(torch.int16))
+    assert torch.equal(o16[0].view(torch.int16), (-want).view(torch.int16))
+
+
 def test_zero_activation_block():
     """A block of zeros (max |x| = 0) must give 0, not NaN."""
     if not packed.available():

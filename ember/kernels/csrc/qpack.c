@@ -1,0 +1,150 @@
+/* Load-time repacking, the part of loading a GGUF model that touches every weight.
+ *
+ * ember_gguf_decode: raw GGUF blocks -> the canonical form of quant/gguf_blocks.py (w = q * scale + offset,
+ *   u8 codes [n, k], fp32 scale and offset per group of 32, or 16 for Q6_K); the same values, bit for bit,
+ *   as the PyTorch decoders there (which stay as the fallback and the reference its tests compare with).
+ * ember_qtile_pack: canonical rows -> qtile.c's tiles (16 rows; per block of 32 eight groups of 4 codes,
+ *   nibbles or bytes; fp16 scale / offset [tile][block][16], or [tile][block][2][16] with a scale per 16).
+ * Block layouts: ggml-quants / gguf-py quants.py. */
+#pragma GCC optimize("no-fast-math")  /* the half conversions below rely on exact IEEE rounding */
+#include <stdint.h>
+#include <string.h>
+
+#include "common.h"
+
+enum { Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K };
+
+static inline float h2f(const uint8_t *p) {  /* little-endian IEEE half -> fp32, exact */
+    const uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 0x3ffu;
+    union { uint32_t u; float f; } v;
+    if (e == 31) v.u = sign | 0x7f800000u | (m << 13);
+    else if (e == 0) { v.f = (float)m * 5.9604644775390625e-8f; v.u |= sign; }  /* m * 2^-24 */
+    else v.u = sign | ((e + 112u) << 23) | (m << 13);
+    return v.f;
+}
+
+/* 16 bytes -> 32 codes: element j is the low nibble of byte j, j + 16 the high one */
+static inline void nibbles(const uint8_t *qs, uint8_t *q) {
+    for (int j = 0; j < 16; j++) { q[j] = qs[j] & 15; q[j + 16] = qs[j] >> 4; }
+}
+
+/* 4-bit codes plus a fifth bit from a little-endian 32-bit field */
+static inline void nibbles_hi(const uint8_t *qs, const uint8_t *qh, uint8_t *q) {
+    nibbles(qs, q);
+    for (int j = 0; j < 32; j++) q[j] |= (uint8_t)(((qh[j >> 3] >> (j & 7)) & 1) << 4);
+}
+
+/* Q4_K / Q5_K: 12 bytes -> the 6-bit scale and min of sub-block j */
+static inline void k_scale(const uint8_t *s, int j, float *sc, float *mn) {
+    if (j < 4) { *sc = (float)(s[j] & 63); *mn = (float)(s[j + 4] & 63); return; }
+    *sc = (float)((s[j + 4] & 15) | ((s[j - 4] >> 6) << 4));
+    *mn = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+}
+
+/* one block of `kind` -> its codes q, scales s and offsets o (per 32, per 16 for Q6_K) */
+static void decode_block(int kind, const uint8_t *b, uint8_t *q, float *s, float *o) {
+    switch (kind) {
+    case Q4_0: s[0] = h2f(b); o[0] = -8.0f * s[0]; nibbles(b + 2, q); return;
+    case Q4_1: s[0] = h2f(b); o[0] = h2f(b + 2); nibbles(b + 4, q); return;
+    case Q5_0: s[0] = h2f(b); o[0] = -16.0f * s[0]; nibbles_hi(b + 6, b + 2, q); return;
+    case Q5_1: s[0] = h2f(b); o[0] = h2f(b + 2); nibbles_hi(b + 8, b + 4, q); return;
+    case Q8_0:
+        s[0] = h2f(b); o[0] = -128.0f * s[0];
+        for (int j = 0; j < 32; j++) q[j] = (uint8_t)((int8_t)b[2 + j] + 128);
+        return;
+    case Q4_K: case Q5_K: {  /* chunk i of 32 bytes: low nibbles = sub-block 2i, high = 2i + 1 */
+        const float d = h2f(b), dmin = h2f(b + 2);
+        const uint8_t *qs = b + (kind == Q4_K ? 16 : 48), *qh = b + 16;
+        for (int j = 0; j < 8; j++) {
+            float sc, mn;
+            k_scale(b + 4, j, &sc, &mn);
+            s[j] = d * sc; o[j] = -(dmin * mn);
+            const int shift = (j & 1) * 4;
+            for (int l = 0; l < 32; l++) {
+                uint8_t v = (qs[(j >> 1) * 32 + l] >> shift) & 15;
+                if (kind == Q5_K) v |= (uint8_t)(((qh[l] >> j) & 1) << 4);
+                q[j * 32 + l] = v;
+            }
+        }
+        return;
+    }
+    case Q6_K: {  /* half h: ql 64 bytes (runs 0/1 low nibbles, 2/3 high), qh 32 bytes (run r: bits 2r, 2r+1) */
+        const float d = h2f(b + 208);
+        for (int h = 0; h < 2; h++)
+            for (int r = 0; r < 4; r++)
+                for (int l = 0; l < 32; l++) {
+                    const int at = r * 32 + l;
+                    const uint8_t lo = (b[h * 64 + (at & 63)] >> ((at >> 6) * 4)) & 15;
+                    const uint8_t hi = (b[128 + h * 32 + l] >> (2 * r)) & 3;
+                    q[h * 128 + at] = (uint8_t)(lo | (hi << 4));
+                }
+        for (int j = 0; j < 16; j++) { s[j] = d * (float)(int8_t)b[192 + j]; o[j] = -32.0f * s[j]; }
+        return;
+    }
+    }
+}
+
+static const int BLOCK_BYTES[] = {18, 20, 22, 24, 34, 144, 176, 210};
+static const int BLOCK_ELEMS[] = {32, 32, 32, 32, 32, 256, 256, 256};
+static const int BLOCK_GROUPS[] = {1, 1, 1, 1, 1, 8, 8, 16};
+
+/* raw [n][row_bytes] (row_bytes = k / elems * block bytes) -> q [n, k], s, o [n, k / group] */
+void ember_gguf_decode(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, uint8_t *q, float *s, float *o) {
+    const int64_t nblk = k / BLOCK_ELEMS[kind], groups = nblk * BLOCK_GROUPS[kind];
+    const int64_t row_bytes = nblk * BLOCK_BYTES[kind];
+#pragma omp parallel for schedule(static) if (n * k > 262144)
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t i = 0; i < nblk; i++)
+            decode_block((int)kind, raw + r * row_bytes + i * BLOCK_BYTES[kind], q + r * k + i * BLOCK_ELEMS[kind],
+                         s + r * groups + i * BLOCK_GROUPS[kind], o + r * groups + i * BLOCK_GROUPS[kind]);
+}
+
+static inline uint16_t f2h(float x) {  /* fp32 -> IEEE half, round to nearest even (as torch's .half()) */
+    union { float f; uint32_t u; } v = { x };
+    const uint32_t sign = (v.u >> 16) & 0x8000u, a = v.u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);      /* NaN */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);     /* >= 65520 rounds to inf */
+    if (a < 0x38800000u) {  /* below 2^-14: a subnormal half; adding 0.5 rounds to a multiple of 2^-24 */
+        v.u = a;
+        v.f += 0.5f;
+        return (uint16_t)(sign | (v.u - 0x3f000000u));
+    }
+    return (uint16_t)(sign | (((a + 0xfffu + ((a >> 13) & 1u)) >> 13) - (112u << 10)));
+}
+
+/* canonical q [n, k], s, o [n, k / group] (group 32 or 16) -> codes [T][nb][512 or 256], s16, o16
+ * [T][nb][per][16] with per = 2 when sub16 (a group-32 scale then appears in both halves); rows past n of
+ * the last tile get zero codes, scales and offsets. */
+void ember_qtile_pack(const uint8_t *q, const float *s, const float *o, int64_t n, int64_t k, int64_t group,
+                      int64_t bits8, int64_t sub16, uint8_t *codes, uint16_t *s16, uint16_t *o16) {
+    const int64_t nb = k / 32, tiles = (n + 15) / 16, per = sub16 ? 2 : 1, groups = k / group;
+    const int64_t cb = bits8 ? 512 : 256;
+#pragma omp parallel for schedule(static) if (n * k > 262144)
+    for (int64_t t = 0; t < tiles; t++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *c = codes + (t * nb + b) * cb;
+            uint16_t *ss = s16 + (t * nb + b) * per * 16, *oo = o16 + (t * nb + b) * per * 16;
+            for (int r = 0; r < 16; r++) {
+                const int64_t row = t * 16 + r;
+                if (row >= n) {
+                    for (int g = 0; g < cb / 64; g++) memset(c + g * 64 + r * 4, 0, 4);
+                    for (int h = 0; h < per; h++) ss[h * 16 + r] = oo[h * 16 + r] = 0;
+                    continue;
+                }
+                const uint8_t *u = q + row * k + b * 32;
+                for (int h = 0; h < per; h++) {  /* half h of the block is group (b * 32 + h * 16) / group */
+                    const int64_t at = row * groups + (b * 32 + h * 16) / group;
+                    ss[h * 16 + r] = f2h(s[at]);
+                    oo[h * 16 + r] = f2h(o[at]);
+                }
+                if (bits8) {
+                    for (int g = 0; g < 8; g++) memcpy(c + g * 64 + r * 4, u + g * 4, 4);
+                } else {  /* chunk j: group 2j in the low nibbles, 2j + 1 in the high */
+                    for (int j = 0; j < 4; j++)
+                        for (int i = 0; i < 4; i++)
+                            c[j * 64 + r * 4 + i] = (uint8_t)(u[8 * j + i] | (u[8 * j + 4 + i] << 4));
+                }
+            }
+        }
+}
