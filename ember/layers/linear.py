@@ -53,6 +53,8 @@ class Linear(nn.Module):
             bias = torch.cat([self._pending_bias[s].dequantize() for s in self.shard_names])
         self.method = select_method(shards, dtype, device, quantize)
         self.method.pack(self, shards, bias, dtype, device)
+        for t in shards:
+            t.release()
         self._pending.clear()
         self._pending_bias.clear()
 

@@ -65,6 +65,7 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
             embed.read_from(partial(rows_f32, lm_head), dtype)  # the vocabulary table is held once
         else:
             embed.load(embed_raw, dtype, device, packed=dtype == torch.bfloat16 and device.type == "cpu")
+        embed_raw.release()
     if (cfg.tie_word_embeddings and isinstance(lm_head, Linear) and lm_head.method.name == "dense"
             and model.embed_tokens.weight.numel()):
         lm_head.weight = model.embed_tokens.weight  # share, don't hold a second dense copy

@@ -63,6 +63,9 @@ class GPTQTensor:
     zero_add: int = 0
     shape: tuple[int, int] = field(init=False)  # (N, K) = (out, in), torch order
 
+    def release(self) -> None:  # RawTensor's: the tensors come from safetensors, nothing to unmap
+        pass
+
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ModelFormatError(f"{self.name}: unknown packed int4 kind {self.kind!r} (expected GPTQ or AWQ)")
@@ -188,7 +191,7 @@ class GPTQMethod(QuantMethod):
         chunks = (c for s in shards for c in s.canonical_chunks())  # type: ignore[attr-defined]
         layer.gptq_runner = packed.PackedBlocksMethod() if packed.available() else Int4Method()
         if isinstance(layer.gptq_runner, packed.PackedBlocksMethod):
-            packed.pack_chunks(layer, chunks, 0, bias)
+            packed.pack_chunks(layer, chunks, sum(s.shape[0] for s in shards), shards[0].shape[1], 0, bias)
         else:
             pack_canonical(layer, chunks, 1, bias)
         layer.register_buffer("perm", shards[0].perm)  # type: ignore[attr-defined]  # shared: gptq_ok checked

@@ -41,17 +41,16 @@ def amx_available() -> bool:
             and os.environ.get("EMBER_AMX", "1") != "0")
 
 
-def pack_tiles(c: Canonical, bits8: bool, sub16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Canonical codes [N, K] -> codes [ceil(N/16), K/32, 512 or 256] u8, scales and offsets fp16
-    [ceil(N/16), K/32, 16] ([..., 2 halves x 16] when sub16); the last tile's missing rows are zeros."""
+def pack_tiles(c: Canonical, codes: torch.Tensor, s16: torch.Tensor, o16: torch.Tensor) -> None:
+    """Canonical codes [N, K] -> tiles written into codes [ceil(N/16), K/32, 512 or 256] u8 and scales /
+    offsets fp16 [ceil(N/16), K/32, 16] ([..., 2 halves x 16]: a scale per 16); the last tile's missing
+    rows are zeros."""
     n, k = c.q.shape
-    t, nb, per = -(-n // TILE), k // GROUP, 2 if sub16 else 1
-    codes = torch.empty(t, nb, 512 if bits8 else 256, dtype=torch.uint8)
-    s16, o16 = (torch.empty(t, nb, per * TILE, dtype=torch.float16) for _ in range(2))
     q, s, o = c.q.contiguous(), c.scale.float().contiguous(), c.offset.float().contiguous()
-    cpu_ops().ember_qtile_pack(q.data_ptr(), s.data_ptr(), o.data_ptr(), n, k, c.group, int(bits8),  # type: ignore[union-attr]
-                               int(sub16), codes.data_ptr(), s16.data_ptr(), o16.data_ptr())
-    return codes, s16, o16
+    assert codes.is_contiguous() and s16.is_contiguous() and o16.is_contiguous() and codes.shape[0] == -(-n // TILE)
+    cpu_ops().ember_qtile_pack(q.data_ptr(), s.data_ptr(), o.data_ptr(), n, k, c.group,  # type: ignore[union-attr]
+                               int(codes.shape[2] == 512), int(s16.shape[2] == 2 * TILE), codes.data_ptr(),
+                               s16.data_ptr(), o16.data_ptr())
 
 
 def _whole_tiles(chunks: Iterable[Canonical]) -> Iterator[Canonical]:
@@ -69,19 +68,29 @@ def _whole_tiles(chunks: Iterable[Canonical]) -> Iterator[Canonical]:
         yield carry
 
 
-def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], bits: int, bias: torch.Tensor | None,
-                sub16: bool = False) -> None:
-    """bits: the widest code among the layer's shards (4: nibbles; more: a byte per code); sub16: some shard
-    has a scale per 16 (Q6_K), so every shard's scales go per 16."""
-    parts, layer.n_out = [], 0
-    chunks = (c.to_group16() if sub16 else c for c in chunks)  # one scale width, so chunks concatenate
-    for c in _whole_tiles(chunks):  # one chunk's canonical codes at a time: bounded load memory
-        parts.append(pack_tiles(c, bits > 4, sub16))
-        layer.n_out += c.q.shape[0]
-    layer.codes = nn.Parameter(torch.cat([p[0] for p in parts]), requires_grad=False)
-    layer.s16 = nn.Parameter(torch.cat([p[1] for p in parts]), requires_grad=False)
-    layer.o16 = nn.Parameter(torch.cat([p[2] for p in parts]), requires_grad=False)
-    layer.bits8, layer.sub16 = bits > 4, sub16
+def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], n: int, k: int, bits: int,
+                bias: torch.Tensor | None, sub16: bool = False) -> None:
+    """Row chunks of a [n, k] weight, packed one at a time into tensors allocated once (bounded load memory:
+    one chunk's canonical codes beside the packed layer). bits: the widest code among the layer's shards
+    (4: nibbles; more: a byte per code); sub16: some shard has a scale per 16 (Q6_K), so all scales go per 16."""
+    t, nb = -(-n // TILE), k // GROUP
+    codes = torch.empty(t, nb, 512 if bits > 4 else 256, dtype=torch.uint8)
+    s16, o16 = (torch.empty(t, nb, (2 if sub16 else 1) * TILE, dtype=torch.float16) for _ in range(2))
+    row = 0
+    chunks = (c.to_group16() if sub16 else c for c in chunks)  # one scale width, so carried rows concatenate
+    for c in _whole_tiles(chunks):  # every chunk but the last holds whole tiles
+        rows = c.q.shape[0]
+        if row + rows > n or c.q.shape[1] != k:
+            raise ValueError(f"weight chunks overrun the layer's [{n}, {k}]")
+        at = slice(row // TILE, -(-(row + rows) // TILE))
+        pack_tiles(c, codes[at], s16[at], o16[at])
+        row += rows
+    if row != n:
+        raise ValueError(f"weight chunks hold {row} rows, the layer {n}")
+    layer.codes = nn.Parameter(codes, requires_grad=False)
+    layer.s16 = nn.Parameter(s16, requires_grad=False)
+    layer.o16 = nn.Parameter(o16, requires_grad=False)
+    layer.n_out, layer.bits8, layer.sub16 = n, bits > 4, sub16
     layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
 
 
@@ -122,8 +131,8 @@ class PackedBlocksMethod(QuantMethod):
 
     def pack(self, layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | None,
              dtype: torch.dtype, device: torch.device) -> None:
-        pack_chunks(layer, gguf_chunks(shards), max(KIND_BITS[s.kind] for s in shards), bias,
-                    any(s.kind in GROUP16 for s in shards))
+        pack_chunks(layer, gguf_chunks(shards), sum(s.shape[0] for s in shards), shards[0].shape[1],
+                    max(KIND_BITS[s.kind] for s in shards), bias, any(s.kind in GROUP16 for s in shards))
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

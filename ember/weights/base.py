@@ -24,6 +24,8 @@ class RawTensor:
     shape: tuple[int, ...]
     data: np.ndarray
     _dequant: Callable[[np.ndarray], np.ndarray]
+    # drops the stored bytes' file pages from memory once packed (read again from the file if needed later)
+    release: Callable[[], None] = lambda: None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         arr = np.asarray(self._dequant(np.ascontiguousarray(self.data)), dtype=np.float32)  # copies off the map
@@ -32,4 +34,4 @@ class RawTensor:
     def permute_rows(self, perm: np.ndarray) -> RawTensor:
         """Reorder output rows (used to undo the GGUF Q/K rotary permutation) without dequantizing."""
         rows = self.data.reshape(self.shape[0], -1)
-        return RawTensor(self.name, self.kind, self.shape, rows[perm], self._dequant)
+        return RawTensor(self.name, self.kind, self.shape, rows[perm], self._dequant, self.release)

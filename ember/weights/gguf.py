@@ -5,9 +5,11 @@ Tensor names are mapped to ember's (HF-style) module names here, so the model on
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +215,17 @@ class GGUFFile:
             shape = tuple(reversed(t.dims))  # torch order: [out, in]
             rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
             data = self._data[t.offset : t.offset + self._nbytes(t)].reshape(rows, -1)  # [rows, bytes per row]
-            yield RawTensor(t.name, qtype.name, shape, data, lambda a, q=qtype: quants.dequantize(a, q))
+            yield RawTensor(t.name, qtype.name, shape, data, lambda a, q=qtype: quants.dequantize(a, q),
+                            partial(self._release, t.offset, self._nbytes(t)))
+
+    def _release(self, start: int, length: int) -> None:
+        """Unmap a packed tensor's pages: a read-only file mapping's pages count as resident memory until
+        then (SmolLM2 / Gemma: the whole file again on top of the packed copy at the end of loading)."""
+        mm, advice = getattr(self._data, "_mmap", None), getattr(mmap, "MADV_DONTNEED", None)
+        if mm is None or advice is None or length <= 0:
+            return
+        first = start // mmap.PAGESIZE * mmap.PAGESIZE  # a shared edge page just faults in again if used
+        mm.madvise(advice, first, min(start + length, len(mm)) - first)
 
     def tensors(self) -> Iterator[tuple[str, RawTensor]]:
         """(ember name, RawTensor) for every tensor ember uses; Q/K rows restored to HF order."""

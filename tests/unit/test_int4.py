@@ -114,7 +114,7 @@ def test_refiner_makes_the_top_candidates_exact(source):
         if not packed.available():
             pytest.skip("ember's kernels are not available here")
         layer = torch.nn.Module()
-        packed.pack_chunks(layer, [c], c.bits, None)
+        packed.pack_chunks(layer, [c], *c.q.shape, c.bits, None)
         rows = partial(packed.rows_f32, layer)
         ids = torch.tensor([299, 0, 17, 17])
         assert torch.equal(rows(ids), w[ids])  # bit for bit: Q8_0's q * s + o is exact in fp32

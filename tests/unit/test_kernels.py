@@ -120,7 +120,7 @@ def test_tile_matmul(bits, group, k):
     group 16: a scale per 16 (Q6_K)."""
     c = _canonical(70, k, bits, bits, group)
     layer = nn.Module()
-    packed.pack_chunks(layer, [c], bits, None, sub16=group == 16)
+    packed.pack_chunks(layer, [c], *c.q.shape, bits, None, sub16=group == 16)
     w = c.dequantize()  # [N, K] fp32 reference weights
     ids = torch.tensor([69, 0, 33, 16, 15])
     assert torch.equal(packed.rows_f32(layer, ids), w[ids])  # every code, scale and offset survives packing
@@ -142,7 +142,7 @@ def test_batched_rows_equal_single_rows(bits, group, m, monkeypatch):
     (the gemv for a few rows, AMX-INT8 for many): batched output equals single output."""
     c = _canonical(50, 160, bits, bits + m, group)
     layer = nn.Module()
-    packed.pack_chunks(layer, [c], bits, None, sub16=group == 16)
+    packed.pack_chunks(layer, [c], *c.q.shape, bits, None, sub16=group == 16)
     x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).to(BF)
     batched = packed.matmul(layer, x, 50, torch.float32)
     for i in (0, m // 2, m - 1):
@@ -158,7 +158,8 @@ def test_packed_scales_round_as_torch_half():
                          2**-25, 3 * 2**-26, 2**-14 - 2**-26, 6e-5, -3.3e-7, 1e-10, float("inf"), float("nan")])
     vals = torch.cat((edge, torch.randn(110) * 10.0 ** torch.randint(-9, 5, (110,)).float()))  # [128]
     c = Canonical(torch.zeros(16, 256, dtype=torch.uint8), vals.view(16, 8), -vals.view(16, 8), 4)
-    _, s16, o16 = packed.pack_tiles(c, bits8=False, sub16=False)  # [1, 8 blocks, 16 rows]
+    codes, s16, o16 = torch.empty(1, 8, 256, dtype=torch.uint8), *torch.empty(2, 1, 8, 16, dtype=torch.half)
+    packed.pack_tiles(c, codes, s16, o16)  # [1 tile, 8 blocks, 16 rows]
     want = vals.view(16, 8).t().half()
     assert torch.equal(s16[0].view(torch.int16), want.view(torch.int16))
     assert torch.equal(o16[0].view(torch.int16), (-want).view(torch.int16))
@@ -170,7 +171,7 @@ def test_zero_activation_block():
         pytest.skip("needs AVX512-VNNI")
     c = _canonical(16, 64, 4, 1)
     layer = nn.Module()
-    packed.pack_chunks(layer, [c], 4, None)
+    packed.pack_chunks(layer, [c], *c.q.shape, 4, None)
     x = torch.zeros(1, 64)
     x[0, 40] = 1.0
     torch.testing.assert_close(packed.matmul(layer, x, 16, torch.float32)[0], c.dequantize()[:, 40])
