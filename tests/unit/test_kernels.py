@@ -81,21 +81,26 @@ def test_act_mul_matches_torch(monkeypatch, act):
     torch.testing.assert_close(fast.float(), slow.float(), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("window,softcap,dh", [(None, None, 64), (5, None, 64), (None, 20.0, 64), (None, None, 48),
-                                               (5, None, 256)])  # dh % 32: bf16 dot products; 48: plain loops
-def test_decode_attention_matches_sdpa(window, softcap, dh):
-    g = torch.Generator().manual_seed(3)
-    h, hkv, slots_n = 8, 2, 64
+@pytest.mark.parametrize("window,softcap,dh,h", [(None, None, 64, 8), (5, None, 64, 6), (None, 20.0, 64, 8),
+                                                 (None, None, 48, 10), (5, None, 256, 8), (150, None, 64, 6)])
+def test_decode_attention_matches_sdpa(window, softcap, dh, h):
+    """Against softmax attention in fp32; 300 keys span three chunks of the kernel (merged by log-sum-exp),
+    and each sequence's output is the same bits alone as in the batch (its chunks depend on it alone)."""
+    g = torch.Generator().manual_seed(3)  # dh % 32 == 0: bf16 dot products; 48: plain loops
+    hkv, slots_n = 2, 320  # h / hkv = 3, 4 or 5 query heads per kv head
     kc = torch.randn(hkv, slots_n, dh, generator=g).to(BF)
     vc = torch.randn(hkv, slots_n, dh, generator=g).to(BF)
-    tables = [torch.randperm(slots_n, generator=g)[:n] for n in (1, 9, 30)]  # scattered pages
+    tables = [torch.randperm(slots_n, generator=g)[:n] for n in (1, 9, 30, 300)]  # scattered pages
     lens = torch.tensor([len(t) for t in tables])
     padded = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
-    q = torch.randn(3, h, dh, generator=g).to(BF)
+    q = torch.randn(4, h, dh, generator=g).to(BF)
     out = ops.decode_attention(q, kc, vc, padded, lens, 0.125, window, softcap)
     for i, t in enumerate(tables):
+        alone = ops.decode_attention(q[i : i + 1], kc, vc, padded[i : i + 1, : len(t)], lens[i : i + 1], 0.125,
+                                     window, softcap)
+        assert torch.equal(alone[0], out[i])
         t = t[-window:] if window else t
-        k, v = kc[:, t].float().repeat_interleave(4, 0), vc[:, t].float().repeat_interleave(4, 0)  # [H, n, Dh]
+        k, v = kc[:, t].float().repeat_interleave(h // hkv, 0), vc[:, t].float().repeat_interleave(h // hkv, 0)
         s = (q[i].float()[:, None] @ k.transpose(1, 2)) * 0.125  # [H, 1, n]
         if softcap:
             s = softcap * torch.tanh(s / softcap)
