@@ -1,0 +1,139 @@
+"""A/B two versions of ember's C kernels in one process: the working tree against a git revision.
+
+    python benchmarks/kernel_ab.py --base HEAD~1 attention      # decode attention, several batch x keys
+    python benchmarks/kernel_ab.py --base HEAD~1 matmul -m 1 -m 16 -m 64   # packed matmul, default model
+
+Both versions are compiled from source with ember's flags into a temporary directory and called
+alternately on the same inputs (best of --trials), so a noisy machine (shared vCPUs, steal time) hits
+both alike. Outputs are compared too: "same bits" or the largest difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ember.kernels import CSRC, FLAGS, SIGNATURES
+
+ROOT = Path(__file__).resolve().parent.parent
+BF = torch.bfloat16
+
+
+def build(rev: str | None, out: Path) -> ctypes.CDLL:
+    """The kernel library of git revision `rev` (None: the working tree)."""
+    src = CSRC
+    if rev is not None:
+        src = out.with_suffix("")
+        src.mkdir()
+        rel = CSRC.relative_to(ROOT)
+        listing = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:{rel}"],
+                                 check=True, capture_output=True, text=True).stdout.split()
+        for name in listing:
+            blob = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}/{name}"], check=True,
+                                  capture_output=True).stdout
+            (src / name).write_bytes(blob)
+    files = sorted(str(p) for p in src.glob("*.c"))
+    subprocess.run(["cc", *FLAGS, *files, "-o", str(out), "-lm"], check=True)
+    lib = ctypes.CDLL(str(out))
+    for name, args in SIGNATURES.items():
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.argtypes, fn.restype = args, None
+    return lib
+
+
+def race(fns: dict[str, Callable[[], torch.Tensor]], trials: int) -> tuple[dict[str, float], str]:
+    best, outs = dict.fromkeys(fns, float("inf")), {}
+    for _ in range(trials):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            outs[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    a, b = outs.values()
+    same = "same bits" if torch.equal(a, b) else f"max diff {(a.float() - b.float()).abs().max().item():.2e}"
+    return best, same
+
+
+def _attention_call(lib: ctypes.CDLL, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor,
+                    lens: torch.Tensor) -> torch.Tensor:
+    (b, h, dh), (hkv, slots_n, _) = q.shape, kc.shape
+    out = torch.empty(b, h, dh, dtype=BF)
+    lib.ember_decode_attention(q.data_ptr(), h * dh, kc.data_ptr(), vc.data_ptr(), slots_n, slots.data_ptr(),
+                               lens.data_ptr(), slots.shape[1], b, h, hkv, dh, 0.125, 0, 0.0, out.data_ptr())
+    return out
+
+
+def attention(libs: dict[str, ctypes.CDLL], trials: int) -> None:
+    h, hkv, dh, slots_n = 9, 3, 64, 40000  # SmolLM2's heads
+    g = torch.Generator().manual_seed(0)
+    kc, vc = (torch.randn(hkv, slots_n, dh, generator=g).to(BF) for _ in range(2))
+    for b, n in ((1, 40), (1, 300), (1, 2000), (16, 60), (16, 1000)):
+        pages = [torch.randperm(slots_n // 16, generator=g)[: -(-n // 16)] for _ in range(b)]  # 16-slot pages
+        slots = torch.stack([(p[:, None] * 16 + torch.arange(16)).flatten()[:n] for p in pages])
+        lens, q = torch.full((b,), n), torch.randn(b, h, dh, generator=g).to(BF)
+        best, same = race({k: partial(_attention_call, lib, q, kc, vc, slots, lens) for k, lib in libs.items()},
+                          trials)
+        base, tree = best.values()
+        print(f"attention batch {b} x {n} keys: base {base * 1e6:.0f} us, tree {tree * 1e6:.0f} us, "
+              f"tree/base {tree / base:.2f} ({same})")
+
+
+def _matmul_call(lib: ctypes.CDLL, lin: torch.nn.Module, x: torch.Tensor, amx: bool) -> torch.Tensor:
+    from ember.quant import packed
+
+    m = x.shape[0]
+    y = torch.empty(m, lin.n_out)
+    lib.ember_qtile_matmul(lin.codes.data_ptr(), packed.mode(lin), lin.s16.data_ptr(), lin.o16.data_ptr(),
+                           x.data_ptr(), 1, m, lin.n_out, lin.in_features, y.data_ptr(), None,
+                           int(m > packed.MAX_GEMV_ROWS and amx))
+    return y
+
+
+def matmul(libs: dict[str, ctypes.CDLL], rows: list[int], trials: int) -> None:
+    import ember
+    from ember.quant import packed
+
+    llm = ember.load()
+    amx = packed.amx_available()  # also asks Linux for the AMX state, which both libraries then use
+    layer = llm.engine.model.layers[0]
+    linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+    for m in rows:
+        total, verdicts = dict.fromkeys(libs, 0.0), set()
+        for lin in linears:
+            x = torch.randn(m, lin.in_features)
+            best, same = race({k: partial(_matmul_call, lib, lin, x, amx) for k, lib in libs.items()}, trials)
+            for k in total:
+                total[k] += best[k]
+            verdicts.add(same)
+        base, tree = total.values()
+        print(f"matmul {m} rows, one layer's 4 linears: base {base * 1e3:.3f} ms, tree {tree * 1e3:.3f} ms, "
+              f"tree/base {tree / base:.2f} ({', '.join(sorted(verdicts))})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["attention", "matmul"])
+    ap.add_argument("--base", default="HEAD", help="git revision to compare the working tree with")
+    ap.add_argument("-m", "--rows", type=int, action="append", help="activation rows for matmul (repeatable)")
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {"base": build(args.base, Path(tmp) / "base.so"), "tree": build(None, Path(tmp) / "tree.so")}
+        if args.what == "attention":
+            attention(libs, args.trials)
+        else:
+            matmul(libs, args.rows or [1, 16, 64], args.trials)
+
+
+if __name__ == "__main__":
+    main()
