@@ -225,7 +225,10 @@ class GGUFFile:
         if mm is None or advice is None or length <= 0:
             return
         first = start // mmap.PAGESIZE * mmap.PAGESIZE  # a shared edge page just faults in again if used
-        mm.madvise(advice, first, min(start + length, len(mm)) - first)
+        try:
+            mm.madvise(advice, first, min(start + length, len(mm)) - first)
+        except (OSError, ValueError):  # only memory is at stake: never fail a load over it
+            pass
 
     def tensors(self) -> Iterator[tuple[str, RawTensor]]:
         """(ember name, RawTensor) for every tensor ember uses; Q/K rows restored to HF order."""
