@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_ab.py --base HEAD~1 attention      # decode attention, several batch x keys
     python benchmarks/kernel_ab.py --base HEAD~1 matmul -m 1 -m 16 -m 64   # packed matmul, default model
+    python benchmarks/kernel_ab.py --base HEAD~1 matmul -m 16 --all-layers # every layer: weights from memory
 
 Both versions are compiled from source with ember's flags into a temporary directory and called
 alternately on the same inputs (best of --trials), so a noisy machine (shared vCPUs, steal time) hits
@@ -97,25 +98,26 @@ def _matmul_call(lib: ctypes.CDLL, lin: torch.nn.Module, x: torch.Tensor, amx: b
     return y
 
 
-def matmul(libs: dict[str, ctypes.CDLL], rows: list[int], trials: int) -> None:
+def _sweep(lib: ctypes.CDLL, linears: list[torch.nn.Module], xs: list[torch.Tensor], amx: bool) -> torch.Tensor:
+    return torch.cat([_matmul_call(lib, lin, x, amx).flatten() for lin, x in zip(linears, xs, strict=True)])
+
+
+def matmul(libs: dict[str, ctypes.CDLL], rows: list[int], trials: int, all_layers: bool) -> None:
+    """One layer's 4 linears (cache-warm weights), or every layer's in turn (weights streamed as in a step)."""
     import ember
     from ember.quant import packed
 
     llm = ember.load()
     amx = packed.amx_available()  # also asks Linux for the AMX state, which both libraries then use
-    layer = llm.engine.model.layers[0]
-    linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+    layers = llm.engine.model.layers if all_layers else llm.engine.model.layers[:1]
+    linears = [m for la in layers for m in (la.self_attn.qkv_proj, la.self_attn.o_proj, la.mlp.gate_up_proj,
+                                             la.mlp.down_proj)]
     for m in rows:
-        total, verdicts = dict.fromkeys(libs, 0.0), set()
-        for lin in linears:
-            x = torch.randn(m, lin.in_features)
-            best, same = race({k: partial(_matmul_call, lib, lin, x, amx) for k, lib in libs.items()}, trials)
-            for k in total:
-                total[k] += best[k]
-            verdicts.add(same)
-        base, tree = total.values()
-        print(f"matmul {m} rows, one layer's 4 linears: base {base * 1e3:.3f} ms, tree {tree * 1e3:.3f} ms, "
-              f"tree/base {tree / base:.2f} ({', '.join(sorted(verdicts))})")
+        xs = [torch.randn(m, lin.in_features) for lin in linears]
+        best, same = race({k: partial(_sweep, lib, linears, xs, amx) for k, lib in libs.items()}, trials)
+        base, tree = best.values()
+        print(f"matmul {m} rows, {len(linears)} linears: base {base * 1e3:.3f} ms, tree {tree * 1e3:.3f} ms, "
+              f"tree/base {tree / base:.2f} ({same})")
 
 
 def main() -> None:
@@ -123,6 +125,7 @@ def main() -> None:
     ap.add_argument("what", choices=["attention", "matmul"])
     ap.add_argument("--base", default="HEAD", help="git revision to compare the working tree with")
     ap.add_argument("-m", "--rows", type=int, action="append", help="activation rows for matmul (repeatable)")
+    ap.add_argument("--all-layers", action="store_true", help="matmul: sweep every layer (weights from memory)")
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
@@ -132,7 +135,7 @@ def main() -> None:
         if args.what == "attention":
             attention(libs, args.trials)
         else:
-            matmul(libs, args.rows or [1, 16, 64], args.trials)
+            matmul(libs, args.rows or [1, 16, 64], args.trials, args.all_layers)
 
 
 if __name__ == "__main__":
