@@ -5,6 +5,7 @@
  *   as the PyTorch decoders there (which stay as the fallback and the reference its tests compare with).
  * ember_qtile_pack: canonical rows -> qtile.c's tiles (16 rows; per block of 32 eight groups of 4 codes,
  *   nibbles or bytes; fp16 scale / offset [tile][block][16], or [tile][block][2][16] with a scale per 16).
+ * ember_qtile_rows_f32: tiles -> rows again, in fp32 (token embeddings, the head's exact top candidates).
  * Block layouts: ggml-quants / gguf-py quants.py. */
 #pragma GCC optimize("no-fast-math")  /* the half conversions below rely on exact IEEE rounding */
 #include <stdint.h>
@@ -14,8 +15,7 @@
 
 enum { Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K };
 
-static inline float h2f(const uint8_t *p) {  /* little-endian IEEE half -> fp32, exact */
-    const uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+static inline float half(uint16_t h) {  /* IEEE half -> fp32, exact */
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 0x3ffu;
     union { uint32_t u; float f; } v;
     if (e == 31) v.u = sign | 0x7f800000u | (m << 13);
@@ -23,6 +23,8 @@ static inline float h2f(const uint8_t *p) {  /* little-endian IEEE half -> fp32,
     else v.u = sign | ((e + 112u) << 23) | (m << 13);
     return v.f;
 }
+
+static inline float h2f(const uint8_t *p) { return half((uint16_t)(p[0] | (p[1] << 8))); }  /* little-endian */
 
 /* 16 bytes -> 32 codes: element j is the low nibble of byte j, j + 16 the high one */
 static inline void nibbles(const uint8_t *qs, uint8_t *q) {
@@ -147,4 +149,26 @@ void ember_qtile_pack(const uint8_t *q, const float *s, const float *o, int64_t 
                 }
             }
         }
+}
+
+/* Rows `rows[i]` (any order) in fp32 [n, K], q * s + o in gguf-py's two roundings (Q6_K, which gguf-py
+ * computes as (q - 32) * s, may differ in the last bit): token embeddings and the head's exact
+ * top-candidate recompute read the packed head itself. */
+void ember_qtile_rows_f32(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
+                          const int64_t *rows, int64_t n, int64_t k, float *out) {
+    const int64_t nb = k / 32, bits8 = mode & 1, halves = mode & 2 ? 2 : 1;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t t = rows[i] / 16, r = rows[i] % 16;
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t at = t * nb + b;
+            for (int j = 0; j < 32; j++) {
+                const int64_t si = (at * halves + (halves == 2 ? j / 16 : 0)) * 16 + r;
+                const float s = half(s16[si]), o = half(o16[si]);
+                const int g = j / 4, kk = j % 4;
+                const uint8_t q = bits8 ? codes[at * 512 + g * 64 + r * 4 + kk]
+                                        : (uint8_t)(codes[at * 256 + (g / 2) * 64 + r * 4 + kk] >> (4 * (g % 2))) & 15;
+                out[i * k + b * 32 + j] = (float)q * s + o;
+            }
+        }
+    }
 }

@@ -283,28 +283,6 @@ void ember_qtile_matmul(const uint8_t *codes, int64_t mode, const uint16_t *s16,
     release(&a);
 }
 
-/* Rows `rows[i]` (any order) in fp32 [n, K], q * s + o in gguf-py's two roundings (Q6_K, which gguf-py
- * computes as (q - 32) * s, may differ in the last bit): token embeddings and the head's exact
- * top-candidate recompute read the packed head itself. */
-void ember_qtile_rows_f32(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
-                          const int64_t *rows, int64_t n, int64_t k, float *out) {
-    const int64_t nb = k / 32, bits8 = mode & 1, halves = mode & 2 ? 2 : 1;
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t t = rows[i] / 16, r = rows[i] % 16;
-        for (int64_t b = 0; b < nb; b++) {
-            const int64_t at = t * nb + b;
-            for (int j = 0; j < 32; j++) {
-                const int64_t si = (at * halves + (halves == 2 ? j / 16 : 0)) * 16 + r;
-                const float s = _cvtsh_ss(s16[si]), o = _cvtsh_ss(o16[si]);
-                const int g = j / 4, kk = j % 4;
-                const uint8_t q = bits8 ? codes[at * 512 + g * 64 + r * 4 + kk]
-                                        : (uint8_t)(codes[at * 256 + (g / 2) * 64 + r * 4 + kk] >> (4 * (g % 2))) & 15;
-                out[i * k + b * 32 + j] = (float)q * s + o;
-            }
-        }
-    }
-}
-
 #ifdef HAVE_AMX_INT8
 int ember_qtile_amx_built(void) { return 1; }
 #else
@@ -316,5 +294,4 @@ int ember_amx_available(void) { return 0; }
 int ember_qtile_available(void) { return 0; }
 int ember_qtile_amx_built(void) { return 0; }
 void ember_qtile_matmul(void) {}
-void ember_qtile_rows_f32(void) {}
 #endif
