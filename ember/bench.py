@@ -87,8 +87,6 @@ def _ember(model: Path, ids: list[int], gen: int, trials: int) -> Result:
                   f"{llm.dtype}".removeprefix("torch.") + (f", {quantize} on load" if quantize else ""))
 
 
-
-
 def _transformers(model: Path, ids: list[int], gen: int, trials: int) -> Result:
     import torch
     import transformers

@@ -230,6 +230,8 @@ def bench(
     from ember.hub import DEFAULT_MODEL, resolve_model
 
     peers = list(vs or [])
+    # llama.cpp's own benchmark program, preferred to the Python binding when both are there
+    llama_bench = bench_llama_cpp.binary("llama-bench") is not None
     for p in peers:
         if p not in b.ENGINES[1:]:
             raise EmberError(f"--vs {p!r}: unknown peer; choose from {', '.join(b.ENGINES[1:])}")
@@ -238,9 +240,7 @@ def bench(
                 raise EmberError(f"--concurrency runs against llama.cpp's server only, not --vs {p}")
             if bench_llama_cpp.binary() is None:
                 raise EmberError(bench_llama_cpp.HELP)
-        elif p == "llama.cpp" and bench_llama_cpp.binary("llama-bench") is not None:
-            pass  # llama.cpp's own benchmark program, preferred to the Python binding when both are there
-        elif not b.available(p):
+        elif not (p == "llama.cpp" and llama_bench) and not b.available(p):
             pkg = {"transformers": "pip install transformers accelerate",
                    "llama.cpp": "pip install llama-cpp-python, or llama-bench on PATH / $LLAMA_BENCH"}[p]
             raise EmberError(f"--vs {p}: not installed ({pkg}); ember never requires it")
@@ -273,7 +273,7 @@ def bench(
     for engine in ["ember", *peers]:
         print(f"[bench] running {engine} ...", file=sys.stderr)
         try:
-            if engine == "llama.cpp" and bench_llama_cpp.binary("llama-bench") is not None:
+            if engine == "llama.cpp" and llama_bench:
                 results.append(bench_llama_cpp.llama_bench(path, len(ids), gen_len, trials, n_threads))
                 continue
             results.append(b.run_engine(engine, path, ids, gen_len, trials, n_threads,

@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "cpu_ops.c", CSRC / "qtile.c", CSRC / "decode_step.c", CSRC / "select.c",
-           CSRC / "qpack.c", CSRC / "attention.c"]  # with the headers beside them
+SOURCES = sorted(CSRC.glob("*.c"))  # every C file of the folder, with the headers beside them
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
 
 _P = ctypes.c_void_p

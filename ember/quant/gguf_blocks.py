@@ -18,6 +18,7 @@ from ember.kernels import cpu_ops
 
 GROUP = 32
 QK_K = 256
+ZERO = {"Q6_K": 32}  # kinds whose offset is -zero * scale, computed by gguf-py as (q - zero) * scale
 
 
 @dataclass
@@ -146,7 +147,7 @@ def _q6_k(b: torch.Tensor) -> Canonical:
     qh = (qh >> shifts) & 3  # [..., half, run, 32]
     q = (ql | (qh << 4)).reshape(*lead, QK_K)
     scale = _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(torch.int8).float()  # [..., 16]
-    return Canonical(q, scale, -32 * scale, 6, zero=32)
+    return Canonical(q, scale, -ZERO["Q6_K"] * scale, 6, zero=ZERO["Q6_K"])
 
 
 # kind -> (bytes per block, elements per block, decoder)
@@ -158,6 +159,7 @@ GROUP16 = frozenset({"Q6_K"})  # one scale per 16 elements
 GROUP32_KINDS = frozenset(DECODERS) - GROUP16
 
 
+# the kind numbers of csrc/qpack.c's enum
 _KIND_ID = {kind: i for i, kind in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))}
 KIND_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
 CHUNK_ROWS = 8192  # rows decoded at a time: bounds the transient memory of big tensors (a 262k vocab)
@@ -171,7 +173,7 @@ def decode(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Canonical:
     q = torch.empty(n, k, dtype=torch.uint8)
     scale = torch.empty(n, groups, dtype=torch.float32)
     offset = torch.empty(n, groups, dtype=torch.float32)
-    zero = 32 if kind == "Q6_K" else None
+    zero = ZERO.get(kind)
     lib = cpu_ops()
     if lib is not None:  # the same values from C, straight off the memory map (ten times faster)
         rows = np.ascontiguousarray(data, dtype=np.uint8)

@@ -214,9 +214,10 @@ class GGUFFile:
             qtype = GGMLQuantizationType(t.type_id)
             shape = tuple(reversed(t.dims))  # torch order: [out, in]
             rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-            data = self._data[t.offset : t.offset + self._nbytes(t)].reshape(rows, -1)  # [rows, bytes per row]
+            nbytes = self._nbytes(t)
+            data = self._data[t.offset : t.offset + nbytes].reshape(rows, -1)  # [rows, bytes per row]
             yield RawTensor(t.name, qtype.name, shape, data, lambda a, q=qtype: quants.dequantize(a, q),
-                            partial(self._release, t.offset, self._nbytes(t)))
+                            partial(self._release, t.offset, nbytes))
 
     def _release(self, start: int, length: int) -> None:
         """Unmap a packed tensor's pages: a read-only file mapping's pages count as resident memory until
