@@ -81,6 +81,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: F
     k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, T, Dh]
     q = q.transpose(0, 1)  # [H, T, Dh]
     outs = []
+    # one SDPA per sequence, over exactly its keys: a padded batch would be fewer calls, but its rows change
+    # in the last bits with the neighbours' lengths (tested), and batched output must equal single output
     for s in ctx.seqs:
         if kernel and s.q_len == 1 and s.kv_slots is not None:
             continue
