@@ -47,8 +47,10 @@ class KVCache:
     def free(self, blocks: list[int]) -> None:
         self.pool.free(blocks)
 
-    def slots(self, block_table: list[int], start: int, end: int, device: torch.device) -> torch.Tensor:
-        """Flat cache slots of token positions [start, end) of a request: [end - start] long."""
-        pos = torch.arange(start, end)
-        table = torch.tensor(block_table, dtype=torch.long)
-        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(device)
+    def table_slots(self, tables: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+        """Flat cache slots of every position each block table covers: [len(table) * block_size] long per
+        table, all views of one tensor built in a few ops (the runner needs them for every request, every step)."""
+        bs = self.block_size
+        blocks = torch.tensor([b for t in tables for b in t], dtype=torch.long)  # [sum of table lengths]
+        flat = (blocks[:, None] * bs + torch.arange(bs)).view(-1).to(device)  # [sum * bs]
+        return list(flat.split([len(t) * bs for t in tables]))

@@ -20,7 +20,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queues look requests up with `in` and remove(), which must not compare fields
 class Request:
     prompt_token_ids: list[int]
     params: SamplingParams

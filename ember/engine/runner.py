@@ -20,15 +20,17 @@ class ModelRunner:
         if not batch.seqs:
             return None
         ids: list[int] = []
-        positions, slots, spans, last_rows = [], [], [], []
-        for s in batch.seqs:
+        positions: list[int] = []
+        slots, spans, last_rows = [], [], []
+        tables = self.kv.table_slots([s.request.block_table for s in batch.seqs], self.device)
+        for s, table in zip(batch.seqs, tables, strict=True):
             req, end = s.request, s.start + s.num_tokens
             q_start = len(ids)
             ids.extend(req.all_token_ids[s.start : end])
-            positions.append(torch.arange(s.start, end))
+            positions.extend(range(s.start, end))
             # one slot table per request: the new tokens' slots are its tail; a step that holds the whole
             # context needs no cache read (plain causal attention)
-            ctx_slots = self.kv.slots(req.block_table, 0, end, self.device)  # [end]
+            ctx_slots = table[:end]  # [end]
             slots.append(ctx_slots[s.start :])
             kv_slots = None if s.start == 0 else ctx_slots
             spans.append(SeqSpan(q_start, s.num_tokens, end, kv_slots))
@@ -36,7 +38,7 @@ class ModelRunner:
                 last_rows.append(len(ids) - 1)
             s.request.num_computed_tokens = end
         ctx = ForwardContext(
-            positions=torch.cat(positions).to(self.device),
+            positions=torch.tensor(positions, device=self.device),
             slot_mapping=torch.cat(slots),
             seqs=spans,
             k_cache=self.kv.k,
@@ -64,7 +66,7 @@ class ModelRunner:
         try:
             n = len(token_ids)
             ctx = ForwardContext(positions=torch.arange(n, device=self.device),
-                                 slot_mapping=self.kv.slots(blocks, 0, n, self.device),
+                                 slot_mapping=self.kv.table_slots([blocks], self.device)[0][:n],
                                  seqs=[SeqSpan(0, n, n, None)], k_cache=self.kv.k, v_cache=self.kv.v)
             hidden = self.model(torch.tensor(token_ids, dtype=torch.long, device=self.device), ctx)
             return self.model.compute_logits(hidden)

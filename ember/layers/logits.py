@@ -51,4 +51,4 @@ class TopRefiner(nn.Module):
         idx = ops.topk_indices(logits, min(self.k, logits.shape[-1]))  # [B, k]
         w = self.rows(idx.reshape(-1)).view(b, -1, d)  # [B, k, D]
         exact = torch.einsum("bkd,bd->bk", w, hidden.float())  # [B, k]
-        return logits.scatter(1, idx, exact)
+        return logits.scatter_(1, idx, exact)  # in place: a copy of [B, V] costs more than the refinement
