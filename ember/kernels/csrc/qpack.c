@@ -154,20 +154,25 @@ void ember_qtile_pack(const uint8_t *q, const float *s, const float *o, int64_t 
 /* Rows `rows[i]` (any order) in fp32 [n, K], q * s + o in gguf-py's two roundings (Q6_K, which gguf-py
  * computes as (q - 32) * s, may differ in the last bit): token embeddings and the head's exact
  * top-candidate recompute read the packed head itself. */
+__attribute__((optimize("fp-contract=off")))  /* q * s + o in two roundings, as the reference computes it */
 void ember_qtile_rows_f32(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                           const int64_t *rows, int64_t n, int64_t k, float *out) {
     const int64_t nb = k / 32, bits8 = mode & 1, halves = mode & 2 ? 2 : 1;
+#pragma omp parallel for schedule(static) if (n * k > 65536)
     for (int64_t i = 0; i < n; i++) {
         const int64_t t = rows[i] / 16, r = rows[i] % 16;
         for (int64_t b = 0; b < nb; b++) {
             const int64_t at = t * nb + b;
-            for (int j = 0; j < 32; j++) {
-                const int64_t si = (at * halves + (halves == 2 ? j / 16 : 0)) * 16 + r;
+            uint8_t q[32];  /* row r's 32 codes of this block: 8 groups of 4, nibble or byte */
+            for (int g = 0; g < 8; g++)
+                for (int kk = 0; kk < 4; kk++)
+                    q[g * 4 + kk] = bits8 ? codes[at * 512 + g * 64 + r * 4 + kk]
+                                          : (uint8_t)(codes[at * 256 + (g / 2) * 64 + r * 4 + kk] >> (4 * (g % 2))) & 15;
+            float *dst = out + i * k + b * 32;
+            for (int hh = 0; hh < 2; hh++) {  /* one scale per 32, or one per 16 */
+                const int64_t si = (at * halves + (halves == 2 ? hh : 0)) * 16 + r;
                 const float s = half(s16[si]), o = half(o16[si]);
-                const int g = j / 4, kk = j % 4;
-                const uint8_t q = bits8 ? codes[at * 512 + g * 64 + r * 4 + kk]
-                                        : (uint8_t)(codes[at * 256 + (g / 2) * 64 + r * 4 + kk] >> (4 * (g % 2))) & 15;
-                out[i * k + b * 32 + j] = (float)q * s + o;
+                for (int j = 0; j < 16; j++) dst[hh * 16 + j] = (float)q[hh * 16 + j] * s + o;
             }
         }
     }
