@@ -114,13 +114,22 @@ def default_kv_bytes(device: torch.device | None = None) -> int:
     return int(min(2 << 30, max(256 << 20, avail // 5)))
 
 
+def default_step_tokens(device: torch.device | None = None) -> int:
+    """Token budget of one engine step. On a CPU a step's cost grows with its tokens while prefill speed
+    does not (SmolLM2 on 2 cores: the same tok/s with chunks of 64 to 1024), so a small budget bounds how
+    long running streams wait behind a long prompt (their largest gap: 1060 ms at 512, 500 ms at 256,
+    benchmarks/README.md) at no cost to the prompt's own TTFT. Accelerators keep larger steps."""
+    return 512 if device is not None and device.type != "cpu" else 256
+
+
 @dataclass
 class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     kv_cache_memory: int | None = None  # bytes for the KV cache; None: a fifth of free RAM, <= 2 GiB
     block_size: int = 16  # tokens per KV-cache block
     max_num_seqs: int = 64  # requests running at once
-    max_num_batched_tokens: int = 512  # token budget per engine step (chunked prefill beyond it)
+    max_num_batched_tokens: int = 256  # token budget per engine step (chunked prefill beyond it); see
+    # default_step_tokens
     prefix_caching: bool = True  # reuse the KV of full blocks shared with earlier requests
 
     def __post_init__(self) -> None:

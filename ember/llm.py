@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from ember.config import EngineConfig, ModelConfig, default_kv_bytes, resolve_device, resolve_dtype
+from ember.config import (
+    EngineConfig,
+    ModelConfig,
+    default_kv_bytes,
+    default_step_tokens,
+    resolve_device,
+    resolve_dtype,
+)
 from ember.engine.engine import Engine
 from ember.engine.kv_cache import KVCache
 from ember.engine.outputs import CompletionOutput, RequestOutput
@@ -207,7 +214,7 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     if kv_cache_memory is None:
         kv_cache_memory = default_kv_bytes(dev)
     engine_cfg = EngineConfig(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-                              prefix_caching=prefix_caching)
+                              max_num_batched_tokens=default_step_tokens(dev), prefix_caching=prefix_caching)
     if tensors is None:  # an architecture without a native model: transformers runs it
         from ember.models.hf_fallback import load_fallback
 
