@@ -155,7 +155,8 @@ def test_bench_concurrency_table(smollm_gguf):
     assert len(rows) == 2
     for row in rows:
         cells = [float(c) for c in row.strip("|").split("|")[1:]]
-        assert cells[1] > 0 and cells[2] > 0 and cells[5] > 0  # tok/s, TTFT, RSS
+        assert cells[1] > 0 and cells[2] > 0 and cells[6] > 0  # tok/s, TTFT, RSS
+        assert 0 < cells[4] <= cells[5]  # inter-token p50 <= p99
 
 
 FAKE_LLAMA_SERVER = """#!{python}
