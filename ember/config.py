@@ -136,9 +136,13 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
-                raise ParameterError(f"EngineConfig.{name}={v!r} is invalid: it must be a positive integer")
+                raise ParameterError(f"{name}={v!r} is invalid: it must be a positive integer")
+        if self.max_num_batched_tokens < self.max_num_seqs:  # else some running requests would skip steps
+            raise ParameterError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_num_seqs={self.max_num_seqs}: "
+                "every running request needs a token of each step; raise the first or lower the second")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
-            raise ParameterError(f"EngineConfig.max_model_len={self.max_model_len!r} must be an integer >= 2")
+            raise ParameterError(f"max_model_len={self.max_model_len!r} is invalid: it must be an integer >= 2")
         if self.kv_cache_memory is None:
             self.kv_cache_memory = default_kv_bytes()
         elif not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0:

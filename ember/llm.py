@@ -191,30 +191,35 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
          chat_template: str | os.PathLike[str] | None = None, max_model_len: int | None = None,
          kv_cache_memory: int | None = None, quantize: str | None = None, double_quant: bool | None = None,
          compute_dtype: str | torch.dtype | None = None, prefix_caching: bool = True,
-         quiet: bool = True) -> LLM:
+         max_num_seqs: int = 64, max_num_batched_tokens: int | None = None, quiet: bool = True) -> LLM:
     """Load a model, ready to generate: an alias ('smollm2-135m', the default), a local .gguf file or a
     Hugging Face model directory.
 
     quantize: "nf4" / "fp4" (bitsandbytes 4-bit; `double_quant` defaults to True, `compute_dtype` to
     bf16 on CPU) or "int8" (per-channel weight-only) re-quantizes every linear but the output head.
     prefix_caching: requests (and chat turns) sharing a prefix reuse its KV cache instead of recomputing it.
+    max_num_seqs: requests decoding at once (more wait their turn). max_num_batched_tokens: tokens one
+    engine step computes, prompt chunks included (default 256 on a CPU, 512 on an accelerator): smaller
+    bounds how long running streams wait behind a long prompt.
     """
     from ember.hub import DEFAULT_MODEL, resolve_model
     from ember.models.loader import build_model
 
     spec = _quant_spec(quantize, double_quant, compute_dtype)
     t0 = time.perf_counter()
-    path = resolve_model(model or DEFAULT_MODEL, quiet=quiet)
     dev = resolve_device(device)
+    if kv_cache_memory is None:  # engine settings first: a bad one fails before any loading
+        kv_cache_memory = default_kv_bytes(dev)
+    engine_cfg = EngineConfig(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+                              max_num_seqs=max_num_seqs, prefix_caching=prefix_caching,
+                              max_num_batched_tokens=default_step_tokens(dev) if max_num_batched_tokens is None
+                              else max_num_batched_tokens)
+    path = resolve_model(model or DEFAULT_MODEL, quiet=quiet)
     cfg, tensors, tokenizer, quantized, gen_defaults, ckpt_dtype = _open(Path(path))
     dt = resolve_dtype(dtype, dev, quantized=quantized or spec is not None, checkpoint=ckpt_dtype)
     if spec is not None and quantized:
         warnings.warn(f"{Path(path).name} is already quantized: re-quantizing its dequantized weights to "
                       f"{spec.method} (the two rounding errors add up)", stacklevel=2)
-    if kv_cache_memory is None:
-        kv_cache_memory = default_kv_bytes(dev)
-    engine_cfg = EngineConfig(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-                              max_num_batched_tokens=default_step_tokens(dev), prefix_caching=prefix_caching)
     if tensors is None:  # an architecture without a native model: transformers runs it
         from ember.models.hf_fallback import load_fallback
 

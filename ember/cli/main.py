@@ -80,7 +80,7 @@ def sampling_options(knobs: dict[str, Any], fallback: dict[str, Any], model_defa
 
 
 def load_model(model: str | None, device: str, dtype: str, chat_template: str | None, max_model_len: int | None,
-               quantize: Quantize | None = None, kv_cache_memory: str | None = None):
+               quantize: Quantize | None = None, kv_cache_memory: str | None = None, **engine: Any):
     import ember
 
     err = sys.stderr
@@ -88,7 +88,8 @@ def load_model(model: str | None, device: str, dtype: str, chat_template: str | 
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as notes:  # one line each, not Python's two-line format
         llm = ember.load(model, device=device, dtype=dtype, chat_template=chat_template, kv_cache_memory=kv_bytes,
-                         max_model_len=max_model_len, quantize=quantize.value if quantize else None, quiet=False)
+                         max_model_len=max_model_len, quantize=quantize.value if quantize else None, quiet=False,
+                         **engine)
     for note in notes:
         print(f"[ember] warning: {note.message}", file=err)
     print(f"[ember] {llm!r} loaded in {time.perf_counter() - t0:.1f}s", file=err)
@@ -299,6 +300,11 @@ def serve(
     max_model_len: CtxOpt = None,
     quantize: QuantOpt = None,
     kv_cache_memory: KvOpt = None,
+    max_num_seqs: Annotated[int, typer.Option(
+        help="Requests generating at once; more wait in line (first come, first served).")] = 64,
+    max_num_batched_tokens: Annotated[int | None, typer.Option(
+        help="Tokens one engine step computes, prompt chunks included (default: 256 on a CPU, 512 on a GPU). "
+             "Smaller: running streams wait less behind a long prompt.")] = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /metrics, /health), batching all requests in one engine.
@@ -319,7 +325,8 @@ def serve(
             probe.bind((host, port))
         except OSError as e:
             raise EmberError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or --host") from None
-    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory)
+    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory,
+                     max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
     name = served_model_name or (Path(model).stem if model and model.endswith(".gguf") else model or DEFAULT_MODEL)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"[ember] warning: listening on {host} without --api-key: anyone who can reach it can use it",

@@ -229,8 +229,12 @@ def test_serve_answers_and_refuses_a_busy_port(smollm_gguf):
         with socket.socket() as free:
             free.bind(("127.0.0.1", 0))
             port = free.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ember", "serve", "-m", str(smollm_gguf), "--port", str(port)],
-                            stderr=subprocess.PIPE, text=True)
+    r = run("serve", "-m", str(smollm_gguf), "--port", str(port), "--max-num-seqs", "100",
+            "--max-num-batched-tokens", "50")
+    assert r.returncode == 1 and "max_num_batched_tokens=50 is below max_num_seqs=100" in r.stderr
+    assert "Traceback" not in r.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "ember", "serve", "-m", str(smollm_gguf), "--port", str(port),
+                             "--max-num-seqs", "4", "--max-num-batched-tokens", "32"], stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(240):

@@ -143,3 +143,25 @@ def test_a_default_max_tokens_shrinks_to_the_room_left(llm):
     assert len(out.token_ids) <= 6 and out.finish_reason in ("stop", "length")
     with pytest.raises(ContextLengthError):  # asked for explicitly: the user hears about it
         llm.generate([list(range(1, 251))], SamplingParams(max_tokens=10))
+
+
+def test_engine_limits_are_honoured_and_checked(tiny_path, monkeypatch):
+    """max_num_seqs / max_num_batched_tokens reach the scheduler; impossible pairs fail before loading."""
+    with pytest.raises(ParameterError, match="max_num_batched_tokens=8 is below max_num_seqs=64"):
+        ember.load(tiny_path / "not-even-read", max_num_batched_tokens=8)
+    with pytest.raises(ParameterError, match="max_num_seqs=0"):
+        ember.load(tiny_path, max_num_seqs=0)
+    assert ember.load(tiny_path).engine.config.max_num_batched_tokens == 256  # the CPU default
+    small = ember.load(tiny_path, dtype="float32", max_num_seqs=2, max_num_batched_tokens=8)
+    seen = []
+    schedule = small.engine.scheduler.schedule
+
+    def spy():
+        out = schedule()
+        seen.append((out.num_tokens, len(small.engine.scheduler.running)))
+        return out
+
+    monkeypatch.setattr(small.engine.scheduler, "schedule", spy)
+    outs = small.generate(PROMPTS, greedy(5))
+    assert all(len(o.token_ids) == 5 for o in outs)
+    assert max(n for n, _ in seen) == 8 and max(r for _, r in seen) == 2  # the 30-token prompt went in chunks

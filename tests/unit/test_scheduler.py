@@ -17,7 +17,7 @@ CFG = ModelConfig(architecture="llama", vocab_size=100, hidden_size=8, intermedi
 PER_BLOCK = 2 * 4 * 4 * BLOCK  # k+v x head dim x fp32 bytes x tokens
 
 
-def scheduler(blocks: int, budget: int, max_seqs: int = 64, prefix_caching: bool = True) -> Scheduler:
+def scheduler(blocks: int, budget: int, max_seqs: int = 8, prefix_caching: bool = True) -> Scheduler:
     cfg = EngineConfig(kv_cache_memory=blocks * PER_BLOCK, block_size=BLOCK, max_num_seqs=max_seqs,
                        max_num_batched_tokens=budget, prefix_caching=prefix_caching)
     return Scheduler(cfg, KVCache(CFG, cfg.kv_cache_memory, BLOCK, torch.float32, torch.device("cpu"),
