@@ -199,8 +199,8 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     bf16 on CPU) or "int8" (per-channel weight-only) re-quantizes every linear but the output head.
     prefix_caching: requests (and chat turns) sharing a prefix reuse its KV cache instead of recomputing it.
     max_num_seqs: requests decoding at once (more wait their turn). max_num_batched_tokens: tokens one
-    engine step computes, prompt chunks included (default 256 on a CPU, 512 on an accelerator): smaller
-    bounds how long running streams wait behind a long prompt.
+    engine step computes, prompt chunks included (default 256 on a CPU, 512 on an accelerator, at least
+    max_num_seqs): smaller bounds how long running streams wait behind a long prompt.
     """
     from ember.hub import DEFAULT_MODEL, resolve_model
     from ember.models.loader import build_model
@@ -210,10 +210,13 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     dev = resolve_device(device)
     if kv_cache_memory is None:  # engine settings first: a bad one fails before any loading
         kv_cache_memory = default_kv_bytes(dev)
+    if max_num_batched_tokens is None:  # room for a token of every running request
+        max_num_batched_tokens = default_step_tokens(dev)
+        if isinstance(max_num_seqs, int):
+            max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
     engine_cfg = EngineConfig(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-                              max_num_seqs=max_num_seqs, prefix_caching=prefix_caching,
-                              max_num_batched_tokens=default_step_tokens(dev) if max_num_batched_tokens is None
-                              else max_num_batched_tokens)
+                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                              prefix_caching=prefix_caching)
     path = resolve_model(model or DEFAULT_MODEL, quiet=quiet)
     cfg, tensors, tokenizer, quantized, gen_defaults, ckpt_dtype = _open(Path(path))
     dt = resolve_dtype(dtype, dev, quantized=quantized or spec is not None, checkpoint=ckpt_dtype)

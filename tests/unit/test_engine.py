@@ -152,6 +152,7 @@ def test_engine_limits_are_honoured_and_checked(tiny_path, monkeypatch):
     with pytest.raises(ParameterError, match="max_num_seqs=0"):
         ember.load(tiny_path, max_num_seqs=0)
     assert ember.load(tiny_path).engine.config.max_num_batched_tokens == 256  # the CPU default
+    assert ember.load(tiny_path, max_num_seqs=300).engine.config.max_num_batched_tokens == 300  # grows to fit
     small = ember.load(tiny_path, dtype="float32", max_num_seqs=2, max_num_batched_tokens=8)
     seen = []
     schedule = small.engine.scheduler.schedule
