@@ -303,7 +303,7 @@ def serve(
     max_num_seqs: Annotated[int, typer.Option(
         help="Requests generating at once; more wait in line (first come, first served).")] = 64,
     max_num_batched_tokens: Annotated[int | None, typer.Option(
-        help="Tokens one engine step computes, prompt chunks included (default: 256 on a CPU, 512 on a GPU). "
+        help="Tokens one engine step computes, prompt chunks included (default: 256 on a CPU, 512 on a GPU, at least --max-num-seqs). "
              "Smaller: running streams wait less behind a long prompt.")] = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
