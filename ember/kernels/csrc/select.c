@@ -20,12 +20,6 @@ static inline void insert(float *vals, int64_t *idx, int64_t k, float v, int64_t
     idx[j] = i;
 }
 
-static int row_has_nan(const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++)
-        if (isnan(x[i])) return 1;
-    return 0;
-}
-
 /* vals/idx [rows, k], best first. Returns 1, or 0 when a row holds NaN (nothing written is to be used). */
 int ember_topk_rows(const float *x, int64_t rows, int64_t n, int64_t k, float *vals, int64_t *idx) {
     int ok = 1;
@@ -34,28 +28,35 @@ int ember_topk_rows(const float *x, int64_t rows, int64_t n, int64_t k, float *v
         const float *xr = x + r * n;
         float *v = vals + r * k;
         int64_t *ix = idx + r * k;
-        if (row_has_nan(xr, n)) {
-            ok = 0;
-            continue;
-        }
         for (int64_t j = 0; j < k; j++) {
             v[j] = -INFINITY;
             ix[j] = -1;
         }
+        int nan = 0;  /* found in the same pass (a NaN never enters the list: comparisons with it are false) */
         int64_t i = 0;
-        for (; i < k && i < n; i++) insert(v, ix, i + 1, xr[i], i);  /* a growing list: the first k */
+        for (; i < k && i < n; i++) {  /* a growing list: the first k */
+            nan |= isnan(xr[i]);
+            insert(v, ix, i + 1, xr[i], i);
+        }
 #if defined(__AVX512F__)
+        __mmask16 nans = 0;
         for (; i + 16 <= n; i += 16) {
-            __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(xr + i), _mm512_set1_ps(v[k - 1]), _CMP_GT_OQ);
+            const __m512 xv = _mm512_loadu_ps(xr + i);
+            nans |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+            __mmask16 m = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(v[k - 1]), _CMP_GT_OQ);
             while (m) {  /* rare once the list has filled with large values */
                 const int j = __builtin_ctz(m);
                 if (xr[i + j] > v[k - 1]) insert(v, ix, k, xr[i + j], i + j);
                 m &= m - 1;
             }
         }
+        nan |= nans != 0;
 #endif
-        for (; i < n; i++)
+        for (; i < n; i++) {
+            nan |= isnan(xr[i]);
             if (xr[i] > v[k - 1]) insert(v, ix, k, xr[i], i);
+        }
+        if (nan) ok = 0;
     }
     return ok;
 }
@@ -66,20 +67,39 @@ int ember_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *idx) {
 #pragma omp parallel for schedule(static) if (rows * n > 65536) reduction(& : ok)
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * n;
-        if (row_has_nan(xr, n)) {
+        float best = -INFINITY;
+        int nan = 0;
+        int64_t i = 0, at = 0;
+#if defined(__AVX512F__)
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        __mmask16 nans = 0;
+        for (; i + 16 <= n; i += 16) {  /* the maximum and any NaN in one pass */
+            const __m512 xv = _mm512_loadu_ps(xr + i);
+            nans |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+            mx = _mm512_max_ps(mx, xv);
+        }
+        nan = nans != 0;
+        best = _mm512_reduce_max_ps(mx);
+#endif
+        for (; i < n; i++) {
+            nan |= isnan(xr[i]);
+            best = xr[i] > best ? xr[i] : best;
+        }
+        if (nan) {
             ok = 0;
             continue;
         }
-        float best = -INFINITY;
-        int64_t i = 0;
 #if defined(__AVX512F__)
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (; i + 16 <= n; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(xr + i));
-        best = _mm512_reduce_max_ps(mx);
+        for (; at + 16 <= n; at += 16) {  /* the first occurrence, 16 at a time */
+            const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(xr + at), _mm512_set1_ps(best), _CMP_EQ_OQ);
+            if (m) {
+                at += __builtin_ctz(m);
+                break;
+            }
+        }
+        if (at + 16 > n)
 #endif
-        for (; i < n; i++) best = xr[i] > best ? xr[i] : best;
-        int64_t at = 0;
-        while (at < n - 1 && xr[at] != best) at++;  /* the first occurrence */
+            while (at < n - 1 && xr[at] != best) at++;
         idx[r] = at;
     }
     return ok;
