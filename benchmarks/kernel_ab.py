@@ -3,6 +3,7 @@
     python benchmarks/kernel_ab.py --base HEAD~1 attention      # decode attention, several batch x keys
     python benchmarks/kernel_ab.py --base HEAD~1 matmul -m 1 -m 16 -m 64   # packed matmul, default model
     python benchmarks/kernel_ab.py --base HEAD~1 matmul -m 16 --all-layers # every layer: weights from memory
+    python benchmarks/kernel_ab.py --base HEAD~1 select -m 1 -m 16          # top-16 and argmax of logits rows
 
 Both versions are compiled from source with ember's flags into a temporary directory and called
 alternately on the same inputs (best of --trials), so a noisy machine (shared vCPUs, steal time) hits
@@ -120,11 +121,33 @@ def matmul(libs: dict[str, ctypes.CDLL], rows: list[int], trials: int, all_layer
               f"tree/base {tree / base:.2f} ({same})")
 
 
+def _select_call(lib: ctypes.CDLL, x: torch.Tensor, argmax: bool) -> torch.Tensor:
+    b, n = x.shape
+    if argmax:
+        idx = torch.empty(b, dtype=torch.int64)
+        lib.ember_argmax_rows(x.data_ptr(), b, n, idx.data_ptr())
+        return idx
+    vals, idx = torch.empty(b, 16), torch.empty(b, 16, dtype=torch.int64)
+    lib.ember_topk_rows(x.data_ptr(), b, n, 16, vals.data_ptr(), idx.data_ptr())
+    return idx
+
+
+def select(libs: dict[str, ctypes.CDLL], rows: list[int], trials: int) -> None:
+    """Top-16 and argmax over logits rows of SmolLM2's vocabulary (49152), as the sampler calls them."""
+    for m in rows:
+        x = torch.randn(m, 49152, generator=torch.Generator().manual_seed(m))
+        for argmax in (False, True):
+            best, same = race({k: partial(_select_call, lib, x, argmax) for k, lib in libs.items()}, trials)
+            base, tree = best.values()
+            print(f"{'argmax' if argmax else 'top-16'} {m} rows: base {base * 1e3:.3f} ms, tree {tree * 1e3:.3f} ms, "
+                  f"tree/base {tree / base:.2f} ({same})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["attention", "matmul"])
+    ap.add_argument("what", choices=["attention", "matmul", "select"])
     ap.add_argument("--base", default="HEAD", help="git revision to compare the working tree with")
-    ap.add_argument("-m", "--rows", type=int, action="append", help="activation rows for matmul (repeatable)")
+    ap.add_argument("-m", "--rows", type=int, action="append", help="rows for matmul / select (repeatable)")
     ap.add_argument("--all-layers", action="store_true", help="matmul: sweep every layer (weights from memory)")
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -134,6 +157,8 @@ def main() -> None:
         libs = {"base": build(args.base, Path(tmp) / "base.so"), "tree": build(None, Path(tmp) / "tree.so")}
         if args.what == "attention":
             attention(libs, args.trials)
+        elif args.what == "select":
+            select(libs, args.rows or [1, 16, 64], args.trials)
         else:
             matmul(libs, args.rows or [1, 16, 64], args.trials, args.all_layers)
 
