@@ -12,10 +12,10 @@ import argparse
 import random
 import statistics
 import time
-from pathlib import Path
 
 import ember
 from ember import SamplingParams
+from ember.bench import prompt_ids
 
 
 def trial(llm: ember.LLM, budget: int, streams: int, long_ids: list[int]) -> tuple[float, float, float]:
@@ -53,8 +53,7 @@ def main() -> None:
     budgets = a.budget or [512, 256, 128]
     random.seed(0)
     llm = ember.load(a.model)
-    text = (Path(__file__).resolve().parents[1] / "tests" / "data" / "prose.txt").read_text()
-    long_ids = llm.encode(text * (1 + 4 * a.prompt_len // len(text)))[: a.prompt_len]
+    long_ids = prompt_ids(llm.source, a.prompt_len)  # the prompt text `ember bench` uses
     trial(llm, budgets[0], a.streams, long_ids[:256])  # warm-up
     print(f"{a.streams} streams decoding, then a {len(long_ids)}-token prompt arrives")
     print("| tokens per step | long prompt TTFT ms | streams' largest gap ms | median gap ms |")
