@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ember.errors import ParameterError
+from ember.structured.spec import StructuredOutputs, as_structured
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 all but forces it
 
 
 def _fail(name: str, value: object, must: str) -> None:
@@ -41,6 +44,8 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    structured: StructuredOutputs | Any = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -54,6 +59,13 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 _fail("stop_token_ids", self.stop_token_ids, "a list of non-negative token ids")
+        self.structured = as_structured(self.structured)
+        if self.structured is not None:
+            for name, off in (("ignore_eos", False), ("min_tokens", 0)):
+                if getattr(self, name) != off:
+                    _fail(name, getattr(self, name), f"{off} with structured (the grammar decides where the "
+                                                       "output ends)")
+        self._check_logit_bias()
 
     def _check_numbers(self) -> None:
         def num(name: str) -> float:
@@ -101,6 +113,21 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            _fail("logit_bias", bias, "a dict of token id -> bias")
+        clean: dict[int, float] = {}
+        for k, v in bias.items():
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                _fail("logit_bias", bias, f"keyed by non-negative token ids (got key {k!r})")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS:
+                _fail("logit_bias", bias, f"biases in [-100, 100] (token {k} has {v!r})")
+            clean[k] = float(v)
+        self.logit_bias = clean or None
 
     @property
     def greedy(self) -> bool:

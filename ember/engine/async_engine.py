@@ -37,10 +37,14 @@ class AsyncEngine:
         """Queue a request; bad input (too long, bad ids, id in use) raises here. Then read `stream(id)`.
         A caller cancelled while waiting leaves nothing running behind it."""
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        constraint = None
+        if params.structured is not None:  # compiled here, on a worker thread: never in the engine loop
+            constraint = await asyncio.to_thread(self.engine.grammars.compile, params.structured)
         queue_: asyncio.Queue = asyncio.Queue()
         self._pending[rid] = queue_  # before the loop thread can push to it
         fut: Future = Future()
-        self._commands.put(("add", (prompt_token_ids, params, rid, asyncio.get_running_loop(), queue_), fut))
+        self._commands.put(("add", (prompt_token_ids, params, rid, constraint, asyncio.get_running_loop(), queue_),
+                                fut))
         try:
             return await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
@@ -136,9 +140,9 @@ class AsyncEngine:
         if fut is not None and not fut.set_running_or_notify_cancel():
             return  # the caller was cancelled before we got here: nothing to do
         if kind == "add":
-            prompt, params, rid, loop, stream = arg
+            prompt, params, rid, constraint, loop, stream = arg
             try:
-                rid = self.engine.add_request(prompt, params, rid)
+                rid = self.engine.add_request(prompt, params, rid, constraint)
             except Exception as e:  # noqa: BLE001 - the caller's error to raise
                 fut.set_exception(e)  # type: ignore[union-attr]
                 return

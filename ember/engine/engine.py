@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import Future
+
+import torch
 from torch import nn
 
 from ember.config import EngineConfig, ModelConfig
@@ -14,7 +18,10 @@ from ember.engine.sampler import Sampler, SamplingState
 from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.errors import ContextLengthError, ParameterError
 from ember.sampling_params import SamplingParams
+from ember.structured.backend import Constraint, GrammarBackend
 from ember.tokenizer import Tokenizer
+
+log = logging.getLogger("ember")
 
 
 class Engine:
@@ -27,13 +34,16 @@ class Engine:
         self.scheduler = Scheduler(engine_config, kv)
         self.runner = ModelRunner(model, kv, kv.k[0].device)
         self.sampler = Sampler()
+        self.grammars = GrammarBackend(tokenizer, model_config.vocab_size)
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.num_tokens_computed = 0  # positions run through the model, all requests (prefix reuse shows here)
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, constraint: Constraint | None = None) -> str:
+        """Queue a request. A structured one brings its `constraint` compiled off the step loop
+        (`self.grammars.compile(params.structured)` in a worker thread); without one it compiles here."""
         n = len(prompt_token_ids)
         if n == 0:
             raise ParameterError("the prompt is empty: give at least one token of text")
@@ -54,11 +64,16 @@ class Engine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ParameterError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            bad = sorted(t for t in params.logit_bias if t >= vocab)
+            raise ParameterError(f"logit_bias token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         eos = frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
         kwargs = {"request_id": request_id} if request_id else {}
         req = Request(list(prompt_token_ids), params, max_tokens, eos | frozenset(params.stop_token_ids), **kwargs)
         if req.request_id in self.requests:
             raise ParameterError(f"request id {req.request_id!r} is already in use")
+        if params.structured is not None:
+            req.constraint = constraint or self.grammars.compile(params.structured)
         self.requests[req.request_id] = req
         self._detok[req.request_id] = IncrementalDetokenizer(
             self.tokenizer, req.prompt_token_ids, stop=params.stop, skip_special_tokens=params.skip_special_tokens)
@@ -86,17 +101,28 @@ class Engine:
     # ---- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        masks = self._start_masks(batch)  # constrained rows' token masks, filled while the model runs
         logits = self.runner.run(batch)
         self.scheduler.commit(batch)
         self.num_tokens_computed += batch.num_tokens
-        return self._postprocess(batch, logits)
+        return self._postprocess(batch, logits, masks)
 
-    def _postprocess(self, batch: SchedulerOutput, logits) -> list[RequestOutput]:
+    def _start_masks(self, batch: SchedulerOutput) -> Future[torch.Tensor] | None:
+        constraints = [s.request.constraint for s in batch.seqs if s.samples and s.request.constraint]
+        return self.grammars.fill_async(constraints) if constraints else None  # type: ignore[arg-type]
+
+    def _postprocess(self, batch: SchedulerOutput, logits, masks: Future[torch.Tensor] | None = None
+                     ) -> list[RequestOutput]:
         sampling = [s.request for s in batch.seqs if s.samples]
         if not sampling:
             return []
         states = [SamplingState(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.eos_token_ids)
                   for r in sampling]
+        if masks is not None:
+            rows = iter(masks.result())  # [W] per constrained row, in batch order
+            for st, r in zip(states, sampling, strict=True):
+                if r.constraint is not None:
+                    st.allowed = next(rows)
         sampled = self.sampler(logits, states)
         outs = []
         for req, tok, lp in zip(sampling, sampled.token_ids, sampled.logprobs, strict=True):
@@ -107,11 +133,20 @@ class Engine:
         req.output_token_ids.append(tok)
         detok = self._detok[req.request_id]
         reason = None
-        if tok in req.eos_token_ids and req.num_output_tokens > req.params.min_tokens - 1:
+        con = req.constraint
+        if con is not None and tok in con.eos_ids:
+            reason, text = "stop", detok.finish()  # allowed only where the grammar is complete
+        elif tok in req.eos_token_ids and req.num_output_tokens > req.params.min_tokens - 1:
             reason, text = "stop", detok.finish()  # the terminator itself is not part of the text
         else:
             text = detok.add(tok)
-            if detok.stopped:
+            if con is not None and not con.accept(tok):
+                log.warning("request %s: structured output stopped: %s", req.request_id, con.error)
+                text, reason = text + detok.finish(), "abort"
+            elif detok.stopped:
+                reason = "stop"
+            elif con is not None and con.done:  # nothing but the end may follow: no step spent sampling it
+                text += detok.finish()
                 reason = "stop"
             elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
                 text += detok.finish()

@@ -6,10 +6,14 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ember.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ember.structured.backend import Constraint
 
 _ids = itertools.count()
 
@@ -37,6 +41,8 @@ class Request:
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    # Structured output: follows the sampled tokens (kept through preemption: the outputs are kept too)
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

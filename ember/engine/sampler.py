@@ -1,7 +1,9 @@
 """Batched token sampler: prepare(states) once per step, then sample(logits).
 
-Order follows HF / vLLM: raw logprobs -> repetition penalty -> presence/frequency penalties ->
-min_tokens suppression -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw.
+Order follows HF / vLLM: raw logprobs -> logit_bias -> structured-output mask (constrained rows only) ->
+repetition penalty -> presence/frequency penalties -> min_tokens suppression -> greedy argmax, or
+temperature -> top-k -> top-p -> min-p -> draw. The mask comes before every knob, so a constrained row
+samples from exactly the masked distribution.
 Reported logprobs are the model's own distribution (log_softmax of the raw logits, fp32), taken
 before any penalty, temperature or filter, as in vLLM's default "raw_logprobs" mode.
 """
@@ -27,6 +29,8 @@ class SamplingState:
     generator: torch.Generator | None = None
     # Terminators suppressed while len(output) < min_tokens, together with params.stop_token_ids.
     eos_token_ids: frozenset[int] = frozenset()
+    # Bitmask [W] int32 of the tokens a structured-output constraint allows next (None: unconstrained).
+    allowed: torch.Tensor | None = None
 
 
 @dataclass
@@ -60,12 +64,15 @@ class SamplingBatch:
     frequency: torch.Tensor | None  # [B, 1]
     counts: torch.Tensor | None  # [B, V] fp32: occurrences in the output
     suppress: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) set to -inf
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # logit_bias: (rows, ids, values)
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # constrained rows [R], allowed [R, V] bool
 
     @property
     def plain_greedy(self) -> bool:
         """All rows greedy with nothing changing the logits: argmax of the raw logits is the answer."""
         return (
             self.all_greedy and self.rep_penalty is None and self.presence is None and self.suppress is None
+            and self.bias is None and self.allowed is None
         )
 
     @property
@@ -122,6 +129,21 @@ def prepare(
         rows, cols = _flat_index(pf_rows, [states[i].output_token_ids for i in pf_rows], device)
         counts.index_put_((rows, cols), torch.ones(len(rows), device=device), accumulate=True)
 
+    bias = None
+    bias_rows = [i for i, p in enumerate(ps) if p.logit_bias]
+    if bias_rows:
+        items = [[(t, v) for t, v in ps[i].logit_bias.items() if t < V] for i in bias_rows]  # type: ignore[union-attr]
+        rows, cols = _flat_index(bias_rows, [[t for t, _ in it] for it in items], device)
+        bias = (rows, cols, torch.tensor([v for it in items for _, v in it], dtype=torch.float32, device=device))
+
+    allowed = None
+    con_rows = [i for i, s in enumerate(states) if s.allowed is not None]
+    if con_rows:
+        from ember.structured.backend import unpack
+
+        bits = torch.stack([states[i].allowed for i in con_rows])  # type: ignore[misc]  # [R, W]
+        allowed = (torch.tensor(con_rows, device=device), unpack(bits, V).to(device))
+
     suppress = None
     sup_rows, sup_ids = [], []
     for i, s in enumerate(states):
@@ -148,6 +170,8 @@ def prepare(
         frequency=frequency,
         counts=counts,
         suppress=suppress,
+        bias=bias,
+        allowed=allowed,
     )
 
 
@@ -184,8 +208,15 @@ def _min_p_only(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    """Repetition, presence/frequency penalties and min_tokens suppression on a fp32 copy of logits."""
+    """logit_bias, the structured-output mask, repetition, presence/frequency penalties and min_tokens
+    suppression on a fp32 copy of logits."""
     x = logits.to(torch.float32, copy=True)  # [B, V]; the caller's logits stay untouched
+    if b.bias is not None:
+        rows, cols, values = b.bias
+        x.index_put_((rows, cols), values, accumulate=True)
+    if b.allowed is not None:
+        rows, ok = b.allowed  # [R], [R, V]
+        x[rows] = x[rows].masked_fill(~ok, float("-inf"))
     if b.rep_penalty is not None and b.seen is not None:
         # HF rule: shrink positive logits, push negative ones further down.
         hit = torch.where(x > 0, x / b.rep_penalty, x * b.rep_penalty)
