@@ -28,6 +28,7 @@ from ember.engine.outputs import CompletionOutput, RequestOutput
 from ember.errors import ParameterError, TemplateError
 from ember.quant.base import QuantSpec
 from ember.sampling_params import SamplingParams
+from ember.structured.chat import plan_chat
 from ember.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -106,15 +107,31 @@ class LLM:
         return self._stream_ids(ids, params or self._defaults_for(ids))
 
     def chat(self, messages: Messages, params: SamplingParams | None = None, *, stream: bool = False,
+             tools: Sequence[Any] | None = None, tool_choice: Any = None, parallel_tool_calls: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True, **template_kwargs: Any
              ) -> CompletionOutput | Iterator[RequestOutput]:
-        """Reply to a conversation rendered with the model's chat template (or `chat_template`)."""
-        ids = self.encode_chat(messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                               **template_kwargs)
-        params = params or self._defaults_for(ids)
+        """Reply to a conversation rendered with the model's chat template (or `chat_template`).
+
+        tools: OpenAI tool dicts or plain Python functions (type hints + docstring). The reply's calls come
+        back parsed: `out.tool_calls` (finish_reason "tool_calls"), `out.text` being the rest of the reply;
+        streamed, each output carries `tool_calls` deltas in OpenAI's shape. tool_choice: "auto" (default
+        with tools), "none", "required" or a function's name; a required or named call is enforced by a
+        grammar. Tool results go back as {"role": "tool", "tool_call_id": ..., "content": ...} messages.
+        """
+        template = chat_template or self.chat_template or self.tokenizer.chat_template
+        plan = plan_chat(messages, tools, tool_choice, parallel_tool_calls, template, self.tokenizer)
+        ids = self.encode_chat(plan.messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                               **{**template_kwargs, **plan.template_kwargs})
+        params = plan.params(params or self._defaults_for(ids))
+        tool_outputs = plan.outputs()
         if stream:
-            return self._stream_ids(ids, params)
-        return self._run([ids], [params])[0]
+            raw = self._stream_ids(ids, params)
+            return raw if tool_outputs is None else _mapped(raw, tool_outputs)
+        out = self._run([ids], [params])[0]
+        if tool_outputs is not None:
+            whole = tool_outputs(RequestOutput(out.request_id, out.text, [], True, out.finish_reason, out.usage))  # type: ignore[arg-type]
+            out.text, out.finish_reason, out.tool_calls = whole.text, whole.finish_reason, tool_outputs.calls
+        return out
 
     def _defaults_for(self, ids: list[int]) -> SamplingParams:
         """The default params, with a max_tokens nobody asked for shrunk to the room the prompt leaves."""
@@ -156,6 +173,15 @@ class LLM:
         finally:
             if not done:
                 self.engine.abort(rid)
+
+
+def _mapped(stream: Iterator[RequestOutput], fn: Any) -> Iterator[RequestOutput]:
+    """fn over a stream; leaving early closes the stream (which aborts its request) at once."""
+    try:
+        for out in stream:
+            yield fn(out)
+    finally:
+        stream.close()  # type: ignore[attr-defined]
 
 
 def _is_token_list(x: object) -> bool:

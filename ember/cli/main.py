@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ember.cli.structured import ChoiceOpt, GrammarOpt, JsonOpt, RegexOpt, SchemaOpt, structured_option
 from ember.errors import EmberError
 
 app = typer.Typer(
@@ -69,14 +70,15 @@ CHAT_DEFAULTS = {**GENERATE_DEFAULTS, "max_tokens": 512, "temperature": 0.7}
 
 def sampling_options(knobs: dict[str, Any], fallback: dict[str, Any], model_defaults: dict[str, Any] | None,
                      presence_penalty: float, frequency_penalty: float, seed: int | None, stop: list[str] | None,
-                     min_tokens: int = 0, ignore_eos: bool = False):
+                     min_tokens: int = 0, ignore_eos: bool = False, structured: dict[str, Any] | None = None):
     """Each knob: the user's value, else the model's generation_config.json default, else `fallback`.
     Called once before loading (to check the values early) and once after, with the model's defaults."""
     from ember.sampling_params import SamplingParams
 
     chosen = {k: v if v is not None else (model_defaults or {}).get(k, fallback[k]) for k, v in knobs.items()}
     return SamplingParams(**chosen, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                          seed=seed, stop=stop or [], min_tokens=min_tokens, ignore_eos=ignore_eos)
+                          seed=seed, stop=stop or [], min_tokens=min_tokens, ignore_eos=ignore_eos,
+                          structured=structured)
 
 
 def load_model(model: str | None, device: str, dtype: str, chat_template: str | None, max_model_len: int | None,
@@ -127,15 +129,26 @@ def generate(
     quantize: QuantOpt = None,
     kv_cache_memory: KvOpt = None,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Print token counts and speed to stderr.")] = True,
+    json_schema: SchemaOpt = None,
+    json_object: JsonOpt = False,
+    regex: RegexOpt = None,
+    choice: ChoiceOpt = None,
+    grammar: GrammarOpt = None,
 ) -> None:
-    """Stream a continuation of PROMPT to standard output."""
+    """Stream a continuation of PROMPT to standard output.
+
+    With --json-schema / --json / --regex / --choice / --grammar every token is constrained, so the output
+    always has that shape (unless --max-tokens cuts it: finish_reason=length). Pair it with --chat and a
+    prompt that asks for it: the constraint decides the form, the model still decides the content.
+    """
     if prompt == "-":
         prompt = sys.stdin.read()
     if system is not None and not chat:
         raise EmberError("--system only applies with --chat (it is a chat message)")
     knobs = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                  repetition_penalty=repetition_penalty)
-    rest = (presence_penalty, frequency_penalty, seed, stop, min_tokens, ignore_eos)
+    structured = structured_option(json_schema, json_object, regex, choice, grammar)
+    rest = (presence_penalty, frequency_penalty, seed, stop, min_tokens, ignore_eos, structured)
     sampling_options(knobs, GENERATE_DEFAULTS, None, *rest)  # bad values fail before the model loads
     llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory)
     params = sampling_options(knobs, GENERATE_DEFAULTS, llm.generation_defaults, *rest)

@@ -34,7 +34,7 @@ class Engine:
         self.scheduler = Scheduler(engine_config, kv)
         self.runner = ModelRunner(model, kv, kv.k[0].device)
         self.sampler = Sampler()
-        self.grammars = GrammarBackend(tokenizer, model_config.vocab_size)
+        self.grammars = GrammarBackend(tokenizer, model_config.vocab_size, overlap=self.runner.device.type != "cpu")
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.num_tokens_computed = 0  # positions run through the model, all requests (prefix reuse shows here)
@@ -101,7 +101,7 @@ class Engine:
     # ---- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        masks = self._start_masks(batch)  # constrained rows' token masks, filled while the model runs
+        masks = self._start_masks(batch)  # constrained rows' token masks (filled while a GPU runs the model)
         logits = self.runner.run(batch)
         self.scheduler.commit(batch)
         self.num_tokens_computed += batch.num_tokens

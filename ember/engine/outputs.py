@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ember.engine.sampler import TokenLogprobs
+
+if TYPE_CHECKING:
+    from ember.structured.tools import ToolCall, ToolCallDelta
 
 
 @dataclass
@@ -29,6 +33,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
     usage: Usage
     logprobs: list[TokenLogprobs] | None = None
+    # With tools: `text` is the reply's content and these are the tool calls' deltas (OpenAI's shape)
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 @dataclass
@@ -42,6 +48,7 @@ class CompletionOutput:
     finish_reason: str | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprobs] | None = None
+    tool_calls: list[ToolCall] | None = None  # chat(..., tools=...): the complete calls; text is the content
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text

@@ -12,7 +12,10 @@ from fastapi import Request
 
 from ember.engine.outputs import RequestOutput
 from ember.engine.sampler import TokenLogprobs
+from ember.errors import ParameterError
+from ember.server.choices import ChatChoice
 from ember.server.protocol import APIError, ChatRequest, CompletionRequest
+from ember.structured.chat import ChatPlan, plan_chat
 
 if TYPE_CHECKING:
     from ember.server.app import Server
@@ -28,11 +31,9 @@ def _usage(outs: list[RequestOutput | None]) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def _collect(srv: Server, rid: str, ids: list[str], request: Request, prompt_tokens: int
-                   ) -> tuple[list[str], list[list[TokenLogprobs]], list[RequestOutput | None]]:
+async def _collect(srv: Server, rid: str, ids: list[str], request: Request, prompt_tokens: int,
+                   choices: list[ChatChoice]) -> list[RequestOutput | None]:
     """Run every choice to the end (non-streaming), aborting all of them if the client goes away."""
-    texts, lps = [""] * len(ids), [[] for _ in ids]
-    last: list[RequestOutput | None] = [None] * len(ids)
 
     async def watch() -> None:
         while not await request.is_disconnected():
@@ -43,13 +44,11 @@ async def _collect(srv: Server, rid: str, ids: list[str], request: Request, prom
     watcher = asyncio.create_task(watch())
     try:
         async for i, out in srv.merged(ids):
-            texts[i] += out.text
-            lps[i] += out.logprobs or []
-            last[i] = out
+            choices[i].step(out)
     finally:
         watcher.cancel()
-        srv.finish(rid, last, prompt_tokens)
-    return texts, lps, last
+        srv.finish(rid, _lasts(choices), prompt_tokens)
+    return _lasts(choices)
 
 
 def _token_text(srv: Server, tid: int) -> str:
@@ -66,31 +65,54 @@ def _chat_logprobs(srv: Server, lps: list[TokenLogprobs]) -> dict[str, Any]:
 
 
 # ---- /v1/chat/completions -------------------------------------------------------------------------
-async def chat(srv: Server, req: ChatRequest, request: Request) -> Any:
-    from ember.server.app import new_id, sse
-
-    limit, nlp = req.limit(), req.num_logprobs()
-    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+def _plan(srv: Server, req: ChatRequest) -> tuple[ChatPlan, list[int]]:
+    """Tools, history and template -> the plan and the prompt; bad tools are a 400 naming the field."""
     kwargs = dict(req.chat_template_kwargs or {})
-    reserved = sorted(set(kwargs) & {"chat_template", "messages", "add_generation_prompt", "tokenize", "conversation"})
+    reserved = sorted(set(kwargs) & {"chat_template", "messages", "add_generation_prompt", "tokenize", "conversation",
+                                     "tools"})
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {reserved[0]!r} (the server sets it)",
                        "chat_template_kwargs")
-    prompt = srv.llm.encode_chat(msgs, **kwargs)
-    params = [req.sampling(limit, nlp, i, srv.llm.generation_defaults) for i in range(req.n)]
-    for sp in params:
+    template = srv.llm.chat_template or srv.llm.tokenizer.chat_template
+    try:
+        plan = plan_chat([m.as_dict() for m in req.messages], req.tools, req.tool_choice, req.parallel_tool_calls,
+                         template, srv.llm.tokenizer)
+    except ParameterError as e:
+        raise APIError(400, str(e), str(e).split(":", 1)[0].split(" ", 1)[0], "invalid_value") from None
+    return plan, srv.llm.encode_chat(plan.messages, **{**kwargs, **plan.template_kwargs})
+
+
+def _chat_params(srv: Server, req: ChatRequest, plan: ChatPlan, prompt: list[int]) -> list[Any]:
+    limit, nlp = req.limit(), req.num_logprobs()
+    field = "structured_outputs" if req.structured_outputs is not None else "response_format"
+    params = []
+    for i in range(req.n):
+        try:
+            sp = plan.params(req.sampling(limit, nlp, i, srv.llm.generation_defaults))
+        except ParameterError as e:
+            param = "tools" if str(e).startswith("tools") else field if "structured" in str(e) else None
+            raise APIError(400, str(e), param, "invalid_value") from None
         _fit_default(srv, sp, prompt, limit is not None)
+        params.append(sp)
+    return params
+
+
+async def chat(srv: Server, req: ChatRequest, request: Request) -> Any:
+    from ember.server.app import new_id, sse
+
+    nlp = req.num_logprobs()
+    plan, prompt = _plan(srv, req)
+    params = _chat_params(srv, req, plan, prompt)
     rid, created = new_id("chatcmpl"), int(time.time())
     ids = await srv.start(rid, [prompt] * req.n, params)
     head = {"id": rid, "created": created, "model": srv.model_name}
+    choices = [ChatChoice(i, plan.outputs()) for i in range(req.n)]
     if not req.stream:
-        texts, lps, last = await _collect(srv, rid, ids, request, len(prompt))
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": _chat_logprobs(srv, lps[i]) if nlp is not None else None,
-                    "finish_reason": last[i].finish_reason if last[i] else "abort"} for i in range(req.n)]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(last)}
-
-    last: list[RequestOutput | None] = [None] * req.n
+        last = await _collect(srv, rid, ids, request, len(prompt), choices)
+        body = [{"index": c.index, "message": c.message(),
+                 "logprobs": _chat_logprobs(srv, c.logprobs) if nlp is not None else None,
+                 "finish_reason": c.finish_reason} for c in choices]
+        return {**head, "object": "chat.completion", "choices": body, "usage": _usage(last)}
 
     async def events() -> AsyncIterator[dict]:
         def chunk(i: int, delta: dict, finish: str | None = None, lp: Any = None) -> dict:
@@ -101,16 +123,19 @@ async def chat(srv: Server, req: ChatRequest, request: Request) -> Any:
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for i, out in srv.merged(ids):
-            last[i] = out
-            if out.text or out.logprobs:
-                yield chunk(i, {"content": out.text},
-                            lp=_chat_logprobs(srv, out.logprobs or []) if nlp is not None else None)
+            delta = choices[i].step(out)
+            if delta is not None:
+                yield chunk(i, delta, lp=_chat_logprobs(srv, out.logprobs or []) if nlp is not None else None)
             if out.finished:
-                yield chunk(i, {}, out.finish_reason)
+                yield chunk(i, {}, choices[i].finish_reason)
         if req.include_usage:
-            yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(last)}
+            yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(_lasts(choices))}
 
-    return sse(events(), lambda: srv.finish(rid, last, len(prompt)))
+    return sse(events(), lambda: srv.finish(rid, _lasts(choices), len(prompt)))
+
+
+def _lasts(choices: list[ChatChoice]) -> list[RequestOutput | None]:
+    return [c.last for c in choices]
 
 
 # ---- /v1/completions ------------------------------------------------------------------------------
@@ -187,18 +212,23 @@ async def completions(srv: Server, req: CompletionRequest, request: Request) -> 
                                                       "total_tokens": usage}}
     # choice index = prompt index * n + i, as OpenAI numbers them
     flat = [(k, i) for k in range(len(prompts)) for i in range(req.n)]
-    params = [req.sampling(req.max_tokens, req.logprobs, i, srv.llm.generation_defaults) for _, i in flat]
+    try:
+        params = [req.sampling(req.max_tokens, req.logprobs, i, srv.llm.generation_defaults) for _, i in flat]
+    except ParameterError as e:
+        field = "structured_outputs" if req.structured_outputs is not None else "response_format"
+        raise APIError(400, str(e), field if "structured" in str(e) else None, "invalid_value") from None
     ids = await srv.start(rid, [prompts[k] for k, _ in flat], params)
     if not req.stream:
-        texts, lps, last = await _collect(srv, rid, ids, request, sum(map(len, prompts)))
+        runs = [ChatChoice(c, None) for c in range(len(flat))]
+        last = await _collect(srv, rid, ids, request, sum(map(len, prompts)), runs)
         choices = []
         for c, (k, _) in enumerate(flat):
             prefix = texts_in[k] if req.echo else ""
             lp = None
             if req.logprobs is not None:
-                lp = _completion_logprobs(srv, (echo_lps[k] if req.echo else []) + _as_lp(lps[c]), 0)
-            choices.append({"index": c, "text": prefix + texts[c], "logprobs": lp,
-                            "finish_reason": last[c].finish_reason if last[c] else "abort"})
+                lp = _completion_logprobs(srv, (echo_lps[k] if req.echo else []) + _as_lp(runs[c].logprobs), 0)
+            choices.append({"index": c, "text": prefix + runs[c].content, "logprobs": lp,
+                            "finish_reason": runs[c].finish_reason})
         usage = _usage(last)
         usage["prompt_tokens"] = sum(len(p) for p in prompts)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]

@@ -1,16 +1,23 @@
 """OpenAI request bodies, checked strictly: every field ember does not implement is a 400 naming it.
 
-Silently dropped parameters are the pitfall this server exists to avoid: `tools`, `response_format`,
-`logit_bias`, `best_of`, `suffix`, ... are refused with a message that says so, never ignored.
+Silently dropped parameters are the pitfall this server exists to avoid: `best_of`, `suffix`, ... are
+refused with a message that says so, never ignored. A field sent as null asks for nothing and is accepted.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ember.sampling_params import SamplingParams
+from ember.server.protocol_structured import (
+    ResponseFormat,
+    StructuredOutputsBody,
+    ToolCallBody,
+    structured_of,
+)
 
 
 class APIError(Exception):
@@ -28,6 +35,12 @@ class APIError(Exception):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """`"field": null` asks for nothing (clients send e.g. "tools": null, "refusal": null): unset it."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
 
 class StreamOptions(_Strict):
     include_usage: bool = False
@@ -39,12 +52,37 @@ class TextPart(_Strict):
 
 
 class Message(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None  # an assistant turn that called tools (content may be null)
+    tool_call_id: str | None = None  # a tool result answers this call
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    @model_validator(mode="after")
+    def _shape(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
+    def text(self) -> str | None:
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it (developer -> system; tool call arguments stay JSON text)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class _Sampling(_Strict):
@@ -66,6 +104,9 @@ class _Sampling(_Strict):
     min_p: float = Field(default=0.0, ge=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0)
     ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None  # vLLM's extension (the openai client's extra_body)
 
     def sampling(self, max_tokens: int | None, logprobs: int | None, index: int,
                  model_defaults: dict[str, Any] | None = None) -> SamplingParams:
@@ -83,7 +124,27 @@ class _Sampling(_Strict):
         return SamplingParams(
             **knobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + index, max_tokens=max_tokens, stop=stop,
-            ignore_eos=self.ignore_eos, logprobs=logprobs)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, logit_bias=self.token_bias(),
+            structured=structured_of(self.response_format, self.structured_outputs))
+
+    def token_bias(self) -> dict[int, float] | None:
+        """logit_bias's JSON keys (token ids as strings) -> ints; a bad key or value is a 400 naming it."""
+        if not self.logit_bias:
+            return None
+        out: dict[int, float] = {}
+        for key, value in self.logit_bias.items():
+            try:
+                tid = int(key)
+            except ValueError:
+                tid = -1
+            if tid < 0 or str(tid) != key.strip():
+                raise APIError(400, f"logit_bias: key {key!r} is not a token id (a non-negative integer)",
+                               "logit_bias", "invalid_value")
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias: token {key} has bias {value}; biases are in [-100, 100]",
+                               "logit_bias", "invalid_value")
+            out[tid] = value
+        return out
 
     @property
     def include_usage(self) -> bool:
@@ -96,6 +157,20 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # checked by ember.structured.tools (errors name the field)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tool_arguments(self) -> ChatRequest:
+        for i, m in enumerate(self.messages):
+            for j, c in enumerate(m.tool_calls or []):
+                try:
+                    json.loads(c.function.arguments)
+                except json.JSONDecodeError:
+                    raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON: "
+                                     f"{c.function.arguments[:80]!r}") from None
+        return self
 
     def limit(self) -> int | None:
         if self.max_tokens is not None and self.max_completion_tokens is not None \

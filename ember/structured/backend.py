@@ -2,7 +2,8 @@
 
 A matcher is compiled before its request is queued, in the caller's thread (the server: a worker thread),
 so a slow schema never stalls the engine loop. Each step, the rows that sample under a constraint get one
-bit per token (allowed or not), filled while the forward pass runs; the sampler applies it to those rows only.
+bit per token (allowed or not), filled while an accelerator runs the forward pass (inline after it on a CPU);
+the sampler applies it to those rows only.
 """
 
 from __future__ import annotations
@@ -45,13 +46,16 @@ class GrammarBackend:
     """One per engine. vocab_size: the width of the model's logits (may exceed the tokenizer's vocabulary:
     padded rows are never allowed under a constraint)."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, overlap: bool = False) -> None:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.words = (vocab_size + 31) // 32  # int32 words per mask row
         self._lltok: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
         self._masker: ThreadPoolExecutor | None = None
-        self.overlap = True  # fill masks on a worker thread during the forward pass (False: after it, inline)
+        # Fill masks on a worker thread while the forward pass runs. Worth it when an accelerator runs the
+        # model; on a CPU the forward pass has every core busy, and a third thread stalls its OpenMP barriers
+        # (16 JSON rows on 2 cores: 5x slower overlapped than inline, benchmarks/structured.py).
+        self.overlap = overlap
 
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
         """llguidance's view of the vocabulary (built once: ~0.3 s for a 49k vocabulary)."""

@@ -42,6 +42,24 @@ def json_schema_of(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def closed(schema: Any) -> Any:
+    """A copy where every object schema that does not say otherwise has additionalProperties: false.
+
+    Tool arguments are generated this way (OpenAI's strict function calling requires it): left open, a small
+    model fills them with keys it copies from the schema itself. allOf branches stay open (closing one
+    would forbid the properties another branch adds)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in ("allOf", "const", "enum", "default", "examples") else closed(v)) for k, v in schema.items()}
+    if "properties" in schema and isinstance(schema["properties"], dict):
+        out["properties"] = {k: closed(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in schema and "patternProperties" not in schema and "allOf" not in schema:
+            out["additionalProperties"] = False
+    return out
+
+
 def schema_grammar(schema: dict[str, Any], where: str) -> str:
     """llguidance grammar of a JSON schema in ember's JSON style; a schema llguidance rejects fails here."""
     try:
@@ -61,7 +79,8 @@ def _check(grammar: str, where: str, what: str) -> None:
 @dataclass(frozen=True)
 class StructuredOutputs:
     """Exactly one of: `json` (a JSON schema: dict, JSON text or pydantic model class), `json_object=True`
-    (any JSON object), `regex` (the whole output matches it), `grammar` (Lark or GBNF text) or `choice`
+    (any JSON object), `regex` (the whole output matches it), `grammar` (Lark or GBNF text, or llguidance's
+    JSON grammar) or `choice`
     (the output is exactly one of these strings)."""
 
     json: Any = None
@@ -104,8 +123,10 @@ class StructuredOutputs:
     def _compile_grammar(self) -> str:
         if not isinstance(self.grammar, str) or not self.grammar.strip():
             _fail("grammar", "must be non-empty Lark or GBNF text")
+        # llguidance's own JSON form ({"grammars": [...]}, what tool formats build) passes through as is
+        kind = "llguidance" if self.grammar.lstrip().startswith("{") else "grammar"
         try:
-            grammar = llguidance.grammar_from("grammar", self.grammar)  # type: ignore[arg-type]
+            grammar = llguidance.grammar_from(kind, self.grammar)  # type: ignore[arg-type]
         except ValueError as e:  # GBNF that does not convert
             raise ParameterError(f"SamplingParams.structured.grammar: {e}") from None
         _check(grammar, "SamplingParams.structured.grammar", "invalid grammar (Lark or GBNF)")

@@ -200,12 +200,12 @@ def test_preemption_prefix_reuse_chunked_prefill_and_abort_keep_constraints(tiny
 
 def test_masks_fill_inline_or_overlapped_alike(llm):
     params = [sp(structured={"json": SCHEMA}, temperature=1.0, seed=s) for s in range(4)]
-    llm.engine.grammars.overlap = False
+    llm.engine.grammars.overlap = True
     try:
-        inline = [o.token_ids for o in llm.generate(PROMPTS, params)]
+        overlapped = [o.token_ids for o in llm.generate(PROMPTS, params)]
     finally:
-        llm.engine.grammars.overlap = True
-    assert inline == [o.token_ids for o in llm.generate(PROMPTS, params)]
+        llm.engine.grammars.overlap = False
+    assert overlapped == [o.token_ids for o in llm.generate(PROMPTS, params)]
 
 
 def test_slow_compiles_never_stall_running_streams(tiny_path, monkeypatch):
