@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future
 
-import torch
 from torch import nn
 
 from ember.config import EngineConfig, ModelConfig
@@ -18,7 +16,7 @@ from ember.engine.sampler import Sampler, SamplingState
 from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.errors import ContextLengthError, ParameterError
 from ember.sampling_params import SamplingParams
-from ember.structured.backend import Constraint, GrammarBackend
+from ember.structured.backend import Constraint, GrammarBackend, RowMasks
 from ember.tokenizer import Tokenizer
 
 log = logging.getLogger("ember")
@@ -101,29 +99,22 @@ class Engine:
     # ---- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        masks = self._start_masks(batch)  # constrained rows' token masks (filled while a GPU runs the model)
-        logits = self.runner.run(batch)
+        masks = self._masks(batch)  # constrained rows' token masks (filled while a GPU runs the model)
+        logits = self.runner.run(batch, masks)
         self.scheduler.commit(batch)
         self.num_tokens_computed += batch.num_tokens
         return self._postprocess(batch, logits, masks)
 
-    def _start_masks(self, batch: SchedulerOutput) -> Future[torch.Tensor] | None:
-        constraints = [s.request.constraint for s in batch.seqs if s.samples and s.request.constraint]
-        return self.grammars.fill_async(constraints) if constraints else None  # type: ignore[arg-type]
+    def _masks(self, batch: SchedulerOutput) -> RowMasks | None:
+        return self.grammars.masks([s.request.constraint for s in batch.seqs if s.samples])
 
-    def _postprocess(self, batch: SchedulerOutput, logits, masks: Future[torch.Tensor] | None = None
-                     ) -> list[RequestOutput]:
+    def _postprocess(self, batch: SchedulerOutput, logits, masks: RowMasks | None = None) -> list[RequestOutput]:
         sampling = [s.request for s in batch.seqs if s.samples]
         if not sampling:
             return []
         states = [SamplingState(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.eos_token_ids)
                   for r in sampling]
-        if masks is not None:
-            rows = iter(masks.result())  # [W] per constrained row, in batch order
-            for st, r in zip(states, sampling, strict=True):
-                if r.constraint is not None:
-                    st.allowed = next(rows)
-        sampled = self.sampler(logits, states)
+        sampled = self.sampler(logits, states, masks.get(logits.device) if masks is not None else None)
         outs = []
         for req, tok, lp in zip(sampling, sampled.token_ids, sampled.logprobs, strict=True):
             outs.append(self._append(req, tok, lp))

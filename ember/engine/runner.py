@@ -8,6 +8,7 @@ from torch import nn
 from ember.engine.kv_cache import KVCache
 from ember.engine.scheduler import SchedulerOutput
 from ember.layers.attention import ForwardContext, SeqSpan
+from ember.structured.backend import RowMasks
 
 
 class ModelRunner:
@@ -15,8 +16,9 @@ class ModelRunner:
         self.model, self.kv, self.device = model, kv, device
 
     @torch.inference_mode()
-    def run(self, batch: SchedulerOutput) -> torch.Tensor | None:
-        """Logits [B, V] (fp32) for the scheduled sequences that sample this step, in batch order."""
+    def run(self, batch: SchedulerOutput, masks: RowMasks | None = None) -> torch.Tensor | None:
+        """Logits [B, V] (fp32) for the scheduled sequences that sample this step, in batch order. masks: the
+        structured-output rows' allowed tokens, so the head's exact candidates are allowed ones."""
         if not batch.seqs:
             return None
         ids: list[int] = []
@@ -57,7 +59,8 @@ class ModelRunner:
         if not last_rows:
             return None
         rows = torch.tensor(last_rows, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows))  # [B, V]
+        allowed = masks.get(self.device) if masks is not None else None
+        return self.model.compute_logits(hidden.index_select(0, rows), allowed)  # [B, V]
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:

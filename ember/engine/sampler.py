@@ -29,8 +29,6 @@ class SamplingState:
     generator: torch.Generator | None = None
     # Terminators suppressed while len(output) < min_tokens, together with params.stop_token_ids.
     eos_token_ids: frozenset[int] = frozenset()
-    # Bitmask [W] int32 of the tokens a structured-output constraint allows next (None: unconstrained).
-    allowed: torch.Tensor | None = None
 
 
 @dataclass
@@ -65,7 +63,7 @@ class SamplingBatch:
     counts: torch.Tensor | None  # [B, V] fp32: occurrences in the output
     suppress: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) set to -inf
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # logit_bias: (rows, ids, values)
-    allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # constrained rows [R], allowed [R, V] bool
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # constrained rows [R], their bitmasks [R, W]
 
     @property
     def plain_greedy(self) -> bool:
@@ -91,9 +89,11 @@ def _flat_index(
 
 
 def prepare(
-    states: list[SamplingState], vocab_size: int, device: torch.device | str = "cpu"
+    states: list[SamplingState], vocab_size: int, device: torch.device | str = "cpu",
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SamplingBatch:
-    """Turn the requests' parameters into batch tensors (host work only; no device sync)."""
+    """Turn the requests' parameters into batch tensors (host work only; no device sync).
+    allowed: the structured-output rows [R] and the bitmask of tokens each may take [R, W] (RowMasks.get())."""
     device = torch.device(device)
     ps = [s.params for s in states]
     B, V = len(states), vocab_size
@@ -135,14 +135,6 @@ def prepare(
         items = [[(t, v) for t, v in ps[i].logit_bias.items() if t < V] for i in bias_rows]  # type: ignore[union-attr]
         rows, cols = _flat_index(bias_rows, [[t for t, _ in it] for it in items], device)
         bias = (rows, cols, torch.tensor([v for it in items for _, v in it], dtype=torch.float32, device=device))
-
-    allowed = None
-    con_rows = [i for i, s in enumerate(states) if s.allowed is not None]
-    if con_rows:
-        from ember.structured.backend import unpack
-
-        bits = torch.stack([states[i].allowed for i in con_rows])  # type: ignore[misc]  # [R, W]
-        allowed = (torch.tensor(con_rows, device=device), unpack(bits, V).to(device))
 
     suppress = None
     sup_rows, sup_ids = [], []
@@ -215,8 +207,7 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         rows, cols, values = b.bias
         x.index_put_((rows, cols), values, accumulate=True)
     if b.allowed is not None:
-        rows, ok = b.allowed  # [R], [R, V]
-        x[rows] = x[rows].masked_fill(~ok, float("-inf"))
+        ops.mask_rows(x, *b.allowed)
     if b.rep_penalty is not None and b.seen is not None:
         # HF rule: shrink positive logits, push negative ones further down.
         hit = torch.where(x > 0, x / b.rep_penalty, x * b.rep_penalty)
@@ -232,9 +223,10 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 class Sampler:
     """Picks one token per row. Stateless: every request's state arrives with the call."""
 
-    def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, states: list[SamplingState],
+                 allowed: tuple[torch.Tensor, torch.Tensor] | None = None) -> SamplerOutput:
         # logits: [B, V] any float dtype
-        return self.sample(logits, prepare(states, logits.shape[-1], logits.device))
+        return self.sample(logits, prepare(states, logits.shape[-1], logits.device, allowed))
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         # logits: [B, V]

@@ -38,6 +38,7 @@ SIGNATURES = {
     "ember_decode_step": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P],
     "ember_topk_rows": [_P, _I, _I, _I, _P, _P],
     "ember_argmax_rows": [_P, _I, _I, _P],
+    "ember_mask_rows": [_P, _I, _P, _I, _P, _I],
     "ember_gguf_decode": [_I, _P, _I, _I, _P, _P, _P],
     "ember_qtile_pack": [_P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P],
 }

@@ -106,6 +106,22 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.topk(k, dim=-1).indices  # NaN rows, other dtypes and devices
 
 
+def mask_rows(x: torch.Tensor, rows: torch.Tensor, bits: torch.Tensor) -> None:
+    """In place: x[rows[r], t] = -inf where bit t of bits[r] is 0. x: [B, V] fp32; rows: [R] int64;
+    bits: [R, W] int32, bit t % 32 of word t // 32 (llguidance's token bitmask)."""
+    lib = cpu_ops()
+    if lib is not None and x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu" \
+            and rows.device.type == "cpu" and bits.device.type == "cpu":
+        rows, bits = rows.contiguous(), bits.contiguous()
+        lib.ember_mask_rows(x.data_ptr(), x.shape[1], rows.data_ptr(), rows.numel(), bits.data_ptr(), bits.shape[1])
+        return
+    from ember.structured.backend import unpack
+
+    ok = unpack(bits.to(x.device), x.shape[1])  # [R, V]
+    rows = rows.to(x.device)
+    x[rows] = x[rows].masked_fill(~ok, float("-inf"))
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x: [B, V] -> [B] int64, the first index of each row's maximum (as torch.argmax)."""
     lib = cpu_ops()

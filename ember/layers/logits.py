@@ -17,6 +17,7 @@ from ember.kernels import ops
 from ember.quant.gguf_blocks import GROUP, Canonical
 
 Rows = Callable[[torch.Tensor], torch.Tensor]  # row ids [n] -> fp32 weight rows [n, D]
+Allowed = tuple[torch.Tensor, torch.Tensor] | None  # structured-output rows [R], their token bitmasks [R, W]
 
 
 def canonical_rows(codes: Canonical) -> Rows:
@@ -45,10 +46,15 @@ class TopRefiner(nn.Module):
         super().__init__()
         self.k, self.rows = k, rows
 
-    def forward(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """logits: [B, V] fp32 approximations; hidden: [B, D] fp32 -> logits with the top k exact."""
+    def forward(self, logits: torch.Tensor, hidden: torch.Tensor, allowed: Allowed = None) -> torch.Tensor:
+        """logits: [B, V] fp32 approximations; hidden: [B, D] fp32 -> logits with the top k exact. A row under a
+        structured-output constraint takes its candidates among its allowed tokens (`allowed`)."""
         b, d = hidden.shape
-        idx = ops.topk_indices(logits, min(self.k, logits.shape[-1]))  # [B, k]
+        pick = logits
+        if allowed is not None:  # other rows rank the same values as without a constrained neighbour
+            pick = logits.clone()
+            ops.mask_rows(pick, *allowed)
+        idx = ops.topk_indices(pick, min(self.k, logits.shape[-1]))  # [B, k]
         w = self.rows(idx.reshape(-1)).view(b, -1, d)  # [B, k, D]
         exact = torch.einsum("bkd,bd->bk", w, hidden.float())  # [B, k]
         return logits.scatter_(1, idx, exact)  # in place: a copy of [B, V] costs more than the refinement

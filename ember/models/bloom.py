@@ -18,7 +18,7 @@ from ember.config import ModelConfig
 from ember.layers.attention import ForwardContext, paged_attention
 from ember.layers.embedding import Embedding
 from ember.layers.linear import Linear
-from ember.layers.logits import head_logits
+from ember.layers.logits import Allowed, head_logits
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:
@@ -104,7 +104,7 @@ class BloomForCausalLM(nn.Module):
             x = layer(x, ctx, self.slopes, dtype)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, allowed: Allowed = None) -> torch.Tensor:
         """hidden: [B, D] fp32 -> logits [B, V] fp32."""
         logits = head_logits(self.lm_head, hidden, self.embed_tokens.out_dtype)
-        return logits if self.refiner is None else self.refiner(logits, hidden)
+        return logits if self.refiner is None else self.refiner(logits, hidden, allowed)

@@ -17,7 +17,7 @@ from ember.config import ModelConfig
 from ember.layers.attention import ForwardContext, qkv_attention
 from ember.layers.embedding import Embedding
 from ember.layers.linear import QKV_GATE_UP, Linear
-from ember.layers.logits import head_logits
+from ember.layers.logits import Allowed, head_logits
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import rope_cos_sin, rope_inv_freq
@@ -107,11 +107,11 @@ class Gemma3ForCausalLM(nn.Module):
             pending = layer(x, pending, local if layer.self_attn.sliding else glob, ctx)
         return self.norm.add_forward(x, *pending, out_dtype=torch.float32)  # fp32: the head's refinement uses it
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, allowed: Allowed = None) -> torch.Tensor:
         """hidden: [B, D] fp32 (last position of each sequence) -> logits [B, V] in fp32."""
         logits = head_logits(self.lm_head, hidden, self.embed_tokens.out_dtype)
         if self.refiner is not None:
-            logits = self.refiner(logits, hidden)
+            logits = self.refiner(logits, hidden, allowed)
         if self.final_softcap is not None:  # monotonic: the refiner's top candidates stay the top
             logits = self.final_softcap * torch.tanh(logits / self.final_softcap)
         return logits

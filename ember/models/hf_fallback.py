@@ -47,8 +47,8 @@ class TransformersFallback(nn.Module):
             outs.append(out.logits[0].float())  # [n, V]
         return torch.cat(outs)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden  # already logits
+    def compute_logits(self, hidden: torch.Tensor, allowed: object = None) -> torch.Tensor:
+        return hidden  # already logits (exact: nothing to refine)
 
     def release(self, request_id: str) -> None:
         self.caches.pop(request_id, None)

@@ -10,7 +10,7 @@ from ember.config import ModelConfig
 from ember.layers.attention import ForwardContext, qkv_attention
 from ember.layers.embedding import Embedding
 from ember.layers.linear import QKV_GATE_UP, Linear
-from ember.layers.logits import head_logits
+from ember.layers.logits import Allowed, head_logits
 from ember.layers.mlp import GatedMLP
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import rope_cos_sin, rope_inv_freq
@@ -87,7 +87,8 @@ class LlamaForCausalLM(nn.Module):
             delta = layer(x, delta, rope, ctx)
         return self.norm.add_forward(x, delta, out_dtype=torch.float32)  # fp32: the head's refinement uses it
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [B, D] fp32 (last position of each sequence) -> logits [B, V] in fp32."""
+    def compute_logits(self, hidden: torch.Tensor, allowed: Allowed = None) -> torch.Tensor:
+        """hidden: [B, D] fp32 (last position of each sequence) -> logits [B, V] in fp32. allowed: the
+        structured-output rows and their allowed tokens (the exact candidates are taken among those)."""
         logits = head_logits(self.lm_head, hidden, self.embed_tokens.out_dtype)
-        return logits if self.refiner is None else self.refiner(logits, hidden)
+        return logits if self.refiner is None else self.refiner(logits, hidden, allowed)

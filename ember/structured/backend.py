@@ -99,9 +99,28 @@ class GrammarBackend:
             self._masker = ThreadPoolExecutor(1, thread_name_prefix="ember-masks")
         return self._masker.submit(self.fill, constraints)
 
+    def masks(self, constraints: list[Constraint | None]) -> RowMasks | None:
+        """The masks of one step's sampling rows (None where a row is unconstrained), or None for none."""
+        rows = [i for i, c in enumerate(constraints) if c is not None]
+        if not rows:
+            return None
+        return RowMasks(rows, self.fill_async([constraints[i] for i in rows]), self.vocab_size)  # type: ignore[misc]
+
     def close(self) -> None:
         if self._masker is not None:
             self._masker.shutdown(wait=False)
+
+
+class RowMasks:
+    """Which sampling rows of a step are constrained, and (once filled) the tokens each allows. Both the
+    output head (exact candidates among the allowed tokens) and the sampler read it."""
+
+    def __init__(self, rows: list[int], bits: Future[torch.Tensor], vocab_size: int) -> None:
+        self.rows, self._bits, self.vocab_size = rows, bits, vocab_size
+
+    def get(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [R] int64, bitmask [R, W] int32) on `device` (ops.mask_rows applies them); waits for the fill."""
+        return torch.tensor(self.rows, device=device), self._bits.result().to(device)
 
 
 _BITS = torch.arange(32, dtype=torch.int32)
@@ -115,4 +134,13 @@ def _bit(b: int) -> int:
 def unpack(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Bitmask [R, W] int32 -> allowed [R, V] bool."""
     r = mask.shape[0]
-    return ((mask.unsqueeze(-1) >> _BITS) & 1).view(r, -1)[:, :vocab_size].bool()
+    return ((mask.unsqueeze(-1) >> _BITS.to(mask.device)) & 1).view(r, -1)[:, :vocab_size].bool()
+
+
+def pack(allowed: torch.Tensor) -> torch.Tensor:
+    """allowed [R, V] bool -> bitmask [R, W] int32 (unpack's inverse)."""
+    r, v = allowed.shape
+    padded = torch.zeros(r, (v + 31) // 32 * 32, dtype=torch.int64)
+    padded[:, :v] = allowed.to(torch.int64)
+    words = (padded.view(r, -1, 32) << _BITS.to(torch.int64)).sum(-1)  # [R, W] in 0 .. 2**32 - 1
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)

@@ -35,6 +35,29 @@ def test_generate_streams_to_stdout(smollm_gguf):
     assert "tok/s" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_generate_constrained_outputs(tmp_path, smollm_gguf):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                               "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    r = run("generate", "The largest city of Japan, as JSON:", "--chat", "-m", str(smollm_gguf), "--json-schema",
+            str(tmp_path / "s.json"), "--temperature", "1.0", "--seed", "4", "--max-tokens", "60")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"city", "population"} and isinstance(out["population"], int)
+    r = run("generate", "Is the sea salty?", "--chat", "-m", str(smollm_gguf), "--choice", "yes,no")
+    assert r.returncode == 0 and r.stdout.strip() in ("yes", "no")
+    r = run("generate", "A date:", "-m", str(smollm_gguf), "--regex", "20[0-9]{2}-[01][0-9]-[0-3][0-9]")
+    assert r.returncode == 0 and len(r.stdout.strip()) == 10
+    r = run("generate", "x", "-m", str(smollm_gguf), "--json", "--regex", "a")
+    assert r.returncode == 1 and "give one of --json, --regex" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "bad.json").write_text('{"type": "objekt"}')
+    r = run("generate", "x", "-m", str(smollm_gguf), "--json-schema", str(tmp_path / "bad.json"))
+    assert r.returncode == 1 and "structured.json" in r.stderr and "objekt" in r.stderr
+    assert "loaded" not in r.stderr  # refused before the model loads
+    assert "Traceback" not in r.stderr
+
+
 def test_unknown_model_is_a_clear_error():
     r = run("generate", "hi", "-m", "smollm2-13m")
     assert r.returncode == 1

@@ -20,7 +20,7 @@ import ember
 from ember import SamplingParams
 from ember.engine.async_engine import AsyncEngine
 from ember.errors import ParameterError
-from ember.structured.backend import unpack
+from ember.structured.backend import pack, unpack
 from tests.models.tiny_gguf import write_tiny_gguf
 
 PROMPTS = [[5, 17, 200, 33], [90, 12, 255, 1, 64, 100, 7], [3, 3, 3], list(range(40, 70))]
@@ -246,3 +246,63 @@ def test_slow_compiles_never_stall_running_streams(tiny_path, monkeypatch):
     assert compiling.is_set()
     during = [t for t in stamps if t0 + 0.1 < t < t0 + 0.9]
     assert len(during) >= 5, "the free stream stalled while the schema compiled"
+
+
+# ---- the mask in the sampler and the head ------------------------------------------------------------
+def test_a_constrained_row_samples_exactly_the_masked_distribution():
+    from ember.engine.sampler import Sampler, SamplingState
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 3.0, -1.0, 0.0]])  # [1, V]
+    ok = torch.tensor([[True, True, True, False, False, True]])  # the model's favourite (3) is forbidden
+    want = torch.softmax(logits[0].masked_fill(~ok[0], float("-inf")), -1)
+    counts = torch.zeros(6)
+    sampler = Sampler()
+    state = SamplingState(SamplingParams(temperature=1.0, seed=0), [1], [], torch.Generator().manual_seed(0))
+    allowed = (torch.tensor([0]), pack(ok))
+    for _ in range(4000):
+        counts[sampler(logits, [state], allowed).token_ids[0]] += 1
+    assert counts[~ok[0]].sum() == 0
+    assert torch.allclose(counts / counts.sum(), want, atol=0.03), (counts / counts.sum(), want)
+    # top-k after the mask: the best two *allowed* tokens, never an empty set
+    top2 = SamplingState(SamplingParams(temperature=1.0, top_k=2, seed=1), [1], [], torch.Generator().manual_seed(1))
+    picks = {sampler(logits, [top2], allowed).token_ids[0] for _ in range(200)}
+    assert picks == {0, 1}
+    greedy = SamplingState(SamplingParams(temperature=0), [1], [])
+    assert sampler(logits, [greedy], allowed).token_ids == [0]
+
+
+def test_the_heads_exact_candidates_are_taken_among_allowed_tokens():
+    from ember.layers.logits import TopRefiner
+
+    torch.manual_seed(0)
+    w, h = torch.randn(300, 8), torch.randn(2, 8)  # head rows [V, D], hidden [B, D]
+    exact = h @ w.T  # [B, V]
+    approx = exact + 0.05 * torch.randn_like(exact)  # what a quantized head returns
+    ok = torch.zeros(1, 300, dtype=torch.bool)
+    ok[0, exact[1].argsort()[:40]] = True  # row 1 may only take its 40 *worst* tokens
+    refiner = TopRefiner(lambda ids: w[ids], k=16)
+    plain = refiner(approx.clone(), h)
+    masked = refiner(approx.clone(), h, (torch.tensor([1]), pack(ok)))
+    assert torch.equal(masked[0], plain[0])  # the unconstrained row is untouched by its neighbour
+    best_allowed = approx[1].masked_fill(~ok[0], float("-inf")).topk(16).indices
+    assert torch.allclose(masked[1, best_allowed], exact[1, best_allowed], atol=1e-5)
+    assert not torch.allclose(plain[1, best_allowed], exact[1, best_allowed], atol=1e-3)
+
+
+@pytest.mark.usefixtures("cpu_backend")
+def test_bitmasks_pack_unpack_and_apply_on_both_backends():
+    from ember.kernels import ops
+
+    torch.manual_seed(1)
+    ok = torch.rand(3, 1000) < 0.3  # a vocabulary that is not a multiple of 32; bit 31 set in places
+    ok[1] = True  # a row that allows everything (words of ~0)
+    ok[2, :64] = False  # whole words of 0
+    bits = pack(ok)
+    assert bits.dtype == torch.int32 and bits.shape == (3, 32) and torch.equal(unpack(bits, 1000), ok)
+    x = torch.randn(5, 1000)
+    want = x.clone()
+    rows = torch.tensor([4, 0, 2])
+    for r, row in enumerate(rows.tolist()):
+        want[row] = want[row].masked_fill(~ok[r], float("-inf"))
+    ops.mask_rows(x, rows, bits)
+    assert torch.equal(x, want)

@@ -103,3 +103,28 @@ int ember_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *idx) {
     }
     return ok;
 }
+
+/* Structured outputs: x[rows[r], t] = -inf wherever bit t of bits[r] (one int32 word per 32 tokens) is 0, so a
+ * constrained row keeps only the tokens its grammar allows. Word-level fast paths: a grammar step allows
+ * either a few tokens (words of 0) or nearly all of them (inside a string: words of ~0). */
+void ember_mask_rows(float *x, int64_t n, const int64_t *rows, int64_t nrows, const int32_t *bits, int64_t words) {
+    for (int64_t r = 0; r < nrows; r++) {
+        float *xr = x + rows[r] * n;
+        const uint32_t *b = (const uint32_t *)(bits + r * words);
+        for (int64_t w = 0; w < words && w * 32 < n; w++) {
+            uint32_t word = b[w];
+            if (word == 0xFFFFFFFFu)
+                continue;
+            int64_t end = w * 32 + 32 < n ? 32 : n - w * 32;
+            float *xw = xr + w * 32;
+            if (word == 0) {
+                for (int64_t j = 0; j < end; j++)
+                    xw[j] = -INFINITY;
+                continue;
+            }
+            for (int64_t j = 0; j < end; j++)
+                if (!((word >> j) & 1u))
+                    xw[j] = -INFINITY;
+        }
+    }
+}
