@@ -148,7 +148,7 @@ class Tokenizer:
         template = chat_template if chat_template is not None else self.chat_template
         if not template:
             raise TemplateError(_NO_TEMPLATE)
-        _check_messages(messages)
+        check_messages(messages)
         compiled = _compile(template)
         context = {
             "bos_token": self.bos_token or "",
@@ -200,7 +200,7 @@ def _vocab_digest(md: Mapping[str, Any]) -> str:
     return h.hexdigest()[:24]
 
 
-def _check_messages(messages: Any) -> None:
+def check_messages(messages: Any) -> None:
     if not isinstance(messages, (list, tuple)):
         raise ParameterError(
             f"messages must be a list of {{'role': ..., 'content': ...}} dicts, not {type(messages).__name__}"
@@ -212,6 +212,11 @@ def _check_messages(messages: Any) -> None:
             )
         if not isinstance(m.get("role"), str):
             raise ParameterError(f"messages[{n}] needs a string 'role' (e.g. 'user'), got {m.get('role')!r}")
+        calls = m.get("tool_calls")
+        if calls is not None and (not isinstance(calls, (list, tuple)) or not all(
+                isinstance(c, Mapping) or hasattr(c, "openai") for c in calls)):
+            raise ParameterError(f"messages[{n}].tool_calls must be a list of tool calls "
+                                 "({'id', 'type': 'function', 'function': {'name', 'arguments'}})")
         content = m.get("content")
         # Assistant tool-call turns may carry no text.
         if not isinstance(content, str) and not (content is None and m.get("tool_calls")):

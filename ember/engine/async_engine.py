@@ -100,6 +100,7 @@ class AsyncEngine:
         self._closed = True
         self._commands.put(("wake", None, None))
         self._thread.join(timeout=10)
+        self.engine.grammars.close()
         for rid in list(self._streams):
             self._push(rid, RuntimeError("the engine was shut down"), last=True)
 

@@ -125,7 +125,10 @@ class Engine:
         detok = self._detok[req.request_id]
         reason = None
         con = req.constraint
-        if con is not None and tok in con.eos_ids:
+        if con is not None and con.failed:  # llguidance hit a limit: the output is not what was asked for
+            log.warning("request %s: structured output stopped: %s", req.request_id, con.error)
+            reason, text = "abort", detok.finish()
+        elif con is not None and tok in con.eos_ids:
             reason, text = "stop", detok.finish()  # allowed only where the grammar is complete
         elif tok in req.eos_token_ids and req.num_output_tokens > req.params.min_tokens - 1:
             reason, text = "stop", detok.finish()  # the terminator itself is not part of the text

@@ -42,8 +42,11 @@ class Server:
             raise APIError(404, f"The model '{name}' does not exist: this server serves '{self.model_name}'",
                            "model", "model_not_found")
 
-    async def start(self, rid: str, prompts: list[list[int]], params: list[SamplingParams]) -> list[str]:
-        """Add one engine request per choice; any failure (context, bad ids) aborts the others, then raises."""
+    async def start(self, rid: str, prompts: list[list[int]], params: list[SamplingParams],
+                    constraint: str = "response_format") -> list[str]:
+        """Add one engine request per choice; any failure (context, bad ids, a grammar the vocabulary cannot
+        take) aborts the others, then raises a 400 naming the field. constraint: the field the
+        structured-output constraint came from."""
         ids: list[str] = []
         try:
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
@@ -51,7 +54,11 @@ class Server:
         except (ContextLengthError, ParameterError) as e:
             for r in ids:
                 self.aeng.discard(r)
-            raise APIError(400, str(e), "messages" if rid.startswith("chatcmpl") else "prompt",
+            text = str(e)
+            param = "logit_bias" if text.startswith("logit_bias") else constraint \
+                if text.startswith("SamplingParams.structured") else "messages" if rid.startswith("chatcmpl") \
+                else "prompt"
+            raise APIError(400, text, param,
                            "context_length_exceeded" if isinstance(e, ContextLengthError) else "invalid_value") \
                 from None
         self.live[rid] = ids

@@ -37,7 +37,8 @@ class ChatChoice:
         return (self.last.finish_reason or "abort") if self.last else "abort"
 
     def message(self) -> dict[str, Any]:
-        """The whole assistant message; a call cut off by max_tokens is left out (finish_reason says length)."""
+        """The whole assistant message: the joined deltas (a call cut off by max_tokens is there as far as it
+        got, and finish_reason says "length"); content is null beside tool calls when there is none."""
         calls = self.tools.calls if self.tools is not None else []
         msg: dict[str, Any] = {"role": "assistant", "content": self.content if self.content or not calls else None}
         if calls:

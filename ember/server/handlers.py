@@ -82,16 +82,26 @@ def _plan(srv: Server, req: ChatRequest) -> tuple[ChatPlan, list[int]]:
     return plan, srv.llm.encode_chat(plan.messages, **{**kwargs, **plan.template_kwargs})
 
 
+def constraint_field(req: ChatRequest | CompletionRequest, plan: ChatPlan | None = None) -> str:
+    """The request field a constraint came from, for errors about it."""
+    if plan is not None and plan.calls_tools:
+        return "tools"
+    return "structured_outputs" if req.structured_outputs is not None else "response_format"
+
+
 def _chat_params(srv: Server, req: ChatRequest, plan: ChatPlan, prompt: list[int]) -> list[Any]:
     limit, nlp = req.limit(), req.num_logprobs()
-    field = "structured_outputs" if req.structured_outputs is not None else "response_format"
     params = []
     for i in range(req.n):
         try:
-            sp = plan.params(req.sampling(limit, nlp, i, srv.llm.generation_defaults))
+            sp = req.sampling(limit, nlp, i, srv.llm.generation_defaults)
         except ParameterError as e:
-            param = "tools" if str(e).startswith("tools") else field if "structured" in str(e) else None
-            raise APIError(400, str(e), param, "invalid_value") from None
+            raise APIError(400, str(e), constraint_field(req) if "structured" in str(e) else None,
+                           "invalid_value") from None
+        try:
+            sp = plan.params(sp)
+        except ParameterError as e:  # the tools' grammar, or a knob that cannot go with it
+            raise APIError(400, str(e), "tools", "invalid_value") from None
         _fit_default(srv, sp, prompt, limit is not None)
         params.append(sp)
     return params
@@ -104,7 +114,7 @@ async def chat(srv: Server, req: ChatRequest, request: Request) -> Any:
     plan, prompt = _plan(srv, req)
     params = _chat_params(srv, req, plan, prompt)
     rid, created = new_id("chatcmpl"), int(time.time())
-    ids = await srv.start(rid, [prompt] * req.n, params)
+    ids = await srv.start(rid, [prompt] * req.n, params, constraint_field(req, plan))
     head = {"id": rid, "created": created, "model": srv.model_name}
     choices = [ChatChoice(i, plan.outputs()) for i in range(req.n)]
     if not req.stream:
@@ -215,9 +225,9 @@ async def completions(srv: Server, req: CompletionRequest, request: Request) -> 
     try:
         params = [req.sampling(req.max_tokens, req.logprobs, i, srv.llm.generation_defaults) for _, i in flat]
     except ParameterError as e:
-        field = "structured_outputs" if req.structured_outputs is not None else "response_format"
-        raise APIError(400, str(e), field if "structured" in str(e) else None, "invalid_value") from None
-    ids = await srv.start(rid, [prompts[k] for k, _ in flat], params)
+        raise APIError(400, str(e), constraint_field(req) if "structured" in str(e) else None,
+                       "invalid_value") from None
+    ids = await srv.start(rid, [prompts[k] for k, _ in flat], params, constraint_field(req))
     if not req.stream:
         runs = [ChatChoice(c, None) for c in range(len(flat))]
         last = await _collect(srv, rid, ids, request, sum(map(len, prompts)), runs)

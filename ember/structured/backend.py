@@ -8,7 +8,6 @@ the sampler applies it to those rows only.
 
 from __future__ import annotations
 
-import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -18,8 +17,6 @@ import torch
 from ember.errors import ParameterError
 from ember.structured.spec import StructuredOutputs
 from ember.tokenizer import Tokenizer
-
-log = logging.getLogger("ember")
 
 
 class Constraint:
@@ -38,6 +35,10 @@ class Constraint:
         return self.matcher.is_stopped()
 
     @property
+    def failed(self) -> bool:
+        return self.matcher.is_error()
+
+    @property
     def error(self) -> str:
         return self.matcher.get_error()
 
@@ -48,7 +49,10 @@ class GrammarBackend:
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, overlap: bool = False) -> None:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
-        self.words = (vocab_size + 31) // 32  # int32 words per mask row
+        # llguidance's vocabulary covers both the logits and the tokenizer (either may be the larger); the
+        # mask rows are that wide, and only the logits' width of them is applied
+        self.n_vocab = max(vocab_size, tokenizer.vocab_size)
+        self.words = (self.n_vocab + 31) // 32  # int32 words per mask row
         self._lltok: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
         self._masker: ThreadPoolExecutor | None = None
@@ -61,8 +65,7 @@ class GrammarBackend:
         """llguidance's view of the vocabulary (built once: ~0.3 s for a 49k vocabulary)."""
         with self._lock:
             if self._lltok is None:
-                n = max(self.vocab_size, self.tokenizer.vocab_size)
-                self._lltok = llguidance.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=n,
+                self._lltok = llguidance.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=self.n_vocab,
                                                      eos_token=sorted(self.tokenizer.eos_token_ids))
             return self._lltok
 
@@ -82,8 +85,7 @@ class GrammarBackend:
         row_bytes = self.words * 4
         for i, c in enumerate(constraints):
             c.matcher.unsafe_compute_mask_ptr(mask[i].data_ptr(), row_bytes)
-            if c.matcher.is_error():  # llguidance hit a limit mid-output: the row may only end
-                log.warning("structured output stopped: %s", c.error)
+            if c.failed:  # llguidance hit a limit mid-output: the row may only end (as "abort", by the engine)
                 mask[i].zero_()
                 for t in c.eos_ids:
                     mask[i, t // 32] |= _bit(t % 32)

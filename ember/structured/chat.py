@@ -18,6 +18,7 @@ from ember.sampling_params import SamplingParams
 from ember.structured.formats import ToolFormat, detect_format
 from ember.structured.formats.base import ToolParser
 from ember.structured.tools import Tool, ToolCall, normalize_tool_choice, normalize_tools
+from ember.tokenizer import check_messages
 
 
 @dataclass
@@ -50,7 +51,10 @@ class ChatPlan:
 
 def plan_chat(messages: list[dict[str, Any]], tools: Sequence[Any] | None, tool_choice: Any,
               parallel_tool_calls: bool, chat_template: str | None, tokenizer: Any) -> ChatPlan:
-    """Validate tools and tool_choice (errors name the field) and plan the request."""
+    """Validate messages, tools and tool_choice (errors name the field) and plan the request."""
+    check_messages(messages)
+    if not isinstance(parallel_tool_calls, bool):
+        raise ParameterError(f"parallel_tool_calls must be True or False, not {parallel_tool_calls!r}")
     norm = normalize_tools(tools) if tools else []
     choice = normalize_tool_choice(tool_choice, norm)
     history = any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
@@ -70,6 +74,7 @@ class ToolOutputs:
 
     def __init__(self, parser: ToolParser) -> None:
         self.parser = parser
+        self._joined: dict[int, ToolCall] = {}  # the deltas so far, joined per call index
 
     def __call__(self, out: RequestOutput) -> RequestOutput:
         delta = self.parser.feed(out.text)
@@ -80,9 +85,14 @@ class ToolOutputs:
             content, calls = content + tail.content, calls + tail.tool_calls
             if reason == "stop" and self.parser.calls and not self.parser.incomplete:
                 reason = "tool_calls"
+        for d in calls:
+            if d.index not in self._joined:
+                self._joined[d.index] = ToolCall(d.id or "", d.name or "", "")
+            self._joined[d.index].arguments += d.arguments
         return dataclasses.replace(out, text=content, tool_calls=calls, finish_reason=reason)
 
     @property
     def calls(self) -> list[ToolCall]:
-        """The complete calls of the reply (a call cut off by max_tokens is not one)."""
-        return list(self.parser.calls)
+        """The reply's calls, exactly as their streamed deltas join up. With finish_reason "length" the last one
+        may be cut off (its arguments then do not parse); otherwise every call is complete and valid."""
+        return [self._joined[i] for i in sorted(self._joined)]

@@ -53,9 +53,12 @@ def closed(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = {k: (v if k in ("allOf", "const", "enum", "default", "examples") else closed(v)) for k, v in schema.items()}
-    if "properties" in schema and isinstance(schema["properties"], dict):
-        out["properties"] = {k: closed(v) for k, v in schema["properties"].items()}
-        if "additionalProperties" not in schema and "patternProperties" not in schema and "allOf" not in schema:
+    props = schema.get("properties")
+    if isinstance(props, dict):
+        out["properties"] = {k: closed(v) for k, v in props.items()}
+        required = schema.get("required") if isinstance(schema.get("required"), list) else []
+        undeclared = any(k not in props for k in required)  # closing would make it unsatisfiable
+        if not undeclared and not {"additionalProperties", "patternProperties", "allOf"} & set(schema):
             out["additionalProperties"] = False
     return out
 

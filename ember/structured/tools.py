@@ -19,6 +19,7 @@ from typing import Any
 import llguidance
 
 from ember.errors import ParameterError
+from ember.structured.spec import closed
 
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _ID_CHARS = string.ascii_letters + string.digits
@@ -165,8 +166,8 @@ def _schema(params: Any, where: str) -> dict[str, Any]:
     kind = params.setdefault("type", "object")  # the arguments are always an object
     if kind != "object":
         raise ParameterError(f"{where}: the arguments schema must have \"type\": \"object\", got {kind!r}")
-    try:
-        err = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(params))
+    try:  # as it will be generated: closed (ember.structured.spec.closed)
+        err = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(closed(params)))
     except (TypeError, ValueError) as e:
         err = str(e)
     if err:

@@ -84,8 +84,8 @@ def test_logits_match_transformers(kind, tmp_path, tokenizer_files):
     seen: dict[str, list[torch.Tensor]] = {}
     eng, run = llm.engine, llm.engine.runner.run
 
-    def recording(batch):
-        logits = run(batch)
+    def recording(batch, *rest):
+        logits = run(batch, *rest)
         rows = [s.request.request_id for s in batch.seqs if s.samples]
         for rid, row in zip(rows, logits, strict=True):
             seen.setdefault(rid, []).append(row.clone())

@@ -120,3 +120,22 @@ def test_native_formats_end_to_end_on_a_random_model(tmp_path, template, fmt):
         assert one.finish_reason == "tool_calls" and [c.name for c in one.tool_calls] == ["get_weather"]
     auto = tiny.chat(ask, SamplingParams(temperature=1.0, seed=9, max_tokens=40), tools=tools)
     assert auto.finish_reason in ("stop", "length", "tool_calls")  # random text is a fine answer under auto
+
+
+def test_bad_inputs_and_a_cut_call(llm):
+    from ember.errors import ParameterError
+
+    for bad, words in (("hi", "messages must be a list"), (["hi"], r"messages\[0\]"),
+                       ([{"role": "assistant", "content": None, "tool_calls": ["x"]}], "tool_calls")):
+        with pytest.raises(ParameterError, match=words):
+            llm.chat(bad, tools=[get_weather])
+    with pytest.raises(ParameterError, match="parallel_tool_calls"):
+        llm.chat(ASK, tools=[get_weather], parallel_tool_calls="no")
+    with pytest.raises(ParameterError, match=r"tools\[0\]"):
+        llm.chat(ASK, tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}])
+    # max_tokens mid-call: finish "length", the call as far as it got (as its streamed deltas join up)
+    cut = llm.chat(ASK, SamplingParams(temperature=0, max_tokens=20), tools=[get_weather], tool_choice="required")
+    assert cut.finish_reason == "length" and cut.text == ""
+    assert [c.name for c in cut.tool_calls] == ["get_weather"]
+    with pytest.raises(json.JSONDecodeError):
+        cut.tool_calls[0].parsed_arguments()

@@ -134,7 +134,11 @@ def test_bad_schemas_are_400s_naming_the_field_and_the_server_keeps_serving(clie
     assert e.value.body["param"] == "logit_bias"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="smollm2-135m", messages=ASK, logit_bias={"99999999": 5})
-    assert "outside the vocabulary" in e.value.body["message"]
+    assert "outside the vocabulary" in e.value.body["message"] and e.value.body["param"] == "logit_bias"
+    with pytest.raises(openai.BadRequestError) as e:  # a grammar naming a token this vocabulary lacks
+        client.chat.completions.create(model="smollm2-135m", messages=ASK,
+                                       extra_body={"structured_outputs": {"grammar": "start: <[99999999]>"}})
+    assert e.value.body["param"] == "structured_outputs"
     ok = client.chat.completions.create(model="smollm2-135m", messages=ASK, max_tokens=4)
     assert ok.choices[0].message.content
     assert served.idle()

@@ -78,11 +78,11 @@ def test_a_failing_step_fails_its_requests_not_the_loop(aeng, monkeypatch):
     real = aeng.engine.runner.run
     calls = {"n": 0}
 
-    def flaky(batch):
+    def flaky(batch, *rest):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return real(batch)
+        return real(batch, *rest)
 
     monkeypatch.setattr(aeng.engine.runner, "run", flaky)
 

@@ -306,3 +306,36 @@ def test_bitmasks_pack_unpack_and_apply_on_both_backends():
         want[row] = want[row].masked_fill(~ok[r], float("-inf"))
     ops.mask_rows(x, rows, bits)
     assert torch.equal(x, want)
+
+
+def test_a_vocabulary_wider_than_the_logits_and_a_failed_matcher(llm, monkeypatch):
+    from ember.structured.backend import GrammarBackend
+
+    narrow = GrammarBackend(llm.tokenizer, llm.tokenizer.vocab_size - 40)  # tokenizer > logits
+    con = narrow.compile(SamplingParams(structured={"regex": "[a-z]+"}).structured)
+    assert narrow.fill([con]).shape == (1, (llm.tokenizer.vocab_size + 31) // 32)
+    # llguidance giving up mid-output (a resource limit) ends the request as "abort", never as a clean "stop"
+    rid = llm.engine.add_request(PROMPTS[0], sp(structured={"regex": "[a-z]{20}"}, temperature=0))
+    monkeypatch.setattr(type(llm.engine.requests[rid].constraint), "failed", property(lambda self: True))
+    outs = []
+    while llm.engine.has_unfinished():
+        outs += [o for o in llm.engine.step() if o.request_id == rid]
+    assert outs[-1].finish_reason == "abort" and len(outs) == 1
+
+
+def test_closed_tool_arguments():
+    from ember.structured.spec import closed
+
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                                               "c": {"type": "array", "items": {"properties": {"d": {}}}}},
+              "required": ["a"], "$defs": {"x": {"properties": {"y": {}}}}}
+    out = closed(schema)
+    assert out["additionalProperties"] is False and out["properties"]["a"]["additionalProperties"] is False
+    assert out["properties"]["c"]["items"]["additionalProperties"] is False
+    assert out["$defs"]["x"]["additionalProperties"] is False and "additionalProperties" not in schema
+    # left open where closing would change the meaning or make it unsatisfiable
+    assert "additionalProperties" not in closed({"properties": {"a": {}}, "required": ["b"]})
+    assert closed({"properties": {}, "additionalProperties": {"type": "integer"}})["additionalProperties"] == {
+        "type": "integer"}
+    assert "additionalProperties" not in closed({"allOf": [{"properties": {"a": {}}}], "properties": {"b": {}}})
+    assert "additionalProperties" not in closed({"allOf": [{"properties": {"a": {}}}]})["allOf"][0]

@@ -431,6 +431,11 @@ LOOSE = '{"name":"search","arguments":{"query":"x","limit":3}}'  # valid JSON, n
     ("llama3", "auto", False, L2, False),
     ("llama3", "auto", True, "<|python_tag|>" + mcall("get_weather", U, "parameters"), True),
     ("llama3", "auto", True, "{not a call}", False),
+    # the parser reads a call after leading blanks, so the grammar must hold it to the schema there too
+    ("llama3", "auto", True, " " + BAD_NAME.replace("arguments", "parameters"), False),
+    ("llama3", "auto", True, "\n" + BAD_ARGS.replace("arguments", "parameters"), False),
+    ("llama3", "auto", True, "\n" + mcall("search", S, "parameters"), True),
+    ("llama3", "auto", True, "  Text after blanks.", True),
     ("llama3", "auto", True, mcall("get_weather", W, "arguments"), False),
     ("llama3", "auto", True, BAD_ARGS.replace("arguments", "parameters"), False),
     ("llama3", "required", True, "Hello", False),
@@ -464,7 +469,7 @@ def test_grammar(fmt: str, choice: str, parallel: bool, text: str, ok: bool) -> 
     if ok:  # what the grammar lets through, the parser reads back
         content, calls = get_format(fmt).parse(text, TOOLS)
         assert len(calls) == text.count('"name": ')
-        starts_with_call = text.startswith(("<tool_call>", "{", "[TOOL_CALLS]", "<|python_tag|>"))
+        starts_with_call = text.lstrip().startswith(("<tool_call>", "{", "[TOOL_CALLS]", "<|python_tag|>"))
         assert bool(content) == (not calls or not starts_with_call)
         assert all(c.name in ("get_weather", "search") and isinstance(c.parsed_arguments(), dict)
                    for c in calls)

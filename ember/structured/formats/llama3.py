@@ -53,8 +53,10 @@ class Llama3Format(NativeFormat):
         lines = [f"fn: {json_rule(*call_schema(chosen(tools, choice), 'parameters'))}",
                  'calls: fn ("; " fn)*' if parallel and choice in ("auto", "required") else "calls: fn"]
         if choice == "auto":
-            lines += [*lazy_trigger(tokenizer, PYTHON_TAG), r"TEXT: /([^{](.|\n)*)?/",
-                      "start: TEXT | calls | trig calls"]
+            # The parser reads a reply whose first non-blank character is `{` as calls, so the grammar does
+            # too: text may not start that way, and calls may follow a few leading blanks.
+            lines += [*lazy_trigger(tokenizer, PYTHON_TAG), r"TEXT: /[ \t\r\n]*([^{ \t\r\n](.|\n)*)?/",
+                      r"BLANK: /[ \t\r\n]{1,4}/", "start: TEXT | BLANK? calls | trig calls"]
         else:
             lines += [f"start: calls | {literal(tokenizer, PYTHON_TAG)} calls"]
         return compile_lark(lines)
