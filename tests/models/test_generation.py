@@ -72,6 +72,21 @@ def test_batch_equals_single(llm):
         assert out.token_ids == llm.generate(p, params)[0].token_ids
 
 
+def test_constrained_neighbours_leave_other_rows_bit_identical(llm):
+    """On the packed kernels (the head's exact candidates are re-ranked for constrained rows only): greedy and
+    seeded rows beside JSON-constrained ones give exactly the tokens they give alone."""
+    free = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+            SamplingParams(temperature=0.9, top_k=40, seed=3, max_tokens=24, ignore_eos=True)]
+    prompts = BATCH_PROMPTS[:4]
+    alone = [llm.generate(p, q)[0].token_ids for p in prompts for q in free]
+    bound = SamplingParams(temperature=0.8, seed=1, max_tokens=60, structured={"json": {
+        "type": "object", "properties": {"word": {"type": "string", "maxLength": 20}}, "required": ["word"]}})
+    outs = llm.generate([p for p in prompts for _ in free] + prompts, [q for _ in prompts for q in free] +
+                        [bound] * len(prompts))
+    assert [o.token_ids for o in outs[: len(alone)]] == alone
+    assert all(o.text.startswith('{"word": "') for o in outs[len(alone):])
+
+
 def test_max_tokens_and_usage(llm):
     out = llm.generate("Count: 1, 2, 3,", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 5

@@ -178,8 +178,8 @@ def test_disconnect_aborts_and_frees(served):
     assert served.idle() and _generated(served) - before < 200
     before = _generated(served)
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
-        httpx.post(served.url + "/v1/completions", json={**body, "stream": False}, timeout=0.15)
-    assert served.idle() and _generated(served) - before < 200
+        httpx.post(served.url + "/v1/completions", json={**body, "stream": False}, timeout=0.05)
+    assert served.idle() and 0 < _generated(served) - before < 200  # it started, and stopped early
 
 
 def test_cancel_by_id(served):

@@ -16,9 +16,6 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-import ember
-from tests.server.test_server import Served
-
 PERSON = {
     "type": "object",
     "properties": {
@@ -46,18 +43,6 @@ class Person(BaseModel):
     name: str
     age: int
     address: Address
-
-
-@pytest.fixture(scope="module")
-def served(smollm_gguf):
-    s = Served(ember.load(smollm_gguf), name="smollm2-135m")
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def client(served):
-    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", timeout=120)
 
 
 def fmt(schema: dict, strict: bool = True) -> dict:
@@ -90,13 +75,18 @@ def test_parse_with_a_pydantic_model_and_a_cut_reply(client):
 
 
 def test_json_object_choice_and_regex(client):
-    for seed in range(3):
-        r = client.chat.completions.create(model="smollm2-135m", messages=ASK, temperature=1.0, seed=seed,
-                                           response_format={"type": "json_object"}, max_tokens=400)
-        if r.choices[0].finish_reason == "stop":
-            assert isinstance(json.loads(r.choices[0].message.content), dict)
-        else:  # an open-ended object may run long; it still is the start of one
-            assert r.choices[0].message.content.startswith("{")
+    # json_object constrains the form only (no key or length limits): a 135M model asked for an open-ended
+    # object, or sampled at 1.0, sometimes loops inside a key or number until max_tokens (finish "length";
+    # 2 of 30 at 1.0, 0 of 30 at 0.7 with these prompts), so the prompts say what the object holds
+    asks = ['Reply with a JSON object with the keys "name" and "age" for a person called Tom who is 31.',
+            'Give me a JSON object with the keys "city" and "country" for Paris.',
+            'Return a JSON object with one key "answer" holding the answer to 2 + 2.']
+    for ask in asks:
+        r = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": ask}],
+                                           temperature=0.7, seed=7, n=3, response_format={"type": "json_object"},
+                                           max_tokens=200)
+        for c in r.choices:
+            assert c.finish_reason == "stop" and isinstance(json.loads(c.message.content), dict)
     pick = client.chat.completions.create(
         model="smollm2-135m", messages=[{"role": "user", "content": "Is water wet? Answer yes or no."}],
         temperature=1.0, n=5, extra_body={"structured_outputs": {"choice": ["yes", "no", "not sure"]}})
