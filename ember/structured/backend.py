@@ -57,8 +57,9 @@ class GrammarBackend:
         self._lock = threading.Lock()
         self._masker: ThreadPoolExecutor | None = None
         # Fill masks on a worker thread while the forward pass runs. Worth it when an accelerator runs the
-        # model; on a CPU the forward pass has every core busy, and a third thread stalls its OpenMP barriers
-        # (16 JSON rows on 2 cores: 5x slower overlapped than inline, benchmarks/structured.py).
+        # model; on a CPU the forward pass has every core busy and a third thread only contends with it
+        # (SmolLM2 on 2 cores, 16 JSON rows, A/B alternated: overlapped 0.90x the inline speed, 0.98x at
+        # 1 row; 5x slower while another process kept a core busy).
         self.overlap = overlap
 
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
