@@ -47,14 +47,6 @@ class ModelRunner:
             v_cache=self.kv.v,
             request_ids=[s.request.request_id for s in batch.seqs],
         )
-        decoding = [sp for sp in spans if sp.q_len == 1 and sp.kv_slots is not None]
-        if decoding:  # one padded slot table for the decode kernel
-            tables = [sp.kv_slots for sp in decoding]
-            ctx.decode_slots = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True) if len(tables) > 1 \
-                else tables[0][None]  # [B, max ctx]
-            ctx.decode_lens = torch.tensor([sp.ctx_len for sp in decoding], device=self.device)
-            if len(decoding) < len(spans):
-                ctx.decode_rows = torch.tensor([sp.q_start for sp in decoding], device=self.device)
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)  # [T, D]
         if not last_rows:
             return None

@@ -32,7 +32,7 @@ SIGNATURES = {
     "ember_add_rmsnorm": [_P, _P, _P, _P, _F, _I, _I, _P, _P],
     "ember_rope_store": [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _F, _P, _P, _I, _P],
     "ember_act_mul": [_P, _P, _I, _I, ctypes.c_int],
-    "ember_decode_attention": [_P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _F, _P],
+    "ember_decode_attention": [_P, _I, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _F, _I, _F, _P],
     "ember_qtile_matmul": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _I],
     "ember_qtile_rows_f32": [_P, _I, _P, _P, _P, _I, _I, _P],
     "ember_decode_step": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P],

@@ -83,15 +83,19 @@ def decode_attention_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     lens: torch.Tensor, scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
-    """One query per sequence. q: [B, H, Dh] (rows may be strided), caches [Hkv, S, Dh], slots [B, N] int64
-    (padded), lens [B] int64 -> [B, H, Dh]. Call only when decode_attention_ok()."""
+                     lens: torch.Tensor, scale: float, window: int | None, softcap: float | None,
+                     table_of: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of query rows over the paged cache. q: [B, H, Dh] (rows may be strided), caches [Hkv, S, Dh],
+    slots [N, C] int64 padded slot tables, lens [B] int64 keys each row sees (its position + 1), table_of [B]
+    int64 the table of each row (None: row i reads table i) -> [B, H, Dh]. Call only when decode_attention_ok()."""
     b, h, dh = q.shape
     out = torch.empty(b, h, dh, dtype=q.dtype)
+    slots, lens = slots.contiguous(), lens.contiguous()
+    tab = None if table_of is None else table_of.contiguous()
     cpu_ops().ember_decode_attention(  # type: ignore[union-attr]
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], slots.data_ptr(),
-        lens.data_ptr(), slots.shape[1], b, h, k_cache.shape[0], dh, scale, window or 0, softcap or 0.0,
-        out.data_ptr())
+        None if tab is None else tab.data_ptr(), lens.data_ptr(), slots.shape[1], b, h, k_cache.shape[0], dh,
+        scale, window or 0, softcap or 0.0, out.data_ptr())
     return out
 
 

@@ -7,6 +7,7 @@ row of the flat batch; each sequence says where its queries are and which cache 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +30,26 @@ class ForwardContext:
     seqs: list[SeqSpan]
     k_cache: list[torch.Tensor]  # per layer: [Hkv, num_slots, Dh] (head-major: a gather reads runs of Dh)
     v_cache: list[torch.Tensor]
-    # set by the runner for the sequences that decode one token: padded slot tables for the decode kernel
-    decode_slots: torch.Tensor | None = None  # [B, max ctx] int64
-    decode_lens: torch.Tensor | None = None  # [B] int64
-    decode_rows: torch.Tensor | None = None  # [B] their rows in the flat batch; None: every row decodes
     request_ids: list[str] | None = None  # per sequence (models that keep per-request state: the fallback)
+
+    @cached_property
+    def row_tables(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """What the row kernel reads, built once per step: (slot tables [S, max ctx] int64, one per sequence,
+        padded; the table of each row [T], or None when row i is sequence i (every sequence decodes); the
+        keys each row sees [T] = its position + 1)."""
+        tables = [s.kv_slots if s.kv_slots is not None else self.slot_mapping[s.q_start : s.q_start + s.q_len]
+                  for s in self.seqs]
+        slots = tables[0][None] if len(tables) == 1 else torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
+        table_of = None
+        if len(self.seqs) != self.positions.shape[0]:
+            q_lens = torch.tensor([s.q_len for s in self.seqs], device=slots.device)
+            table_of = torch.repeat_interleave(torch.arange(len(self.seqs), device=slots.device), q_lens)
+        return slots, table_of, self.positions + 1
+
+    @property
+    def all_decode(self) -> bool:
+        """Every sequence computes one token this step (row i is sequence i)."""
+        return len(self.seqs) == self.positions.shape[0]
 
 
 def qkv_attention(qkv: torch.Tensor, h: int, hkv: int, layer: int, ctx: ForwardContext,
@@ -69,23 +85,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: F
            ) -> torch.Tensor:
     """Attention for the new tokens, whose k/v are already in the cache. q: [T, H, Dh], k/v: [T, Hkv, Dh]."""
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
-    kernel = ctx.decode_slots is not None and alibi is None and ops.decode_attention_ok(q, kc)
-    if kernel and ctx.decode_rows is None:
-        return ops.decode_attention(q, kc, vc, ctx.decode_slots, ctx.decode_lens, scale, window, softcap)
-    # a decoding sequence takes the decode kernel in mixed batches too, so its numbers never depend on
-    # whether a neighbour is prefilling in the same step
-    out = torch.empty_like(q) if kernel else None
-    if kernel:
-        rows = ctx.decode_rows
-        out[rows] = ops.decode_attention(q[rows], kc, vc, ctx.decode_slots, ctx.decode_lens, scale, window, softcap)
+    if alibi is None and ops.decode_attention_ok(q, kc):
+        # ember's row kernel for every row, prompt rows too: a row's numbers are then the same whether its
+        # prompt is computed at once, in chunks, after a cached prefix, or beside any neighbours
+        slots, table_of, lens = ctx.row_tables
+        return ops.decode_attention(q, kc, vc, slots, lens, scale, window, softcap, table_of)
     k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, T, Dh]
     q = q.transpose(0, 1)  # [H, T, Dh]
     outs = []
     # one SDPA per sequence, over exactly its keys: a padded batch would be fewer calls, but its rows change
     # in the last bits with the neighbours' lengths (tested), and batched output must equal single output
     for s in ctx.seqs:
-        if kernel and s.q_len == 1 and s.kv_slots is not None:
-            continue
         qs = q[:, s.q_start : s.q_start + s.q_len]  # [H, n, Dh]
         k0 = 0  # position of the first key attended to
         if s.kv_slots is None:  # whole context is in this step: use the fresh k/v, causal mask
@@ -101,13 +111,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: F
         mask = None
         if s.q_len > 1 and not causal:  # decode (q_len 1) sees every gathered key
             mask = _mask(s.ctx_len - s.q_len, s.q_len, k0, s.ctx_len, window, q.device)
-        o = _attend(qs, ks, vs, mask, causal, scale, softcap, alibi, k0)  # [H, n, Dh]
-        if out is not None:
-            out[s.q_start : s.q_start + s.q_len] = o.transpose(0, 1)
-        else:
-            outs.append(o)
-    if out is not None:
-        return out
+        outs.append(_attend(qs, ks, vs, mask, causal, scale, softcap, alibi, k0))  # [H, n, Dh]
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return o.transpose(0, 1)  # [T, H, Dh]
 

@@ -56,5 +56,7 @@ class TopRefiner(nn.Module):
             ops.mask_rows(pick, *allowed)
         idx = ops.topk_indices(pick, min(self.k, logits.shape[-1]))  # [B, k]
         w = self.rows(idx.reshape(-1)).view(b, -1, d)  # [B, k, D]
-        exact = torch.einsum("bkd,bd->bk", w, hidden.float())  # [B, k]
+        # a product and a sum over D per candidate: the same loop whatever B is (a batched matmul's blocking
+        # moves the last bits with the number of rows, and then a row's logits would depend on its neighbours)
+        exact = (w * hidden.float()[:, None, :]).sum(-1)  # [B, k]
         return logits.scatter_(1, idx, exact)  # in place: a copy of [B, V] costs more than the refinement

@@ -104,15 +104,15 @@ class DecodeStep:
         -> final-normed hidden states [T, D] fp32, or None: take the per-op path."""
         t = x.shape[0]
         kc = ctx.k_cache[0]
-        if (ctx.decode_slots is None or ctx.decode_rows is not None or len(ctx.seqs) != t
-                or kc.dtype != torch.bfloat16 or not kc.is_contiguous()):
+        if not ctx.all_decode or kc.dtype != torch.bfloat16 or not kc.is_contiguous():
             return None  # not every sequence decodes, or a cache the kernels do not read
         layers, dims = self._layer_tables(ctx, ropes[0][0].shape[-1])
         tables = [r.contiguous() for rope in ropes for r in rope]  # cos, sin per table
         ptrs = (_P * 4)(*[tables[i % len(tables)].data_ptr() for i in range(4)])
         x = x.contiguous()
         out = torch.empty_like(x)
-        slots, lens = ctx.decode_slots.contiguous(), ctx.decode_lens.contiguous()
+        slots, _, lens = ctx.row_tables
+        slots, lens = slots.contiguous(), lens.contiguous()
         cpu_ops().ember_decode_step(  # type: ignore[union-attr]
             layers, ctypes.byref(dims), x.data_ptr(), ptrs, ctx.slot_mapping.data_ptr(), slots.data_ptr(),
             lens.data_ptr(), slots.shape[1], t, self.model.norm.weight.data_ptr(), out.data_ptr())

@@ -1,4 +1,7 @@
-/* Decode attention over the paged KV cache: one query token per sequence, grouped query heads.
+/* Attention over the paged KV cache, one query row at a time, grouped query heads. Every query row of every
+ * step takes this path (a decoding token, or a row of a prompt prefilled in chunks or from a cached prefix):
+ * a row's keys are cut and merged the same way whatever step computes it, so a prompt gives the same bits
+ * fresh, from a cached prefix, in chunks of any size, or beside any neighbours.
  *
  * Each sequence's keys are cut into chunks of CHUNK; a task is (chunk, kv head): scores, their max and
  * exp-sum, and the exp-weighted sum of values for the group's query heads. A second pass merges a
@@ -16,7 +19,7 @@
 
 typedef struct {
     const uint16_t *q, *kc, *vc;
-    const int64_t *slots;
+    const int64_t *slots, *table_of;
     int64_t q_stride, s_slots, max_n, h, hkv, dh;
     float scale, softcap;
 } att_args;
@@ -95,7 +98,7 @@ static void chunk_task(const att_args *a, int64_t i, int64_t g, int64_t j0, int6
     const int64_t rep = a->h / a->hkv, dh = a->dh, m = j1 - j0;
     float sc[MAX_REP][CHUNK];
     const uint16_t *kr[CHUNK + 16], *vr[CHUNK];
-    const int64_t *sl = a->slots + i * a->max_n;
+    const int64_t *sl = a->slots + (a->table_of ? a->table_of[i] : i) * a->max_n;
     for (int64_t j = 0; j < m; j++) {
         kr[j] = a->kc + (g * a->s_slots + sl[j0 + j]) * dh;
         vr[j] = a->vc + (g * a->s_slots + sl[j0 + j]) * dh;
@@ -150,14 +153,15 @@ static void chunk_task(const att_args *a, int64_t i, int64_t g, int64_t j0, int6
         }
 }
 
-/* q: rows of stride q_stride (bf16), heads [h, dh] at the start of each row; kc/vc [hkv, S, dh];
- * slots [b, max_n] (int64, padded) and lens [b]: sequence i attends to its keys 0..lens[i]-1, or to
- * the last `window` of them. softcap > 0: scores = softcap * tanh(scores / softcap). out [b, h, dh] bf16. */
+/* q: b rows of stride q_stride (bf16), heads [h, dh] at the start of each row; kc/vc [hkv, S, dh];
+ * slots: padded slot tables [*, max_n] (int64); row i reads table table_of[i] (NULL: table i) and attends
+ * to its keys 0..lens[i]-1, or to the last `window` of them. softcap > 0: scores = softcap * tanh(scores /
+ * softcap). out [b, h, dh] bf16. */
 void ember_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t *kc, const uint16_t *vc,
-                            int64_t s_slots, const int64_t *slots, const int64_t *lens, int64_t max_n,
-                            int64_t b, int64_t h, int64_t hkv, int64_t dh, float scale, int64_t window,
-                            float softcap, uint16_t *out) {
-    const att_args a = {q, kc, vc, slots, q_stride, s_slots, max_n, h, hkv, dh, scale, softcap};
+                            int64_t s_slots, const int64_t *slots, const int64_t *table_of, const int64_t *lens,
+                            int64_t max_n, int64_t b, int64_t h, int64_t hkv, int64_t dh, float scale,
+                            int64_t window, float softcap, uint16_t *out) {
+    const att_args a = {q, kc, vc, slots, table_of, q_stride, s_slots, max_n, h, hkv, dh, scale, softcap};
     const int64_t rep = h / hkv, stride = rep * (dh + 2);  /* floats per (chunk, kv head) */
     int64_t *first = malloc(sizeof(int64_t) * (b + 1)), *start = malloc(sizeof(int64_t) * b);
     first[0] = 0;  /* sequence i's chunks are first[i] .. first[i + 1] - 1 */

@@ -17,9 +17,9 @@ void ember_rope_store(uint16_t *qkv, int64_t t, int64_t nq, int64_t nkv, int64_t
                       uint16_t *kc, uint16_t *vc, int64_t s_slots, const int64_t *slots);
 void ember_act_mul(const uint16_t *gu, uint16_t *out, int64_t t, int64_t inter, int act);
 void ember_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t *kc, const uint16_t *vc,
-                            int64_t s_slots, const int64_t *slots, const int64_t *lens, int64_t max_n, int64_t b,
-                            int64_t h, int64_t hkv, int64_t dh, float scale, int64_t window, float softcap,
-                            uint16_t *out);
+                            int64_t s_slots, const int64_t *slots, const int64_t *table_of, const int64_t *lens,
+                            int64_t max_n, int64_t b, int64_t h, int64_t hkv, int64_t dh, float scale,
+                            int64_t window, float softcap, uint16_t *out);
 void ember_qtile_matmul(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                         const void *x, int64_t x_f32, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
                         uint16_t *y_bf16, int64_t use_amx);
@@ -67,8 +67,8 @@ void ember_decode_step(const dec_layer *L, const dec_dims *c, float *x, const fl
         linear(&w->qkv, h, 1, t, nqkv, c->d, c->amx_rows, qkv);
         ember_rope_store(qkv, t, c->nq, c->nkv, c->dh, c->half, rope[2 * w->rope], rope[2 * w->rope + 1], w->q_norm,
                          w->k_norm, c->qk_eps, w->kc, w->vc, c->s_slots, slots);
-        ember_decode_attention(qkv, nqkv, w->kc, w->vc, c->s_slots, dslots, dlens, max_n, t, c->nq, c->nkv, c->dh,
-                               c->scale, w->window, c->softcap, att);
+        ember_decode_attention(qkv, nqkv, w->kc, w->vc, c->s_slots, dslots, NULL, dlens, max_n, t, c->nq, c->nkv,
+                               c->dh, c->scale, w->window, c->softcap, att);
         linear(&w->o, att, 0, t, c->d, nattn, c->amx_rows, delta);
         ember_add_rmsnorm(x, delta, w->attn_out_norm, w->mlp_norm, c->eps, t, c->d, NULL, h);
         linear(&w->gate_up, h, 1, t, 2 * c->inter, c->d, c->amx_rows, gu);
