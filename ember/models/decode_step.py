@@ -80,8 +80,10 @@ class DecodeStep:
         return DecodeStep(model) if len(eps) == 1 else None  # the kernel takes one eps for every norm
 
     def _layer_tables(self, ctx: ForwardContext, half: int) -> tuple[ctypes.Array, _Dims]:
-        """Built once per KV cache (the engine allocates it once: its lists and first tensors identify it)."""
-        key = (id(ctx.k_cache), id(ctx.v_cache), ctx.k_cache[0].data_ptr(), ctx.v_cache[0].data_ptr())
+        """Built once per KV cache (the engine allocates it once: its lists and first tensors identify it) and
+        activation mode (set_act_bits may change it)."""
+        key = (id(ctx.k_cache), id(ctx.v_cache), ctx.k_cache[0].data_ptr(), ctx.v_cache[0].data_ptr(),
+               packed.mode(self.model.layers[0].mlp.down_proj))
         if self._tables is None or key != self._cache_key:
             m, a = self.model, self.model.layers[0].self_attn
             dims = _Dims(len(m.layers), m.norm.weight.shape[0], a.h, a.hkv, a.dh, m.layers[0].mlp.inter, half,

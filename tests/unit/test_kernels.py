@@ -116,38 +116,61 @@ def _canonical(n: int, k: int, bits: int, seed: int, group: int = 32) -> Canonic
     return Canonical(q, scale, offset, bits)
 
 
+def _q8(x: torch.Tensor) -> torch.Tensor:
+    """Activations as the int8 mode sees them: per block of 32, round(x / d) * d with d = max|x| / 127."""
+    b = x.double().view(x.shape[0], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(b / torch.where(d > 0, d, 1)) * d).view(x.shape)
+
+
 @pytest.mark.skipif(not packed.available(), reason="needs AVX512-VNNI")
 @pytest.mark.parametrize("bits,group", [(4, 32), (5, 32), (6, 32), (8, 32), (6, 16), (4, 16)])
 @pytest.mark.parametrize("k", [576, 96])
-def test_tile_matmul(bits, group, k):
-    """Against x @ W.T in float64 with a ragged last tile of weight rows (N = 70): the int8 split of the
-    activations keeps ~16 bits, so the fp32 result is close to exact; and reading rows back is exact.
-    group 16: a scale per 16 (Q6_K)."""
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_tile_matmul(bits, group, k, act_bits):
+    """Against float64 references with a ragged last tile of weight rows (N = 70). act_bits=8: exactly the
+    int8-quantized activations times W (every block sum an exact integer, only the fp32 epilogue rounds);
+    act_bits=16: the two-part split keeps ~16 bits, so the result is close to x @ W.T itself. Reading rows
+    back is exact. group 16: a scale per 16 (Q6_K). With W = u s + o per block, the kernel computes
+    s d sum(u h) + o sum(x): the offsets meet the unquantized block sums."""
     c = _canonical(70, k, bits, bits, group)
     layer = nn.Module()
     packed.pack_chunks(layer, [c], *c.q.shape, bits, None, sub16=group == 16)
+    layer.act16 = act_bits == 16
     w = c.dequantize()  # [N, K] fp32 reference weights
     ids = torch.tensor([69, 0, 33, 16, 15])
     assert torch.equal(packed.rows_f32(layer, ids), w[ids])  # every code, scale and offset survives packing
+    g = c.q.shape[1] // c.scale.shape[1]  # k per scale
+    ws = c.q.double() * c.scale.double().repeat_interleave(g, 1)  # [N, K]: u s
+    wo = c.offset.double().repeat_interleave(g, 1)  # [N, K]: o
+
+    def want(x: torch.Tensor) -> torch.Tensor:
+        return x.double() @ w.double().t() if act_bits == 16 else _q8(x) @ ws.t() + x.double() @ wo.t()
+
     for m in (1, 3, 8, 13, 40):  # the gemv (<= 4 rows at a time) and, with AMX, the tile kernel
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         ref = x.double() @ w.double().t()
         y = packed.matmul(layer, x, 70, torch.float32)
-        torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-4 * ref.abs().max().item())
+        tol = 2e-4 if act_bits == 16 else 2e-6
+        torch.testing.assert_close(y.double(), want(x), rtol=0, atol=tol * ref.abs().max().item())
+        if act_bits == 8:  # and it is not the 16-bit answer: the mode really changed
+            assert not torch.allclose(y.double(), ref, rtol=0, atol=2e-4 * ref.abs().max().item())
         yb = packed.PackedBlocksMethod().apply(layer, x.to(BF))  # bf16 in and out, as the model runs it
         assert yb.shape == (m, 70) and yb.dtype == BF
-        torch.testing.assert_close(yb.float(), x.to(BF).float() @ w.t(), rtol=0, atol=8e-3 * ref.abs().max().item())
+        torch.testing.assert_close(yb.double(), want(x.to(BF).float()), rtol=0, atol=8e-3 * ref.abs().max().item())
 
 
 @pytest.mark.skipif(not packed.available(), reason="needs AVX512-VNNI")
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (6, 16)])
 @pytest.mark.parametrize("m", [5, 16, 17, 70])
-def test_batched_rows_equal_single_rows(bits, group, m, monkeypatch):
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_batched_rows_equal_single_rows(bits, group, m, act_bits, monkeypatch):
     """Each row's result is the same bits whatever else is in the batch and whichever kernel runs it
     (the gemv for a few rows, AMX-INT8 for many): batched output equals single output."""
     c = _canonical(50, 160, bits, bits + m, group)
     layer = nn.Module()
     packed.pack_chunks(layer, [c], *c.q.shape, bits, None, sub16=group == 16)
+    layer.act16 = act_bits == 16
     x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).to(BF)
     batched = packed.matmul(layer, x, 50, torch.float32)
     for i in (0, m // 2, m - 1):

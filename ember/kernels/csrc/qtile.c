@@ -5,9 +5,10 @@
  * consecutive k, group g = 64 bytes [row][4] (the operand layout of vpdpbusd and of AMX's B tile):
  *   8-bit codes: 512 bytes;  4-bit: 256 bytes, chunk c of 64 holds group 2c in its low nibbles, 2c+1 in high;
  * and s, o as fp16 [tile][block][16 rows] - or [tile][block][2 halves][16 rows] with a scale per 16 (Q6_K).
- * Activations: per row and block, x ~ d (h + l / 256) with int8 h = round(x / d), d = max|x| / 127, and l the
- * rounded remainder, so the code sums are exact integers with ~16 bits of the activation kept:
- *   sum_i w_i x_i = s d/256 * (256 sum u h + sum u l) + o * sum x.
+ * Activations, per row and block of 32: int8 h = round(x / d) with d = max|x| / 127 (llama.cpp's Q8_0
+ * numerics, the default: one dot product per code group), or, in the exact mode (mode bit 4), also l, the
+ * rounded remainder, x ~ d (h + l / 256), ~16 bits of the activation kept for twice the integer work:
+ *   sum_i w_i x_i = s d * sum u h + o * sum x,   or   s d/256 * (256 sum u h + sum u l) + o * sum x.
  * Lanes are the 16 weight rows, so a block's scaling is one fmadd for 16 outputs, and every output
  * element goes through exactly the same float operations whichever kernel (gemv or AMX) and batch
  * size computes it: batched output equals single output, bit for bit. */
@@ -32,8 +33,8 @@ typedef struct {
 } tiled_w;
 
 typedef struct {  /* quantized activations */
-    int8_t *h, *l;  /* [M, K] */
-    float *d, *xs;  /* [M, nb]: d / 256; sum of x per block ([M, nb, 2]: per half with sub16) */
+    int8_t *h, *l;  /* [M, K]; l only in the exact mode (NULL otherwise) */
+    float *d, *xs;  /* [M, nb]: d (d / 256 in the exact mode); sum of x per block ([M, nb, 2]: per half with sub16) */
 } qact;
 
 /* the 8 code groups of one (tile, block) as u8 vectors */
@@ -53,10 +54,11 @@ static inline __attribute__((always_inline)) void load_codes(const tiled_w *w, i
     }
 }
 
-/* acc (16 weight rows) += s d/256 (256 H + L) + o X: the one float epilogue both kernels share */
+/* acc (16 weight rows) += s d H + o X, or s d/256 (256 H + L) + o X in the exact mode: the one float epilogue
+ * both kernels share */
 static inline __attribute__((always_inline)) __m512 epilogue(__m512 acc, __m512i hsum, __m512i lsum, __m512 sv,
-                                                             __m512 ov, float d, float xs) {
-    const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hsum, 8), lsum));
+                                                             __m512 ov, float d, float xs, const int two) {
+    const __m512 f = _mm512_cvtepi32_ps(two ? _mm512_add_epi32(_mm512_slli_epi32(hsum, 8), lsum) : hsum);
     acc = _mm512_fmadd_ps(f, _mm512_mul_ps(sv, _mm512_set1_ps(d)), acc);
     return _mm512_fmadd_ps(ov, _mm512_set1_ps(xs), acc);
 }
@@ -73,10 +75,11 @@ static inline void store_out(__m512 v, int64_t m, int64_t n, int64_t r0, float *
     for (int64_t i = 0; i < rows; i++) y_bf16[m * n + r0 + i] = f2bf(tmp[i]);
 }
 
-/* one tile of 16 weight rows against activation rows m0 .. m0 + MR (MR <= 4, constant per call site) */
-static inline __attribute__((always_inline)) void gemv_tile(const int MR, const tiled_w *w, const qact *a,
-                                                            int64_t t, int64_t m0, int64_t n, int64_t k,
-                                                            float *y_f32, uint16_t *y_bf16) {
+/* one tile of 16 weight rows against activation rows m0 .. m0 + MR (MR <= 4 and TWO, the exact mode: constant
+ * per call site, so the loop has no branch) */
+static inline __attribute__((always_inline)) void gemv_tile(const int MR, const int TWO, const tiled_w *w,
+                                                            const qact *a, int64_t t, int64_t m0, int64_t n,
+                                                            int64_t k, float *y_f32, uint16_t *y_bf16) {
     __m512 acc[4];
     for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps();
     const int halves = w->sub16 ? 2 : 1, gpart = 8 / halves;  /* code groups per scale */
@@ -94,14 +97,16 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
             const __m512 ov = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + at)));
             for (int m = 0; m < MR; m++) {
                 const int32_t *h = (const int32_t *)(a->h + (m0 + m) * k + b * 32) + hf * gpart;
-                const int32_t *l = (const int32_t *)(a->l + (m0 + m) * k + b * 32) + hf * gpart;
                 __m512i hs = _mm512_setzero_si512(), ls = _mm512_setzero_si512();
-                for (int g = 0; g < gpart; g++) {
+                for (int g = 0; g < gpart; g++)
                     hs = _mm512_dpbusd_epi32(hs, u[hf * gpart + g], _mm512_set1_epi32(h[g]));
-                    ls = _mm512_dpbusd_epi32(ls, u[hf * gpart + g], _mm512_set1_epi32(l[g]));
+                if (TWO) {
+                    const int32_t *l = (const int32_t *)(a->l + (m0 + m) * k + b * 32) + hf * gpart;
+                    for (int g = 0; g < gpart; g++)
+                        ls = _mm512_dpbusd_epi32(ls, u[hf * gpart + g], _mm512_set1_epi32(l[g]));
                 }
                 acc[m] = epilogue(acc[m], hs, ls, sv, ov, a->d[(m0 + m) * w->nb + b],
-                                  a->xs[((m0 + m) * w->nb + b) * halves + hf]);
+                                  a->xs[((m0 + m) * w->nb + b) * halves + hf], TWO);
             }
         }
     }
@@ -111,14 +116,20 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
 static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
                  uint16_t *y_bf16) {
     const int64_t ntiles = (n + 15) / 16;
+    const int two = a->l != NULL;
 #pragma omp parallel for schedule(static) if (n * k > 65536)
     for (int64_t t = 0; t < ntiles; t++)
         for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
-            switch (m_rows - m0 < 4 ? m_rows - m0 : 4) {  /* constant MR per case: accumulators in registers */
-                case 1: gemv_tile(1, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 2: gemv_tile(2, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 3: gemv_tile(3, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                default: gemv_tile(4, w, a, t, m0, n, k, y_f32, y_bf16); break;
+            /* constant MR and mode per case: accumulators in registers, no branch in the loop */
+            switch ((m_rows - m0 < 4 ? m_rows - m0 : 4) + 4 * two) {
+                case 1: gemv_tile(1, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 2: gemv_tile(2, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 3: gemv_tile(3, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 4: gemv_tile(4, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 5: gemv_tile(1, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 6: gemv_tile(2, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 7: gemv_tile(3, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                default: gemv_tile(4, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
             }
         }
 }
@@ -126,13 +137,13 @@ static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int
 /* C11 aligned_alloc wants a size that is a multiple of the alignment (macOS returns NULL otherwise) */
 static void *alloc64(size_t n) { return aligned_alloc(64, (n + 127) & ~(size_t)63); }
 
-/* x [M, K] (bf16 or fp32) -> h, l, d/256, block sums; rows padded with zeros up to m_pad */
-static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, int64_t k, int sub16) {
+/* x [M, K] (bf16 or fp32) -> h (and l in the exact mode), d, block sums; rows padded with zeros up to m_pad */
+static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, int64_t k, int sub16, int two) {
     const int64_t nb = k / 32;
-    qact a = {alloc64((size_t)(m_pad * k)), alloc64((size_t)(m_pad * k)), alloc64((size_t)(m_pad * nb) * 4),
-              alloc64((size_t)(m_pad * nb) * 8)};
+    qact a = {alloc64((size_t)(m_pad * k)), two ? alloc64((size_t)(m_pad * k)) : NULL,
+              alloc64((size_t)(m_pad * nb) * 4), alloc64((size_t)(m_pad * nb) * 8)};
     memset(a.h + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
-    memset(a.l + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
+    if (two) memset(a.l + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
 #pragma omp parallel for schedule(static) if (m_rows * k > 65536)
     for (int64_t i = 0; i < m_rows * nb; i++) {
         const int64_t m = i / nb, b = i % nb, at = m * k + b * 32;
@@ -148,15 +159,16 @@ static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, in
         } else {
             a.xs[i] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
         }
-        a.d[i] = amax / 127.f / 256.f;
+        a.d[i] = two ? amax / 127.f / 256.f : amax / 127.f;
         const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         for (int j = 0; j < 2; j++) {
             const __m512 t = _mm512_mul_ps(v[j], inv);
             const __m512i h = _mm512_cvtps_epi32(t);  /* round to nearest even */
+            _mm_storeu_si128((__m128i *)(a.h + at + j * 16), _mm512_cvtepi32_epi8(h));
+            if (!two) continue;
             const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(h)), _mm512_set1_ps(256.f));
             __m512i l = _mm512_cvtps_epi32(r);
             l = _mm512_min_epi32(_mm512_max_epi32(l, _mm512_set1_epi32(-128)), _mm512_set1_epi32(127));
-            _mm_storeu_si128((__m128i *)(a.h + at + j * 16), _mm512_cvtepi32_epi8(h));
             _mm_storeu_si128((__m128i *)(a.l + at + j * 16), _mm512_cvtepi32_epi8(l));
         }
     }
@@ -165,7 +177,7 @@ static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, in
 
 static void release(qact *a) {
     free(a->h);
-    free(a->l);
+    free(a->l);  /* NULL outside the exact mode: free(NULL) is a no-op */
     free(a->d);
     free(a->xs);
 }
@@ -223,23 +235,27 @@ static void amx(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int6
             for (int64_t mt = 0; mt < mtiles; mt++) {
                 __m512 acc[16];
                 for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-                const int halves = w->sub16 ? 2 : 1;
+                const int halves = w->sub16 ? 2 : 1, two = a->l != NULL;
                 for (int64_t b = 0; b < nb; b++)
                     for (int hf = 0; hf < halves; hf++) {
                         _tile_zero(0);
-                        _tile_zero(1);
+                        _tile_zero(1);  /* stays zero outside the exact mode: the epilogue ignores it then */
                         if (w->sub16) {  /* k 16 hf .. 16 hf + 15 of the block: its own scale */
                             _tile_loadd(7, codes + b * 512 + hf * 256, 64);
                             _tile_loadd(5, a->h + mt * 16 * k + b * 32 + hf * 16, k);
-                            _tile_loadd(6, a->l + mt * 16 * k + b * 32 + hf * 16, k);
                             _tile_dpbsud(0, 5, 7);
-                            _tile_dpbsud(1, 6, 7);
+                            if (two) {
+                                _tile_loadd(6, a->l + mt * 16 * k + b * 32 + hf * 16, k);
+                                _tile_dpbsud(1, 6, 7);
+                            }
                         } else {
                             _tile_loadd(4, codes + b * 512, 64);
                             _tile_loadd(2, a->h + mt * 16 * k + b * 32, k);
-                            _tile_loadd(3, a->l + mt * 16 * k + b * 32, k);
                             _tile_dpbsud(0, 2, 4);
-                            _tile_dpbsud(1, 3, 4);
+                            if (two) {
+                                _tile_loadd(3, a->l + mt * 16 * k + b * 32, k);
+                                _tile_dpbsud(1, 3, 4);
+                            }
                         }
                         _tile_stored(0, c[0], 64);
                         _tile_stored(1, c[1], 64);
@@ -250,7 +266,7 @@ static void amx(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int6
                             const int64_t m = mt * 16 + i;
                             acc[i] = epilogue(acc[i], _mm512_load_si512((const void *)(c[0] + i * 16)),
                                               _mm512_load_si512((const void *)(c[1] + i * 16)), sv, ov,
-                                              a->d[m * nb + b], a->xs[(m * nb + b) * halves + hf]);
+                                              a->d[m * nb + b], a->xs[(m * nb + b) * halves + hf], two);
                         }
                     }
                 for (int i = 0; i < 16 && mt * 16 + i < m_rows; i++) store_out(acc[i], mt * 16 + i, n, t * 16, y_f32, y_bf16);
@@ -269,16 +285,17 @@ void ember_qtile_matmul(const uint8_t *codes, int64_t mode, const uint16_t *s16,
                         const void *x, int64_t x_f32, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
                         uint16_t *y_bf16, int64_t use_amx) {
     const tiled_w w = {codes, s16, o16, (int)(mode & 1), (int)(mode >> 1 & 1), k / 32};
+    const int two = (int)(mode >> 2 & 1);  /* the exact two-part activations */
 #ifdef HAVE_AMX_INT8
     if (use_amx) {
-        qact a = quantize(x, (int)x_f32, m_rows, (m_rows + 15) / 16 * 16, k, w.sub16);
+        qact a = quantize(x, (int)x_f32, m_rows, (m_rows + 15) / 16 * 16, k, w.sub16, two);
         amx(&w, &a, m_rows, n, k, y_f32, y_bf16);
         release(&a);
         return;
     }
 #endif
     (void)use_amx;
-    qact a = quantize(x, (int)x_f32, m_rows, m_rows, k, w.sub16);
+    qact a = quantize(x, (int)x_f32, m_rows, m_rows, k, w.sub16, two);
     gemv(&w, &a, m_rows, n, k, y_f32, y_bf16);
     release(&a);
 }
