@@ -233,6 +233,33 @@ def run_engine(engine: str, model: Path, ids: list[int], gen: int, trials: int, 
     raise RuntimeError(f"{engine} benchmark failed:\n{tail}")
 
 
+def read_bandwidth(threads: int, gib: int = 1) -> float:
+    """This machine's memory read bandwidth in GB/s: the best of 5 reductions over `gib` GiB (far larger than
+    any cache), on `threads` threads, as a decode step streams its weights."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(gib << 28, dtype=torch.int32)  # [gib GiB / 4 bytes]
+        x.max()  # touch every page first
+        best = math.inf
+        for _ in range(5):
+            t0 = time.perf_counter()
+            x.max()
+            best = min(best, time.perf_counter() - t0)
+        return x.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
+def bandwidth_line(results: list[Result], weight_bytes: int, read_gbs: float) -> str:
+    """The decode figure against what the machine can read: how close each engine is to memory-bound."""
+    parts = [f"{r.engine} {r.decode_tok_s * weight_bytes / 1e9 / read_gbs:.0%}" for r in results]
+    return f"[bench] machine read bandwidth {read_gbs:.1f} GB/s; decode weights GB/s as a share of it: " + \
+        ", ".join(parts)
+
+
 def table(results: list[Result], weight_bytes: int) -> str:
     base = results[0]
     rows = ["| engine | load s | prefill tok/s | decode tok/s | weights GB/s | peak RSS MB | decode vs ember | note |",

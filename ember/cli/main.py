@@ -295,6 +295,7 @@ def bench(
         except RuntimeError as e:
             raise EmberError(str(e)) from None
     print(b.table(results, b.weight_bytes(path)))
+    print(b.bandwidth_line(results, b.weight_bytes(path), b.read_bandwidth(n_threads)), file=sys.stderr)
 
 
 @app.command()

@@ -166,6 +166,10 @@ def test_bench_runs_and_names_bad_peers(smollm_gguf):
     row = next(line for line in r.stdout.splitlines() if line.startswith("| ember"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[5]) > 0
+    line = next(ln for ln in r.stderr.splitlines() if "machine read bandwidth" in ln)
+    read_gbs, share = float(line.split("bandwidth ")[1].split(" GB/s")[0]), line.rsplit("ember ", 1)[1]
+    assert read_gbs > 1 and share.endswith("%")
+    assert abs(float(share[:-1]) / 100 * read_gbs - float(cells[4])) < 0.1 + 0.02 * float(cells[4])  # GB/s / read
     r = run("bench", "-m", str(smollm_gguf), "--vs", "vllm")
     assert r.returncode == 1 and "unknown peer" in r.stderr and "Traceback" not in r.stderr
 
