@@ -113,7 +113,7 @@ def write_f16(name: str, path: Path, seed: int = 0) -> Path:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for i, (tname, shape, kind) in enumerate(specs):
+    for i, (_, shape, kind) in enumerate(specs):
         if kind == "n":
             arr = (1.0 + 0.05 * rng.standard_normal(shape)).astype(np.float32)
         elif kind == "b":
