@@ -41,6 +41,7 @@ SIGNATURES = {
     "ember_mask_rows": [_P, _I, _P, _I, _P, _I],
     "ember_gguf_decode": [_I, _P, _I, _I, _P, _P, _P],
     "ember_qtile_pack": [_P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P],
+    "ember_gguf_pack": [_I, _P, _I, _I, _I, _I, _P, _P, _P],
 }
 
 

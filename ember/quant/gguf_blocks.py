@@ -160,7 +160,7 @@ GROUP32_KINDS = frozenset(DECODERS) - GROUP16
 
 
 # the kind numbers of csrc/qpack.c's enum
-_KIND_ID = {kind: i for i, kind in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))}
+KIND_ID = {kind: i for i, kind in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))}
 KIND_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
 CHUNK_ROWS = 8192  # rows decoded at a time: bounds the transient memory of big tensors (a 262k vocab)
 
@@ -179,7 +179,7 @@ def decode(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Canonical:
         rows = np.ascontiguousarray(data, dtype=np.uint8)
         if rows.size != n * (k // DECODERS[kind][1]) * block_bytes:
             raise ValueError(f"{kind} rows of {rows.size} bytes do not hold a [{n}, {k}] tensor")
-        lib.ember_gguf_decode(_KIND_ID[kind], rows.ctypes.data, n, k, q.data_ptr(), scale.data_ptr(),
+        lib.ember_gguf_decode(KIND_ID[kind], rows.ctypes.data, n, k, q.data_ptr(), scale.data_ptr(),
                               offset.data_ptr())
         return Canonical(q, scale, offset, KIND_BITS[kind], zero)
     for r in range(0, n, CHUNK_ROWS):

@@ -17,12 +17,13 @@ import functools
 import os
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
 from ember.kernels import cpu_ops
 from ember.quant.base import QuantMethod
-from ember.quant.gguf_blocks import DECODERS, GROUP, GROUP16, KIND_BITS, Canonical
+from ember.quant.gguf_blocks import DECODERS, GROUP, GROUP16, KIND_BITS, KIND_ID, Canonical
 from ember.quant.int4 import gguf_chunks
 from ember.weights.base import RawTensor
 
@@ -70,14 +71,49 @@ def _whole_tiles(chunks: Iterable[Canonical]) -> Iterator[Canonical]:
         yield carry
 
 
+def _alloc(n: int, k: int, bits: int, sub16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty tiles for a [n, k] weight: codes [T, K/32, 512 or 256] u8, scales and offsets [T, K/32, 16 or 32]."""
+    t, nb = -(-n // TILE), k // GROUP
+    codes = torch.empty(t, nb, 512 if bits > 4 else 256, dtype=torch.uint8)
+    s16, o16 = (torch.empty(t, nb, (2 if sub16 else 1) * TILE, dtype=torch.float16) for _ in range(2))
+    return codes, s16, o16
+
+
+def _attach(layer: nn.Module, codes: torch.Tensor, s16: torch.Tensor, o16: torch.Tensor, n: int, bits: int,
+            sub16: bool, bias: torch.Tensor | None) -> None:
+    layer.codes = nn.Parameter(codes, requires_grad=False)
+    layer.s16 = nn.Parameter(s16, requires_grad=False)
+    layer.o16 = nn.Parameter(o16, requires_grad=False)
+    layer.n_out, layer.bits8, layer.sub16 = n, bits > 4, sub16
+    layer.act16 = True  # the exact two-part activations unless set_act_bits says otherwise
+    layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+
+
+def pack_raw(layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | None) -> bool:
+    """GGUF shards straight into tiles (ember_gguf_pack: decoded and packed a tile at a time, never a byte per
+    weight in between). False, packing nothing, where a shard but the last ends inside a tile."""
+    if any(s.shape[0] % TILE for s in shards[:-1]):
+        return False
+    n, k = sum(s.shape[0] for s in shards), shards[0].shape[1]
+    bits, sub16 = max(KIND_BITS[s.kind] for s in shards), any(s.kind in GROUP16 for s in shards)
+    codes, s16, o16 = _alloc(n, k, bits, sub16)
+    row = 0
+    for s in shards:
+        raw = np.ascontiguousarray(s.data, dtype=np.uint8)
+        t = row // TILE
+        cpu_ops().ember_gguf_pack(KIND_ID[s.kind], raw.ctypes.data, s.shape[0], k,  # type: ignore[union-attr]
+                                  int(bits > 4), int(sub16), codes[t].data_ptr(), s16[t].data_ptr(), o16[t].data_ptr())
+        row += s.shape[0]
+    _attach(layer, codes, s16, o16, n, bits, sub16, bias)
+    return True
+
+
 def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], n: int, k: int, bits: int,
                 bias: torch.Tensor | None, sub16: bool = False) -> None:
     """Row chunks of a [n, k] weight, packed one at a time into tensors allocated once (bounded load memory:
     one chunk's canonical codes beside the packed layer). bits: the widest code among the layer's shards
     (4: nibbles; more: a byte per code); sub16: some shard has a scale per 16 (Q6_K), so all scales go per 16."""
-    t, nb = -(-n // TILE), k // GROUP
-    codes = torch.empty(t, nb, 512 if bits > 4 else 256, dtype=torch.uint8)
-    s16, o16 = (torch.empty(t, nb, (2 if sub16 else 1) * TILE, dtype=torch.float16) for _ in range(2))
+    codes, s16, o16 = _alloc(n, k, bits, sub16)
     row = 0
     chunks = (c.to_group16() if sub16 else c for c in chunks)  # one scale width, so carried rows concatenate
     for c in _whole_tiles(chunks):  # every chunk but the last holds whole tiles
@@ -89,12 +125,7 @@ def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], n: int, k: int, b
         row += rows
     if row != n:
         raise ValueError(f"weight chunks hold {row} rows, the layer {n}")
-    layer.codes = nn.Parameter(codes, requires_grad=False)
-    layer.s16 = nn.Parameter(s16, requires_grad=False)
-    layer.o16 = nn.Parameter(o16, requires_grad=False)
-    layer.n_out, layer.bits8, layer.sub16 = n, bits > 4, sub16
-    layer.act16 = True  # the exact two-part activations unless set_act_bits says otherwise
-    layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+    _attach(layer, codes, s16, o16, n, bits, sub16, bias)
 
 
 def mode(layer: nn.Module) -> int:
@@ -160,6 +191,8 @@ class PackedBlocksMethod(QuantMethod):
 
     def pack(self, layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | None,
              dtype: torch.dtype, device: torch.device) -> None:
+        if pack_raw(layer, shards, bias):
+            return
         pack_chunks(layer, gguf_chunks(shards), sum(s.shape[0] for s in shards), shards[0].shape[1],
                     max(KIND_BITS[s.kind] for s in shards), bias, any(s.kind in GROUP16 for s in shards))
 

@@ -8,7 +8,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from ember.kernels import cpu_ops
-from ember.quant import gguf_blocks
+from ember.quant import gguf_blocks, packed
 from ember.quant.gguf_blocks import DECODERS, decode
 from ember.weights.gguf import GGUFFile
 
@@ -92,3 +92,36 @@ def test_real_tensors_smollm2(smollm_gguf):
 
 def test_real_tensors_gemma3(gemma_gguf):
     assert {"Q4_K", "Q5_0", "Q8_0"} <= set(_real_tensor_check(gemma_gguf))
+
+
+@pytest.mark.skipif(not packed.available(), reason="needs ember's kernels")
+@pytest.mark.parametrize("kinds", [("Q4_K",), ("Q4_0", "Q4_0", "Q8_0"), ("Q4_K", "Q4_K", "Q6_K"), ("Q5_1", "Q6_K"),
+                                   ("Q6_K",), ("Q5_K", "Q4_1")])
+def test_raw_tiles_equal_decode_then_pack(kinds):
+    """GGUF rows straight into tiles (one pass, the load's fast path) give the same bytes as decoding to the
+    canonical form and packing it: fused shards of mixed kinds (byte codes, scales per 16), a ragged last
+    tile, nan / inf scales from random bytes."""
+    from torch import nn
+
+    from ember.quant.int4 import gguf_chunks
+    from ember.weights.base import RawTensor
+
+    k = 512
+    rng = np.random.default_rng(len(kinds))
+    shards = []
+    for i, kind in enumerate(kinds):
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+        rows = 32 if i < len(kinds) - 1 else 21  # the last shard ends inside a tile
+        raw = rng.integers(0, 256, (rows, k // block * size), dtype=np.uint8)
+        shards.append(RawTensor(f"w{i}", kind, (rows, k), raw, lambda a: a))
+    fast, slow = nn.Module(), nn.Module()
+    assert packed.pack_raw(fast, shards, None)
+    n = sum(s.shape[0] for s in shards)
+    bits = max(gguf_blocks.KIND_BITS[s.kind] for s in shards)
+    packed.pack_chunks(slow, gguf_chunks(shards), n, k, bits, None, any(s.kind in gguf_blocks.GROUP16 for s in shards))
+    for name in ("codes", "s16", "o16"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+    assert (fast.bits8, fast.sub16, fast.n_out) == (slow.bits8, slow.sub16, slow.n_out)
+    ragged = [RawTensor("a", "Q4_0", (20, k), shards[0].data[:20], lambda a: a), shards[-1]]
+    assert not packed.pack_raw(nn.Module(), ragged, None)  # a shard ending inside a tile: the chunked path

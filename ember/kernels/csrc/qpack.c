@@ -5,10 +5,13 @@
  *   as the PyTorch decoders there (which stay as the fallback and the reference its tests compare with).
  * ember_qtile_pack: canonical rows -> qtile.c's tiles (16 rows; per block of 32 eight groups of 4 codes,
  *   nibbles or bytes; fp16 scale / offset [tile][block][16], or [tile][block][2][16] with a scale per 16).
+ * ember_gguf_pack: both in one pass, a tile of 16 rows at a time (its canonical rows stay in the cache): the
+ *   load reads the file once and writes the tiles once, instead of writing and re-reading a byte per weight.
  * ember_qtile_rows_f32: tiles -> rows again, in fp32 (token embeddings, the head's exact top candidates).
  * Block layouts: ggml-quants / gguf-py quants.py. */
 #pragma GCC optimize("no-fast-math")  /* the half conversions below rely on exact IEEE rounding */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
@@ -91,15 +94,21 @@ static const int BLOCK_BYTES[] = {18, 20, 22, 24, 34, 144, 176, 210};
 static const int BLOCK_ELEMS[] = {32, 32, 32, 32, 32, 256, 256, 256};
 static const int BLOCK_GROUPS[] = {1, 1, 1, 1, 1, 8, 8, 16};
 
+/* one raw row of `kind` -> its q [k], s, o [k / group] */
+static void decode_row(int kind, const uint8_t *raw, int64_t k, uint8_t *q, float *s, float *o) {
+    const int64_t nblk = k / BLOCK_ELEMS[kind];
+    for (int64_t i = 0; i < nblk; i++)
+        decode_block(kind, raw + i * BLOCK_BYTES[kind], q + i * BLOCK_ELEMS[kind], s + i * BLOCK_GROUPS[kind],
+                     o + i * BLOCK_GROUPS[kind]);
+}
+
 /* raw [n][row_bytes] (row_bytes = k / elems * block bytes) -> q [n, k], s, o [n, k / group] */
 void ember_gguf_decode(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, uint8_t *q, float *s, float *o) {
-    const int64_t nblk = k / BLOCK_ELEMS[kind], groups = nblk * BLOCK_GROUPS[kind];
-    const int64_t row_bytes = nblk * BLOCK_BYTES[kind];
+    const int64_t groups = k / BLOCK_ELEMS[kind] * BLOCK_GROUPS[kind];
+    const int64_t row_bytes = k / BLOCK_ELEMS[kind] * BLOCK_BYTES[kind];
 #pragma omp parallel for schedule(static) if (n * k > 262144)
     for (int64_t r = 0; r < n; r++)
-        for (int64_t i = 0; i < nblk; i++)
-            decode_block((int)kind, raw + r * row_bytes + i * BLOCK_BYTES[kind], q + r * k + i * BLOCK_ELEMS[kind],
-                         s + r * groups + i * BLOCK_GROUPS[kind], o + r * groups + i * BLOCK_GROUPS[kind]);
+        decode_row((int)kind, raw + r * row_bytes, k, q + r * k, s + r * groups, o + r * groups);
 }
 
 static inline uint16_t f2h(float x) {  /* fp32 -> IEEE half, round to nearest even (as torch's .half()) */
@@ -115,40 +124,73 @@ static inline uint16_t f2h(float x) {  /* fp32 -> IEEE half, round to nearest ev
     return (uint16_t)(sign | (((a + 0xfffu + ((a >> 13) & 1u)) >> 13) - (112u << 10)));
 }
 
+/* one tile: canonical rows q [rows, k], s, o [rows, k / group] (rows <= 16: the tile's first rows) ->
+ * codes [nb][512 or 256], s16, o16 [nb][per][16] (per = 2 when sub16: a group-32 scale then appears in both
+ * halves); missing rows get zero codes, scales and offsets. */
+static void pack_tile(const uint8_t *q, const float *s, const float *o, int64_t rows, int64_t k, int64_t group,
+                      int64_t bits8, int64_t sub16, uint8_t *codes, uint16_t *s16, uint16_t *o16) {
+    const int64_t nb = k / 32, per = sub16 ? 2 : 1, groups = k / group;
+    const int64_t cb = bits8 ? 512 : 256;
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *c = codes + b * cb;
+        uint16_t *ss = s16 + b * per * 16, *oo = o16 + b * per * 16;
+        for (int r = 0; r < 16; r++) {
+            if (r >= rows) {
+                for (int g = 0; g < cb / 64; g++) memset(c + g * 64 + r * 4, 0, 4);
+                for (int h = 0; h < per; h++) ss[h * 16 + r] = oo[h * 16 + r] = 0;
+                continue;
+            }
+            const uint8_t *u = q + r * k + b * 32;
+            for (int h = 0; h < per; h++) {  /* half h of the block is group (b * 32 + h * 16) / group */
+                const int64_t at = r * groups + (b * 32 + h * 16) / group;
+                ss[h * 16 + r] = f2h(s[at]);
+                oo[h * 16 + r] = f2h(o[at]);
+            }
+            if (bits8) {
+                for (int g = 0; g < 8; g++) memcpy(c + g * 64 + r * 4, u + g * 4, 4);
+            } else {  /* chunk j: group 2j in the low nibbles, 2j + 1 in the high */
+                for (int j = 0; j < 4; j++)
+                    for (int i = 0; i < 4; i++)
+                        c[j * 64 + r * 4 + i] = (uint8_t)(u[8 * j + i] | (u[8 * j + 4 + i] << 4));
+            }
+        }
+    }
+}
+
 /* canonical q [n, k], s, o [n, k / group] (group 32 or 16) -> codes [T][nb][512 or 256], s16, o16
- * [T][nb][per][16] with per = 2 when sub16 (a group-32 scale then appears in both halves); rows past n of
- * the last tile get zero codes, scales and offsets. */
+ * [T][nb][per][16]; rows past n of the last tile are zeros */
 void ember_qtile_pack(const uint8_t *q, const float *s, const float *o, int64_t n, int64_t k, int64_t group,
                       int64_t bits8, int64_t sub16, uint8_t *codes, uint16_t *s16, uint16_t *o16) {
     const int64_t nb = k / 32, tiles = (n + 15) / 16, per = sub16 ? 2 : 1, groups = k / group;
-    const int64_t cb = bits8 ? 512 : 256;
 #pragma omp parallel for schedule(static) if (n * k > 262144)
     for (int64_t t = 0; t < tiles; t++)
-        for (int64_t b = 0; b < nb; b++) {
-            uint8_t *c = codes + (t * nb + b) * cb;
-            uint16_t *ss = s16 + (t * nb + b) * per * 16, *oo = o16 + (t * nb + b) * per * 16;
-            for (int r = 0; r < 16; r++) {
-                const int64_t row = t * 16 + r;
-                if (row >= n) {
-                    for (int g = 0; g < cb / 64; g++) memset(c + g * 64 + r * 4, 0, 4);
-                    for (int h = 0; h < per; h++) ss[h * 16 + r] = oo[h * 16 + r] = 0;
-                    continue;
-                }
-                const uint8_t *u = q + row * k + b * 32;
-                for (int h = 0; h < per; h++) {  /* half h of the block is group (b * 32 + h * 16) / group */
-                    const int64_t at = row * groups + (b * 32 + h * 16) / group;
-                    ss[h * 16 + r] = f2h(s[at]);
-                    oo[h * 16 + r] = f2h(o[at]);
-                }
-                if (bits8) {
-                    for (int g = 0; g < 8; g++) memcpy(c + g * 64 + r * 4, u + g * 4, 4);
-                } else {  /* chunk j: group 2j in the low nibbles, 2j + 1 in the high */
-                    for (int j = 0; j < 4; j++)
-                        for (int i = 0; i < 4; i++)
-                            c[j * 64 + r * 4 + i] = (uint8_t)(u[8 * j + i] | (u[8 * j + 4 + i] << 4));
-                }
-            }
+        pack_tile(q + t * 16 * k, s + t * 16 * groups, o + t * 16 * groups, n - t * 16 < 16 ? n - t * 16 : 16, k,
+                  group, bits8, sub16, codes + t * nb * (bits8 ? 512 : 256), s16 + t * nb * per * 16,
+                  o16 + t * nb * per * 16);
+}
+
+/* raw GGUF rows of `kind` [n][row bytes] -> tiles, as decode then pack would write them, a tile at a time */
+void ember_gguf_pack(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, int64_t bits8, int64_t sub16,
+                     uint8_t *codes, uint16_t *s16, uint16_t *o16) {
+    const int64_t nb = k / 32, tiles = (n + 15) / 16, per = sub16 ? 2 : 1;
+    const int64_t group = BLOCK_ELEMS[kind] / BLOCK_GROUPS[kind], groups = k / group;
+    const int64_t row_bytes = k / BLOCK_ELEMS[kind] * BLOCK_BYTES[kind];
+#pragma omp parallel if (n * k > 262144)
+    {
+        uint8_t *q = malloc((size_t)(16 * k));
+        float *s = malloc(sizeof(float) * (size_t)(16 * groups)), *o = malloc(sizeof(float) * (size_t)(16 * groups));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t rows = n - t * 16 < 16 ? n - t * 16 : 16;
+            for (int64_t r = 0; r < rows; r++)
+                decode_row((int)kind, raw + (t * 16 + r) * row_bytes, k, q + r * k, s + r * groups, o + r * groups);
+            pack_tile(q, s, o, rows, k, group, bits8, sub16, codes + t * nb * (bits8 ? 512 : 256),
+                      s16 + t * nb * per * 16, o16 + t * nb * per * 16);
         }
+        free(q);
+        free(s);
+        free(o);
+    }
 }
 
 /* Rows `rows[i]` (any order) in fp32 [n, K], q * s + o in gguf-py's two roundings (Q6_K, which gguf-py
