@@ -2,8 +2,10 @@
 
 `cpu_ops()` returns the loaded library, or None when it cannot be had (no compiler, not x86/ARM Linux or
 macOS, EMBER_KERNELS=0): every caller keeps a plain PyTorch path, so a missing compiler costs speed,
-never correctness. The build is cached under $EMBER_HOME/kernels, keyed by the source, the compiler and
-this CPU's flags (it is built with -march=native).
+never correctness. The build is cached under $EMBER_HOME/kernels, keyed by the source, the compiler, the
+target and this CPU's flags. The target is this CPU (-march=native) unless EMBER_KERNEL_MARCH names another
+(e.g. x86-64-v3: AVX2 + FMA + F16C, what a laptop without AVX512 has), so one machine can build and test what
+another CPU gets.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = sorted(CSRC.glob("*.c"))  # every C file of the folder, with the headers beside them
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -53,10 +55,16 @@ def _cpu_key() -> str:
     return flags
 
 
+def march() -> str:
+    """The -march the kernels are built for: this CPU, or $EMBER_KERNEL_MARCH (x86-64-v3 = AVX2, ...)."""
+    return os.environ.get("EMBER_KERNEL_MARCH") or "native"
+
+
 def _build(cc: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"], check=True, capture_output=True, text=True)
+    subprocess.run([cc, *FLAGS, f"-march={march()}", *map(str, SOURCES), "-o", str(tmp), "-lm"], check=True,
+                   capture_output=True, text=True)
     os.replace(tmp, out)  # atomic: a concurrent process sees either no library or a whole one
 
 
@@ -72,7 +80,7 @@ def cpu_ops() -> ctypes.CDLL | None:
     from ember.hub import ember_home
 
     sources = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))
-    key = hashlib.sha256(sources + " ".join([cc, *FLAGS, _cpu_key(), torch.__version__]).encode())
+    key = hashlib.sha256(sources + " ".join([cc, *FLAGS, march(), _cpu_key(), torch.__version__]).encode())
     lib_path = ember_home() / "kernels" / f"cpu_ops-{key.hexdigest()[:16]}.so"
     try:
         if not lib_path.exists():
