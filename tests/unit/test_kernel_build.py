@@ -37,9 +37,9 @@ def test_the_build_target_can_be_another_cpus(tmp_path):
     from ember.hub import resolve_model
 
     model = resolve_model("smollm2-135m")  # cached for the session's other tests
-    code = ("import ember, json; from ember.quant import packed; llm = ember.load(%r); "
+    code = (f"import ember, json; from ember.quant import packed; llm = ember.load({str(model)!r}); "
             "out = llm.generate('The capital of France is', ember.SamplingParams(temperature=0, max_tokens=6)); "
-            "print(json.dumps([packed.available(), out[0].token_ids]))") % str(model)
+            "print(json.dumps([packed.available(), out[0].token_ids]))")
 
     def run(env: dict[str, str]) -> list:
         import json
