@@ -294,8 +294,9 @@ def bench(
                                         quant if engine == "ember" else None))
         except RuntimeError as e:
             raise EmberError(str(e)) from None
-    print(b.table(results, b.weight_bytes(path)))
-    print(b.bandwidth_line(results, b.weight_bytes(path), b.read_bandwidth(n_threads)), file=sys.stderr)
+    size = b.weight_bytes(path)
+    print(b.table(results, size))
+    print(b.bandwidth_line(results, size, b.read_bandwidth(n_threads)), file=sys.stderr)
 
 
 @app.command()

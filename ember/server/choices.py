@@ -19,10 +19,9 @@ class ChatChoice:
 
     def step(self, out: RequestOutput) -> dict[str, Any] | None:
         """The OpenAI delta of one engine output ({"content", "tool_calls"}), or None when it adds nothing."""
-        self.last = out
         if self.tools is not None:
             out = self.tools(out)
-            self.last = out
+        self.last = out
         self.content += out.text
         self.logprobs += out.logprobs or []
         delta: dict[str, Any] = {}

@@ -82,22 +82,11 @@ def _plan(srv: Server, req: ChatRequest) -> tuple[ChatPlan, list[int]]:
     return plan, srv.llm.encode_chat(plan.messages, **{**kwargs, **plan.template_kwargs})
 
 
-def constraint_field(req: ChatRequest | CompletionRequest, plan: ChatPlan | None = None) -> str:
-    """The request field a constraint came from, for errors about it."""
-    if plan is not None and plan.calls_tools:
-        return "tools"
-    return "structured_outputs" if req.structured_outputs is not None else "response_format"
-
-
 def _chat_params(srv: Server, req: ChatRequest, plan: ChatPlan, prompt: list[int]) -> list[Any]:
     limit, nlp = req.limit(), req.num_logprobs()
     params = []
     for i in range(req.n):
-        try:
-            sp = req.sampling(limit, nlp, i, srv.llm.generation_defaults)
-        except ParameterError as e:
-            raise APIError(400, str(e), constraint_field(req) if "structured" in str(e) else None,
-                           "invalid_value") from None
+        sp = req.sampling(limit, nlp, i, srv.llm.generation_defaults)
         try:
             sp = plan.params(sp)
         except ParameterError as e:  # the tools' grammar, or a knob that cannot go with it
@@ -114,7 +103,7 @@ async def chat(srv: Server, req: ChatRequest, request: Request) -> Any:
     plan, prompt = _plan(srv, req)
     params = _chat_params(srv, req, plan, prompt)
     rid, created = new_id("chatcmpl"), int(time.time())
-    ids = await srv.start(rid, [prompt] * req.n, params, constraint_field(req, plan))
+    ids = await srv.start(rid, [prompt] * req.n, params, "tools" if plan.calls_tools else req.constraint_field)
     head = {"id": rid, "created": created, "model": srv.model_name}
     choices = [ChatChoice(i, plan.outputs()) for i in range(req.n)]
     if not req.stream:
@@ -222,12 +211,8 @@ async def completions(srv: Server, req: CompletionRequest, request: Request) -> 
                                                       "total_tokens": usage}}
     # choice index = prompt index * n + i, as OpenAI numbers them
     flat = [(k, i) for k in range(len(prompts)) for i in range(req.n)]
-    try:
-        params = [req.sampling(req.max_tokens, req.logprobs, i, srv.llm.generation_defaults) for _, i in flat]
-    except ParameterError as e:
-        raise APIError(400, str(e), constraint_field(req) if "structured" in str(e) else None,
-                       "invalid_value") from None
-    ids = await srv.start(rid, [prompts[k] for k, _ in flat], params, constraint_field(req))
+    params = [req.sampling(req.max_tokens, req.logprobs, i, srv.llm.generation_defaults) for _, i in flat]
+    ids = await srv.start(rid, [prompts[k] for k, _ in flat], params, req.constraint_field)
     if not req.stream:
         runs = [ChatChoice(c, None) for c in range(len(flat))]
         last = await _collect(srv, rid, ids, request, sum(map(len, prompts)), runs)

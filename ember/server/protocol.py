@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from ember.errors import ParameterError
 from ember.sampling_params import SamplingParams
+from ember.server.body import APIError, Strict
 from ember.server.protocol_structured import (
     ResponseFormat,
     StructuredOutputsBody,
@@ -20,38 +22,16 @@ from ember.server.protocol_structured import (
 )
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_unset(cls, data: Any) -> Any:
-        """`"field": null` asks for nothing (clients send e.g. "tools": null, "refusal": null): unset it."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class TextPart(_Strict):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(_Strict):
+class Message(Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -85,7 +65,7 @@ class Message(_Strict):
         return out
 
 
-class _Sampling(_Strict):
+class _Sampling(Strict):
     """Fields shared by both endpoints (OpenAI's, then ember's extensions)."""
 
     model: str
@@ -121,14 +101,25 @@ class _Sampling(_Strict):
                 knobs[k] = model_defaults[k]  # type: ignore[index]
         if max_tokens is None:
             max_tokens = (model_defaults or {}).get("max_tokens")
-        return SamplingParams(
-            **knobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            seed=None if self.seed is None else self.seed + index, max_tokens=max_tokens, stop=stop,
-            ignore_eos=self.ignore_eos, logprobs=logprobs, logit_bias=self.token_bias(),
-            structured=structured_of(self.response_format, self.structured_outputs))
+        try:
+            return SamplingParams(
+                **knobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                seed=None if self.seed is None else self.seed + index, max_tokens=max_tokens, stop=stop,
+                ignore_eos=self.ignore_eos, logprobs=logprobs, logit_bias=self.token_bias(),
+                structured=structured_of(self.response_format, self.structured_outputs))
+        except ParameterError as e:  # a bad schema / regex / grammar: name the field it came in
+            if "SamplingParams.structured" not in str(e):
+                raise  # the others name their field themselves ("SamplingParams.top_p=...")
+            raise APIError(400, str(e), self.constraint_field, "invalid_value") from None
+
+    @property
+    def constraint_field(self) -> str:
+        """The request field a structured-output constraint came in, for errors about it."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
 
     def token_bias(self) -> dict[int, float] | None:
-        """logit_bias's JSON keys (token ids as strings) -> ints; a bad key or value is a 400 naming it."""
+        """logit_bias's JSON keys (token ids as strings) -> ints; a key that is not one is a 400 naming it
+        (the biases' range is SamplingParams' check)."""
         if not self.logit_bias:
             return None
         out: dict[int, float] = {}
@@ -139,9 +130,6 @@ class _Sampling(_Strict):
                 tid = -1
             if tid < 0 or str(tid) != key.strip():
                 raise APIError(400, f"logit_bias: key {key!r} is not a token id (a non-negative integer)",
-                               "logit_bias", "invalid_value")
-            if not -100 <= value <= 100:
-                raise APIError(400, f"logit_bias: token {key} has bias {value}; biases are in [-100, 100]",
                                "logit_bias", "invalid_value")
             out[tid] = value
         return out
@@ -201,7 +189,7 @@ class CompletionRequest(_Sampling):
         return list(p)  # type: ignore[arg-type]
 
 
-def parse(model: type[_Strict], body: Any) -> Any:
+def parse(model: type[Strict], body: Any) -> Any:
     """Validate a JSON body; the first problem becomes a 400 naming its field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")

@@ -5,26 +5,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from ember.server.body import APIError, Strict
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_unset(cls, data: Any) -> Any:
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] | bool = Field(default=True, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -35,7 +28,7 @@ class ResponseFormat(_Body):
         return self
 
 
-class StructuredOutputsBody(_Body):
+class StructuredOutputsBody(Strict):
     """vLLM's `structured_outputs` extension: exactly one of these."""
 
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
@@ -45,12 +38,12 @@ class StructuredOutputsBody(_Body):
     grammar: str | None = None
 
 
-class ToolCallFunction(_Body):
+class ToolCallFunction(Strict):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCallBody(_Body):
+class ToolCallBody(Strict):
     id: str
     type: Literal["function"] = "function"
     function: ToolCallFunction
@@ -58,8 +51,6 @@ class ToolCallBody(_Body):
 
 def structured_of(fmt: ResponseFormat | None, so: StructuredOutputsBody | None) -> dict[str, Any] | None:
     """The constraint a request asks for (SamplingParams.structured), or None for plain text."""
-    from ember.server.protocol import APIError
-
     asked = fmt is not None and fmt.type != "text"
     if asked and so is not None:
         raise APIError(400, "give response_format or structured_outputs, not both", "structured_outputs")

@@ -34,13 +34,13 @@ class ChatPlan:
     def calls_tools(self) -> bool:
         return self.fmt is not None and self.choice != "none"
 
-    def params(self, p: SamplingParams, field_name: str = "tools") -> SamplingParams:
+    def params(self, p: SamplingParams) -> SamplingParams:
         """The request's params with the tool grammar on, and special tokens kept in the text (several
         formats start a call with one)."""
         if not self.calls_tools:
             return p
         if p.structured is not None:
-            raise ParameterError(f"{field_name}: a structured output (response_format) and tools cannot be "
+            raise ParameterError("tools: a structured output (response_format) and tools cannot be "
                                  "combined in one request; drop one, or set tool_choice to 'none'")
         structured = {"grammar": self.grammar} if self.grammar else None
         return dataclasses.replace(p, structured=structured, skip_special_tokens=False)

@@ -83,8 +83,7 @@ def _check(grammar: str, where: str, what: str) -> None:
 class StructuredOutputs:
     """Exactly one of: `json` (a JSON schema: dict, JSON text or pydantic model class), `json_object=True`
     (any JSON object), `regex` (the whole output matches it), `grammar` (Lark or GBNF text, or llguidance's
-    JSON grammar) or `choice`
-    (the output is exactly one of these strings)."""
+    JSON grammar) or `choice` (the output is exactly one of these strings)."""
 
     json: Any = None
     json_object: bool = False
@@ -94,16 +93,18 @@ class StructuredOutputs:
     llg: str = field(init=False, repr=False, compare=False)  # the compiled llguidance grammar
 
     def __post_init__(self) -> None:
-        given = [k for k in KINDS if getattr(self, k) not in (None, False)]
+        given = self._given()
         if len(given) != 1:
             raise ParameterError(f"SamplingParams.structured: give exactly one of {', '.join(KINDS)}; "
                                  f"got {', '.join(given) if given else 'none'}")
-        kind = given[0]
-        object.__setattr__(self, "llg", getattr(self, f"_compile_{kind}")())
+        object.__setattr__(self, "llg", getattr(self, f"_compile_{given[0]}")())
+
+    def _given(self) -> list[str]:
+        return [k for k in KINDS if getattr(self, k) not in (None, False)]
 
     @property
     def kind(self) -> str:
-        return next(k for k in KINDS if getattr(self, k) not in (None, False))
+        return self._given()[0]
 
     def _compile_json(self) -> str:
         where = "SamplingParams.structured.json"

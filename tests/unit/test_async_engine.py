@@ -11,12 +11,6 @@ import ember
 from ember import SamplingParams
 from ember.engine.async_engine import AsyncEngine
 from ember.errors import ParameterError
-from tests.models.tiny_gguf import write_tiny_gguf
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")
 
 
 def greedy(n: int) -> SamplingParams:

@@ -7,14 +7,8 @@ import pytest
 import ember
 from ember import SamplingParams
 from ember.errors import ContextLengthError, ParameterError
-from tests.models.tiny_gguf import write_tiny_gguf
 
 PROMPTS = [[5, 17, 200, 33], [90, 12, 255, 1, 64, 100, 7], [3, 3, 3], list(range(40, 70))]
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,8 @@ from ember import SamplingParams
 from ember.engine.async_engine import AsyncEngine
 from ember.errors import ParameterError
 from ember.structured.backend import pack, unpack
-from tests.models.tiny_gguf import write_tiny_gguf
+from tests.unit.test_engine import PROMPTS
 
-PROMPTS = [[5, 17, 200, 33], [90, 12, 255, 1, 64, 100, 7], [3, 3, 3], list(range(40, 70))]
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -38,11 +37,6 @@ SCHEMA = {
     "$defs": {"pt": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"],
                      "additionalProperties": False}},
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")
 
 
 @pytest.fixture(scope="module")
