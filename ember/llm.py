@@ -26,16 +26,14 @@ from ember.engine.engine import Engine
 from ember.engine.kv_cache import KVCache
 from ember.engine.outputs import CompletionOutput, RequestOutput
 from ember.errors import ParameterError, TemplateError
+from ember.prompts import Frontend, Messages, Prompt, PromptEncoder
 from ember.quant.base import QuantSpec
 from ember.sampling_params import SamplingParams
 from ember.structured.chat import plan_chat
 from ember.tokenizer import Tokenizer
 
-Prompt = str | Sequence[int]
-Messages = list[dict[str, Any]]
 
-
-class LLM:
+class LLM(PromptEncoder):
     """A loaded model with its engine. Build one with `ember.load(...)`."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_config: ModelConfig, source: Path,
@@ -58,19 +56,9 @@ class LLM:
                 f"dtype={str(self.dtype).removeprefix('torch.')}, context={self.engine.max_model_len}"
                 + (f", quantize={self.quantize})" if self.quantize else ")"))
 
-    # ---- prompts ----------------------------------------------------------------------------------
-    def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ParameterError("a prompt must be a string or a list of token ids (ints)")
-        return ids
-
-    def encode_chat(self, messages: Messages, *, chat_template: str | None = None,
-                    add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
-        return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt,
-                                          chat_template=chat_template or self.chat_template, **template_kwargs)
+    def frontend(self) -> Frontend:
+        """What a server's front end needs to turn requests into token ids (no weights; picklable)."""
+        return Frontend(self.tokenizer, self.chat_template, self.engine.max_model_len, self.generation_defaults)
 
     def logits(self, prompt: Prompt) -> torch.Tensor:
         """Next-token logits [S, V] (fp32) at every position of the prompt: scoring, perplexity."""
@@ -118,7 +106,7 @@ class LLM:
         with tools), "none", "required" or a function's name; a required or named call is enforced by a
         grammar. Tool results go back as {"role": "tool", "tool_call_id": ..., "content": ...} messages.
         """
-        template = chat_template or self.chat_template or self.tokenizer.chat_template
+        template = chat_template or self.template
         plan = plan_chat(messages, tools, tool_choice, parallel_tool_calls, template, self.tokenizer)
         ids = self.encode_chat(plan.messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                                **{**template_kwargs, **plan.template_kwargs})

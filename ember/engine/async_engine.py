@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
@@ -29,6 +30,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending: dict[str, asyncio.Queue] = {}  # added, not yet streamed (caller side)
         self._closed = False
+        self._step_started: float | None = None  # monotonic time the running step began (health checks)
         self._thread = threading.Thread(target=self._loop, name="ember-engine", daemon=True)
         self._thread.start()
 
@@ -104,6 +106,15 @@ class AsyncEngine:
         for rid in list(self._streams):
             self._push(rid, RuntimeError("the engine was shut down"), last=True)
 
+    def check_health(self, stuck_after_s: float) -> None:
+        """Raise when the loop thread is gone or one step has run longer than stuck_after_s."""
+        if self._closed or not self._thread.is_alive():
+            raise RuntimeError("the engine loop is not running")
+        began = self._step_started
+        if began is not None and time.monotonic() - began > stuck_after_s:
+            raise RuntimeError(f"the engine loop is stuck: one step has run for {time.monotonic() - began:.0f} s "
+                               f"(limit {stuck_after_s:g} s)")
+
     @property
     def num_running(self) -> int:
         return len(self.engine.scheduler.running)
@@ -129,11 +140,14 @@ class AsyncEngine:
                 block = False
             if self._closed or not self.engine.has_unfinished():
                 continue
+            self._step_started = time.monotonic()
             try:
                 outs = self.engine.step()
             except Exception as e:  # noqa: BLE001 - handed to every running request's caller
                 self._fail_all(e)
                 continue
+            finally:
+                self._step_started = None
             for out in outs:
                 self._push(out.request_id, out, last=out.finished)
 

@@ -18,22 +18,23 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ember.engine.async_engine import AsyncEngine
 from ember.engine.outputs import RequestOutput
 from ember.errors import ContextLengthError, EmberError, ParameterError, TemplateError
 from ember.llm import LLM
+from ember.prompts import Frontend
 from ember.sampling_params import SamplingParams
 from ember.server import handlers
+from ember.server.engine_client import EngineBusy, EngineClient, EngineUnavailable, LocalEngine
 from ember.server.metrics import Metrics
 from ember.server.protocol import APIError, ChatRequest, CompletionRequest, parse
 
 
 class Server:
-    """What the endpoints share: the model, its async engine, the live requests and the counters."""
+    """What the endpoints share: the model's front end (tokenizer, template, defaults), the engine
+    client, the live requests and the counters."""
 
-    def __init__(self, llm: LLM, model_name: str, api_key: str | None) -> None:
-        self.llm, self.model_name, self.api_key = llm, model_name, api_key
-        self.aeng = AsyncEngine(llm.engine)
+    def __init__(self, model: Frontend, engine: EngineClient, model_name: str, api_key: str | None) -> None:
+        self.model, self.engine, self.model_name, self.api_key = model, engine, model_name, api_key
         self.metrics = Metrics()
         self.live: dict[str, list[str]] = {}  # response id -> engine request ids of its choices
 
@@ -50,10 +51,10 @@ class Server:
         ids: list[str] = []
         try:
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-                ids.append(await self.aeng.add(p, sp, f"{rid}-{i}"))
+                ids.append(await self.engine.add(p, sp, f"{rid}-{i}"))
         except (ContextLengthError, ParameterError) as e:
             for r in ids:
-                self.aeng.discard(r)
+                self.engine.discard(r)
             text = str(e)
             param = "logit_bias" if text.startswith("logit_bias") else constraint \
                 if text.startswith("SamplingParams.structured") else "messages" if rid.startswith("chatcmpl") \
@@ -68,7 +69,7 @@ class Server:
         """The response is over (or its client left before streaming began): no choice may run on.
         prompt_tokens: of every distinct prompt of the response (n choices share one)."""
         for r in self.live.pop(rid, []):
-            self.aeng.discard(r)  # a no-op for the finished ones
+            self.engine.discard(r)  # a no-op for the finished ones
         done = [o for o in outs if o is not None]
         self.metrics.completion_tokens += sum(o.usage.completion_tokens for o in done)
         self.metrics.prompt_tokens += prompt_tokens
@@ -80,7 +81,7 @@ class Server:
 
         async def pump(i: int, rid: str) -> None:
             try:
-                async for out in self.aeng.stream(rid):
+                async for out in self.engine.stream(rid):
                     await queue.put((i, out))
             except Exception as e:  # noqa: BLE001 - re-raised in the consumer
                 await queue.put((i, e))
@@ -103,12 +104,18 @@ class Server:
 
 
 def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI:
-    srv = Server(llm, model_name, api_key)
+    """The server of one in-process engine (`ember serve`)."""
+    return build_app(llm.frontend(), LocalEngine(llm), model_name, api_key)
+
+
+def build_app(model: Frontend, engine: EngineClient, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The OpenAI app over any engine client: in-process, or Ray Serve replicas (ember.server.ray_app)."""
+    srv = Server(model, engine, model_name, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        srv.aeng.close()
+        srv.engine.close()
 
     app = FastAPI(title="ember", lifespan=lifespan)
     app.state.server = srv
@@ -127,6 +134,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
             except APIError as e:
                 srv.metrics.requests[(endpoint, str(e.status))] += 1
                 return JSONResponse(e.body(), status_code=e.status)
+            except (EngineUnavailable, EngineBusy) as e:
+                srv.metrics.requests[(endpoint, "503")] += 1
+                return JSONResponse(unavailable(e).body(), 503)
             except TemplateError as e:
                 srv.metrics.requests[(endpoint, "400")] += 1
                 return JSONResponse(APIError(400, f"chat template: {e}", "messages", "template_error").body(), 400)
@@ -155,7 +165,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
                                             "owned_by": "ember"}]}
 
     async def metrics(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(srv.metrics.render(srv.aeng), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(srv.metrics.render(srv.engine.stats()), media_type="text/plain; version=0.0.4")
 
     async def cancel(request: Request) -> dict:
         rid = request.path_params["request_id"]
@@ -163,7 +173,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
         if ids is None:
             raise APIError(404, f"no running request with id {rid!r}", "request_id", "not_found")
         for r in ids:
-            srv.aeng.abort(r)
+            srv.engine.abort(r)
         return {"id": rid, "object": "request.cancelled", "cancelled": True}
 
     async def chat(request: Request) -> Any:
@@ -192,6 +202,11 @@ def _param_of(e: Exception) -> str | None:
     return None
 
 
+def unavailable(e: Exception) -> APIError:
+    code = "engine_unavailable" if isinstance(e, EngineUnavailable) else "busy"
+    return APIError(503, str(e), code=code, kind="server_error")
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -205,7 +220,8 @@ def sse(events: AsyncIterator[dict], on_close: Callable[[], None]) -> StreamingR
                 yield b"data: " + json.dumps(ev, ensure_ascii=False).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 - the status is sent already: say it in the stream
-            err = APIError(500, f"{type(e).__name__}: {e}", kind="server_error").body()
+            err = (unavailable(e) if isinstance(e, (EngineUnavailable, EngineBusy))
+                   else APIError(500, f"{type(e).__name__}: {e}", kind="server_error")).body()
             yield b"data: " + json.dumps(err).encode() + b"\n\n"
         finally:
             on_close()

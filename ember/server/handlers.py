@@ -7,13 +7,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import torch
 from fastapi import Request
 
 from ember.engine.outputs import RequestOutput
 from ember.engine.sampler import TokenLogprobs
 from ember.errors import ParameterError
 from ember.server.choices import ChatChoice
+from ember.server.engine_client import ScoredToken
 from ember.server.protocol import APIError, ChatRequest, CompletionRequest
 from ember.structured.chat import ChatPlan, plan_chat
 
@@ -39,7 +39,7 @@ async def _collect(srv: Server, rid: str, ids: list[str], request: Request, prom
         while not await request.is_disconnected():
             await asyncio.sleep(0.05)
         for r in ids:
-            srv.aeng.abort(r)
+            srv.engine.abort(r)
 
     watcher = asyncio.create_task(watch())
     try:
@@ -52,7 +52,7 @@ async def _collect(srv: Server, rid: str, ids: list[str], request: Request, prom
 
 
 def _token_text(srv: Server, tid: int) -> str:
-    return srv.llm.tokenizer.decode([tid], skip_special_tokens=False)
+    return srv.model.tokenizer.decode([tid], skip_special_tokens=False)
 
 
 def _chat_logprobs(srv: Server, lps: list[TokenLogprobs]) -> dict[str, Any]:
@@ -73,20 +73,19 @@ def _plan(srv: Server, req: ChatRequest) -> tuple[ChatPlan, list[int]]:
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {reserved[0]!r} (the server sets it)",
                        "chat_template_kwargs")
-    template = srv.llm.chat_template or srv.llm.tokenizer.chat_template
     try:
         plan = plan_chat([m.as_dict() for m in req.messages], req.tools, req.tool_choice, req.parallel_tool_calls,
-                         template, srv.llm.tokenizer)
+                         srv.model.template, srv.model.tokenizer)
     except ParameterError as e:
         raise APIError(400, str(e), str(e).split(":", 1)[0].split(" ", 1)[0], "invalid_value") from None
-    return plan, srv.llm.encode_chat(plan.messages, **{**kwargs, **plan.template_kwargs})
+    return plan, srv.model.encode_chat(plan.messages, **{**kwargs, **plan.template_kwargs})
 
 
 def _chat_params(srv: Server, req: ChatRequest, plan: ChatPlan, prompt: list[int]) -> list[Any]:
     limit, nlp = req.limit(), req.num_logprobs()
     params = []
     for i in range(req.n):
-        sp = req.sampling(limit, nlp, i, srv.llm.generation_defaults)
+        sp = req.sampling(limit, nlp, i, srv.model.generation_defaults)
         try:
             sp = plan.params(sp)
         except ParameterError as e:  # the tools' grammar, or a knob that cannot go with it
@@ -138,21 +137,7 @@ def _lasts(choices: list[ChatChoice]) -> list[RequestOutput | None]:
 
 
 # ---- /v1/completions ------------------------------------------------------------------------------
-LP = tuple  # (token id, logprob or None for a prompt's first token, [(id, logprob), ...] best first)
-
-
-def _prompt_logprobs(srv: Server, ids: list[int], n: int) -> list[LP]:
-    """Logprob of every prompt token given the ones before it (the first has none), with the top n."""
-    try:
-        logp = torch.log_softmax(srv.llm.logits(ids), dim=-1)  # [S, V]; checks the length against the cache
-    except RuntimeError as e:  # every block is taken by running requests right now
-        raise APIError(503, f"cannot score the prompt now ({e}); retry", code="busy", kind="server_error") from None
-    out: list[LP] = [(ids[0], None, [])]
-    for j in range(1, len(ids)):
-        top = logp[j - 1].topk(n) if n else None
-        pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-        out.append((ids[j], logp[j - 1, ids[j]].item(), pairs))
-    return out
+LP = ScoredToken  # (token id, logprob or None for a prompt's first token, [(id, logprob), ...] best first)
 
 
 def _as_lp(lps: list[TokenLogprobs]) -> list[LP]:
@@ -175,7 +160,7 @@ def _completion_logprobs(srv: Server, lps: list[LP], offset: int) -> dict[str, A
 def _check_prompt(srv: Server, ids: list[int]) -> None:
     if not ids:
         raise APIError(400, "prompt is empty: give at least one token of text", "prompt")
-    vocab = srv.llm.tokenizer.vocab_size
+    vocab = srv.model.tokenizer.vocab_size
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "prompt")
@@ -184,24 +169,24 @@ def _check_prompt(srv: Server, ids: list[int]) -> None:
 def _fit_default(srv: Server, sp: Any, prompt: list[int], user_set: bool) -> None:
     """A max_tokens the model's generation_config chose (not the client) shrinks to the room left."""
     if not user_set and sp.max_tokens is not None:
-        sp.max_tokens = max(1, min(sp.max_tokens, srv.llm.engine.max_model_len - len(prompt)))
+        sp.max_tokens = max(1, min(sp.max_tokens, srv.model.max_model_len - len(prompt)))
 
 
 async def completions(srv: Server, req: CompletionRequest, request: Request) -> Any:
     from ember.server.app import new_id, sse
 
-    prompts = [srv.llm.encode(p) for p in req.prompts()]
+    prompts = [srv.model.encode(p) for p in req.prompts()]
     for p in prompts:
         _check_prompt(srv, p)
     if req.max_tokens == 0 and not (req.echo and not req.stream):
         raise APIError(400, "max_tokens: 0 only makes sense with echo (scoring the prompt), not streamed",
                        "max_tokens")
-    texts_in = [srv.llm.tokenizer.decode(p) for p in prompts]
+    texts_in = [srv.model.tokenizer.decode(p) for p in prompts]
     rid, created = new_id("cmpl"), int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name}
     echo_lps: list[list[LP]] = [[] for _ in prompts]
     if req.echo and req.logprobs is not None:
-        echo_lps = [await srv.aeng.call(lambda p=p: _prompt_logprobs(srv, p, req.logprobs)) for p in prompts]
+        echo_lps = [await srv.engine.score(p, req.logprobs) for p in prompts]
     if req.max_tokens == 0:  # scoring only
         choices = [{"index": k, "text": texts_in[k], "finish_reason": "length",
                     "logprobs": _completion_logprobs(srv, echo_lps[k], 0) if req.logprobs is not None else None}
@@ -211,7 +196,7 @@ async def completions(srv: Server, req: CompletionRequest, request: Request) -> 
                                                       "total_tokens": usage}}
     # choice index = prompt index * n + i, as OpenAI numbers them
     flat = [(k, i) for k in range(len(prompts)) for i in range(req.n)]
-    params = [req.sampling(req.max_tokens, req.logprobs, i, srv.llm.generation_defaults) for _, i in flat]
+    params = [req.sampling(req.max_tokens, req.logprobs, i, srv.model.generation_defaults) for _, i in flat]
     ids = await srv.start(rid, [prompts[k] for k, _ in flat], params, req.constraint_field)
     if not req.stream:
         runs = [ChatChoice(c, None) for c in range(len(flat))]
