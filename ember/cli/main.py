@@ -320,9 +320,21 @@ def serve(
     max_num_batched_tokens: Annotated[int | None, typer.Option(
         help="Tokens one engine step computes, prompt chunks included (default: 256 on a CPU, 512 on a GPU, at least --max-num-seqs). "
              "Smaller: running streams wait less behind a long prompt.")] = None,
+    replicas: Annotated[int | None, typer.Option(
+        help="Run N engine replicas on Ray Serve behind this one endpoint (needs `pip install 'ember[ray]'`); "
+             "a conversation's turns go to the replica that holds its prefix.", min=1)] = None,
+    max_replicas: Annotated[int | None, typer.Option(
+        help="Autoscale between --replicas and this many on ongoing requests (Ray Serve).", min=1)] = None,
+    replica_cpus: Annotated[float | None, typer.Option(
+        help="CPUs (and threads) per replica [default: this machine's CPUs / --replicas].")] = None,
+    replica_gpus: Annotated[float, typer.Option(help="GPUs per replica (fractions share one).")] = 0,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Join this Ray cluster (e.g. auto, or HEAD_IP:6379 after `ray start --head`) instead of starting "
+             "a local Ray instance.")] = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
-    /v1/models, /metrics, /health), batching all requests in one engine.
+    /v1/models, /metrics, /health), batching all requests in one engine, or in --replicas N engines on
+    Ray Serve (on this machine, or a cluster with --ray-address).
 
     Point any OpenAI client at http://HOST:PORT/v1 (e.g. OpenAI(base_url="http://127.0.0.1:8000/v1",
     api_key="KEY or anything")). Unsupported request fields get a 400 naming them, never ignored."""
@@ -340,12 +352,23 @@ def serve(
             probe.bind((host, port))
         except OSError as e:
             raise EmberError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or --host") from None
-    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory,
-                     max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
     name = served_model_name or (Path(model).stem if model and model.endswith(".gguf") else model or DEFAULT_MODEL)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"[ember] warning: listening on {host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
+    if replicas is not None or ray_address is not None or max_replicas is not None:
+        from ember.cli.cluster import serve_on_ray
+
+        load = {"device": device, "dtype": dtype, "chat_template": chat_template, "max_model_len": max_model_len,
+                "quantize": quantize.value if quantize else None, "kv_cache_memory": parse_size(kv_cache_memory),
+                "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
+        serve_on_ray(model or DEFAULT_MODEL, name, api_key, load, host, port, replicas or 1, max_replicas,
+                     replica_cpus, replica_gpus, ray_address)
+        return
+    if replica_cpus is not None or replica_gpus:
+        raise EmberError("--replica-cpus / --replica-gpus apply to Ray Serve replicas: add --replicas N")
+    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory,
+                     max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
     print(f"[ember] serving '{name}' at http://{host}:{port}/v1 (OpenAI API)"
           + (", API key required" if api_key else ""), file=sys.stderr)
     uvicorn.run(create_app(llm, name, api_key), host=host, port=port, log_level="warning")

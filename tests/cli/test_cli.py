@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -307,3 +308,21 @@ def test_bench_vs_llama_bench_binary(smollm_gguf, tmp_path):
                         "--threads", "1"], capture_output=True, text=True, timeout=180,
                        env=dict(os.environ, LLAMA_BENCH=str(tmp_path / "missing")))
     assert r.returncode == 1 and "cannot run" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_replica_flags_are_checked(tmp_path, smollm_gguf):
+    """Ray Serve flags: a missing Ray says how to install it; bad combinations are one-line errors."""
+    fake = tmp_path / "ray"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('no ray here')\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    r = subprocess.run([*EMBER, "serve", "-m", str(smollm_gguf), "--replicas", "2", "--port", port],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert r.returncode == 1 and "pip install 'ember[ray]'" in r.stderr and "Traceback" not in r.stderr
+    r = run("serve", "-m", str(smollm_gguf), "--replica-cpus", "2", "--port", port)
+    assert r.returncode == 1 and "add --replicas N" in r.stderr and "Traceback" not in r.stderr
+    pytest.importorskip("ray.serve")
+    r = run("serve", "-m", str(smollm_gguf), "--replicas", "3", "--max-replicas", "2", "--port", port)
+    assert r.returncode == 1 and "--max-replicas 2 is below --replicas 3" in r.stderr

@@ -112,3 +112,33 @@ def test_cancelled_callers_leave_the_loop_alive_and_nothing_running(aeng):
     asyncio.run(main())
     assert not eng.has_unfinished() and eng.kv.num_free_blocks == start
     assert not aeng._pending
+
+
+def test_health_check_fails_when_a_step_hangs_or_the_loop_is_gone(aeng):
+    """What a Ray Serve replica's check_health reports: a stuck engine loop gets the replica replaced."""
+    import threading
+
+    release = threading.Event()
+    real_step = aeng.engine.step
+
+    def hanging_step():
+        release.wait(10)
+        return real_step()
+
+    aeng.check_health(0.05)  # idle: healthy
+    aeng.engine.step = hanging_step
+
+    async def main():
+        rid = await aeng.add([5, 6, 7], greedy(2))
+        await asyncio.sleep(0.3)
+        with pytest.raises(RuntimeError, match="stuck"):
+            aeng.check_health(0.2)
+        aeng.check_health(30)  # a step under the limit is fine
+        release.set()
+        return [o async for o in aeng.stream(rid)]
+
+    assert asyncio.run(main())[-1].finished
+    aeng.check_health(0.2)
+    aeng.close()
+    with pytest.raises(RuntimeError, match="not running"):
+        aeng.check_health(30)
