@@ -3,8 +3,9 @@
     ember serve --port 8123 &
     python benchmarks/http_load.py --url http://127.0.0.1:8123/v1 --model smollm2-135m -c 1 -c 16 -c 64
 
-Each request streams `--gen-len` tokens (ignore_eos) after a distinct prompt; a token is counted per
-SSE chunk that carries text. Works against any server speaking the OpenAI completions API.
+Each request streams `--gen-len` tokens (ignore_eos) after a distinct prompt; tokens are counted from the
+usage the server reports at the end (stream_options.include_usage), else one per SSE chunk with text.
+Works against any server speaking the OpenAI completions API.
 """
 
 from __future__ import annotations
@@ -22,16 +23,20 @@ TEXT = "The history of the city stretches back thousands of years, from a small 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, i: int, gen: int, t0: float) -> tuple[float, int]:
     body = {"model": model, "prompt": f"{i}. " + TEXT * 2, "max_tokens": gen, "temperature": 0, "stream": True,
-            "ignore_eos": True}
-    first, n = None, 0
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    first, chunks, usage = None, 0, None
     async with client.stream("POST", url + "/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"]:
-                if json.loads(line[6:])["choices"][0]["text"]:
-                    n += 1
-                    first = first or time.perf_counter() - t0
-    return first or float("nan"), n
+            if not line.startswith("data: {"):
+                continue
+            ev = json.loads(line[6:])
+            if ev.get("usage"):
+                usage = ev["usage"]["completion_tokens"]
+            if ev["choices"] and ev["choices"][0]["text"]:
+                chunks += 1
+                first = first or time.perf_counter() - t0
+    return first or float("nan"), chunks if usage is None else usage  # a chunk may carry several tokens
 
 
 async def run(url: str, model: str, concurrency: int, gen: int) -> dict:

@@ -26,7 +26,7 @@ def import_ray() -> Any:
 
 def serve_on_ray(model: str, name: str, api_key: str | None, load: dict[str, Any], host: str, port: int,
                  replicas: int, max_replicas: int | None, replica_cpus: float | None, replica_gpus: float,
-                 ray_address: str | None) -> None:
+                 ray_address: str | None, stream_interval: int = 1) -> None:
     """Check what can be checked here (Ray installed, the flags, the model's path), then serve."""
     import_ray()
     from ember.hub import resolve_model
@@ -43,7 +43,7 @@ def serve_on_ray(model: str, name: str, api_key: str | None, load: dict[str, Any
     model_arg = model if ray_address is not None and not os.path.exists(model) else path
     args = ServeArgs(model=model_arg, served_model_name=name, api_key=api_key, replicas=replicas,
                      max_replicas=max_replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
-                     load={k: v for k, v in load.items() if v is not None})
+                     stream_interval=stream_interval, load={k: v for k, v in load.items() if v is not None})
     serve_replicas(args, host, port, ray_address)
 
 

@@ -328,6 +328,9 @@ def serve(
     replica_cpus: Annotated[float | None, typer.Option(
         help="CPUs (and threads) per replica [default: this machine's CPUs / --replicas].")] = None,
     replica_gpus: Annotated[float, typer.Option(help="GPUs per replica (fractions share one).")] = 0,
+    stream_interval: Annotated[int, typer.Option(
+        help="Ray Serve: tokens per streamed chunk after the first (default 1); more means fewer messages "
+             "through Ray at many streams, in coarser steps.", min=1)] = 1,
     ray_address: Annotated[str | None, typer.Option(
         help="Join this Ray cluster (e.g. auto, or HEAD_IP:6379 after `ray start --head`) instead of starting "
              "a local Ray instance.")] = None,
@@ -363,10 +366,11 @@ def serve(
                 "quantize": quantize.value if quantize else None, "kv_cache_memory": parse_size(kv_cache_memory),
                 "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
         serve_on_ray(model or DEFAULT_MODEL, name, api_key, load, host, port, replicas or 1, max_replicas,
-                     replica_cpus, replica_gpus, ray_address)
+                     replica_cpus, replica_gpus, ray_address, stream_interval)
         return
-    if replica_cpus is not None or replica_gpus:
-        raise EmberError("--replica-cpus / --replica-gpus apply to Ray Serve replicas: add --replicas N")
+    if replica_cpus is not None or replica_gpus or stream_interval != 1:
+        raise EmberError("--replica-cpus / --replica-gpus / --stream-interval apply to Ray Serve replicas: "
+                         "add --replicas N")
     llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory,
                      max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
     print(f"[ember] serving '{name}' at http://{host}:{port}/v1 (OpenAI API)"

@@ -36,6 +36,16 @@ class RequestOutput:
     # With tools: `text` is the reply's content and these are the tool calls' deltas (OpenAI's shape)
     tool_calls: list[ToolCallDelta] | None = None
 
+    def joined(self, later: RequestOutput) -> RequestOutput:
+        """This delta and a later one of the same request, as one (fewer messages to send)."""
+
+        def cat(a: list | None, b: list | None) -> list | None:
+            return None if a is None and b is None else (a or []) + (b or [])
+
+        return RequestOutput(self.request_id, self.text + later.text, self.token_ids + later.token_ids,
+                             later.finished, later.finish_reason, later.usage, cat(self.logprobs, later.logprobs),
+                             cat(self.tool_calls, later.tool_calls))
+
 
 @dataclass
 class CompletionOutput:
