@@ -32,12 +32,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def start(model: str, ray: bool, cpus: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start(model: str, ray: bool, cpus: int, extra: list[str], env: dict) -> tuple[subprocess.Popen, str]:
     port = _port()
     cmd = [sys.executable, "-m", "ember", "serve", "-m", model, "--port", str(port)]
     if ray:
         cmd += ["--replicas", "1", "--replica-cpus", str(cpus), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
     end = time.time() + 300
     while time.time() < end:
@@ -80,10 +81,12 @@ def main() -> None:
     for v in args.variant:
         name, _, flags = v.partition(":")
         variants[name] = flags.split()
+    envs = {k: dict(x.split("=", 1) for x in f if "=" in x and not x.startswith("-")) for k, f in variants.items()}
+    variants = {k: [x for x in f if not ("=" in x and not x.startswith("-"))] for k, f in variants.items()}
     got: dict[tuple[str, int], list[dict]] = {}
     for trial in range(args.trials):
         for kind, env in variants.items():
-            proc, url = start(args.model, kind != "plain", args.cpus, env)
+            proc, url = start(args.model, kind != "plain", args.cpus, env, envs[kind])
             try:
                 for c in levels:
                     r = asyncio.run(load(url, "smollm2-135m" if args.model == "smollm2-135m" else

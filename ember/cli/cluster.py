@@ -47,6 +47,15 @@ def serve_on_ray(model: str, name: str, api_key: str | None, load: dict[str, Any
     serve_replicas(args, host, port, ray_address)
 
 
+def _logs_dir() -> str:
+    try:
+        from ray._private.worker import global_worker  # the session's own directory, when Ray says it
+
+        return os.path.join(global_worker.node.get_session_dir_path(), "logs")
+    except (ImportError, AttributeError):
+        return "/tmp/ray/session_latest/logs"
+
+
 def serve_replicas(args: Any, host: str, port: int, ray_address: str | None) -> None:
     """Run until Ctrl-C or SIGTERM. A local Ray instance is started (and stopped) here; with ray_address
     the app joins that cluster and only the app is deleted at the end."""
@@ -62,9 +71,13 @@ def serve_replicas(args: Any, host: str, port: int, ray_address: str | None) -> 
         if need > have:
             print(f"[ember] warning: {args.replicas} replicas x {args.cpus():g} CPUs oversubscribe this machine's "
                   f"{have} CPUs", file=err)
-        ray.init(num_cpus=max(have, int(need + 0.999)), include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(num_cpus=max(have, int(need + 0.999)), include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
     else:
-        ray.init(address=ray_address, logging_level=logging.WARNING)
+        ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=False)
+    # replicas' logs stay in Ray's files: Serve logs every client disconnect as a failed request with a traceback
+    print(f"[ember] Ray logs (replicas, Serve): {_logs_dir()}", file=err)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # ember prints its own progress lines
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t0 = time.perf_counter()
     try:
