@@ -44,7 +44,7 @@ def router():
     loop.close()
 
 
-def test_block_hashes_cover_whole_prefixes():
+def test_block_hashes_cover_whole_prefixes(router):  # the fixture gives PendingRequest its event loop
     a = block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
     assert len(a) == 2  # full blocks only
     b = block_hashes([0, 2, 3, 4, 5, 6, 7, 8], 4)
