@@ -67,6 +67,9 @@ def serve_replicas(args: Any, host: str, port: int, ray_address: str | None) -> 
     err = sys.stderr
     need = args.cpus() * (args.max_replicas or args.replicas)
     if ray_address is None:
+        # Serve's proxy and handles talk gRPC in the local instance (inherited by every process Ray starts)
+        os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
+        os.environ.setdefault("RAY_SERVE_USE_GRPC_BY_DEFAULT", "1")
         have = os.cpu_count() or 1
         if need > have:
             print(f"[ember] warning: {args.replicas} replicas x {args.cpus():g} CPUs oversubscribe this machine's "
