@@ -77,7 +77,14 @@ def serve_replicas(args: Any, host: str, port: int, ray_address: str | None) -> 
         ray.init(num_cpus=max(have, int(need + 0.999)), include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False)
     else:
-        ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:  # Ray's AuthenticationError is a RuntimeError too
+            last = [ln for ln in str(e).splitlines() if ln.strip()][-1:] or [type(e).__name__]
+            raise EmberError(f"cannot join the Ray cluster at {ray_address} ({last[0][:200]}). Is it up (`ray "
+                             "start --head`)? `--ray-address auto` finds one on this machine; a cluster with "
+                             "token authentication also needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN "
+                             "or ~/.ray/auth_token)") from None
     # replicas' logs stay in Ray's files: Serve logs every client disconnect as a failed request with a traceback
     print(f"[ember] Ray logs (replicas, Serve): {_logs_dir()}", file=err)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # ember prints its own progress lines
