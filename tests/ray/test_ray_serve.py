@@ -174,7 +174,7 @@ def test_the_cancel_endpoint_ends_a_stream_on_its_replica(cluster):
 
 def _stream(url: str, i: int, started: threading.Event, results: list) -> None:
     body = {"model": MODEL, "prompt": f"Story {i}: a {['red', 'blue', 'green', 'old'][i % 4]} fox number {i * 7}",
-            "max_tokens": 160, "ignore_eos": True, "temperature": 0, "stream": True}
+            "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
     outcome = "hung"
     try:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
