@@ -15,6 +15,7 @@ run it from a Serve config: `serve run ember.server.ray_app:build model=smollm2-
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
@@ -84,7 +85,8 @@ class EngineReplica:
     def frontend(self) -> Frontend:
         return self.llm.frontend()
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str):
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[str | RequestOutput]:
         """First the replica's id (the request is admitted), then its RequestOutputs. A cancelled call
         (client gone, replica-side abort) aborts the request in the engine."""
         rid = await self.engine.add(prompt_token_ids, params, request_id)
