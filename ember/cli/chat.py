@@ -1,4 +1,5 @@
-"""The `ember chat` REPL: streamed replies, Ctrl-C to cut a reply, history saved atomically as JSON."""
+"""The `ember chat` REPL: streamed replies, Ctrl-C to cut a reply, history saved atomically as JSON and,
+turn by turn, in the conversation store (`ember history`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import sqlite3
 import sys
 import tempfile
 import time
@@ -15,6 +17,7 @@ from typing import Any
 from ember.errors import ContextLengthError, EmberError
 from ember.llm import LLM
 from ember.sampling_params import SamplingParams
+from ember.store import Store
 
 EXIT_WORDS = {"exit", "quit", "bye", "/exit", "/quit", "/bye"}
 MIN_REPLY_TOKENS = 32  # room kept free for a reply when old turns must be dropped
@@ -23,13 +26,19 @@ HELP = "Commands: /help, /clear (forget the conversation), /save; exit, quit, by
 
 class ChatSession:
     def __init__(self, llm: LLM, params: SamplingParams, history: list[dict[str, Any]], *,
-                 system: str | None = None, save_to: Path | None = None) -> None:
+                 system: str | None = None, save_to: Path | None = None, store: Store | None = None,
+                 conversation_id: int | None = None, model_name: str = "") -> None:
+        """store: each finished turn is written there, in conversation `conversation_id` (None: a new one,
+        created at the first turn with the history so far)."""
         self.llm, self.params = llm, params
         self.messages = list(history)
         if system is not None:
             self.messages = [m for m in self.messages if m.get("role") != "system"]
             self.messages.insert(0, {"role": "system", "content": system})
         self.save_to = save_to or _default_history_path()
+        self.store, self.conversation_id, self.model_name = store, conversation_id, model_name
+        # messages not in the store yet: the imported history of a new conversation (a resumed one has it)
+        self._unstored = [] if conversation_id is not None else list(self.messages)
         self._interrupted = False
 
     # ---- history -------------------------------------------------------------------------------
@@ -94,6 +103,7 @@ class ChatSession:
             print(HELP, file=sys.stderr)
         elif cmd == "/clear":
             self.messages = [m for m in self.messages if m["role"] == "system"]
+            self.conversation_id, self._unstored = None, list(self.messages)  # the store keeps the old one
             print("[conversation cleared]", file=sys.stderr)
         elif cmd == "/save":
             self.save()
@@ -120,7 +130,7 @@ class ChatSession:
             return
         room = self.llm.engine.max_model_len - len(ids)
         params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens or room, room))
-        reply, reason = self._stream(ids, params)
+        reply, reason, usage = self._stream(ids, params)
         msg: dict[str, Any] = {"role": "assistant", "content": reply}
         if reason == "abort":
             msg["truncated"] = True  # the user stopped this reply with Ctrl-C
@@ -130,6 +140,22 @@ class ChatSession:
         else:
             print()
         self.messages.append(msg)
+        self._record([self.messages[-2], msg], usage)
+
+    def _record(self, messages: list[dict[str, Any]], usage: dict[str, int] | None) -> None:
+        """Write a finished turn to the store; a store that fails costs a warning, never the chat."""
+        if self.store is None:
+            return
+        try:
+            if self.conversation_id is None:
+                settings = {k: v for k, v in dataclasses.asdict(self.params).items()
+                            if k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
+                                     "max_tokens")}
+                self.conversation_id = self.store.create(self.model_name or self.llm.source.name, settings)
+            self.store.append(self.conversation_id, self._unstored + messages, usage)
+            self._unstored = []
+        except (EmberError, sqlite3.Error) as e:
+            print(f"[warning: this turn is not in the conversation store: {e}]", file=sys.stderr)
 
     def _fit_context(self) -> list[int]:
         """Tokens of the conversation; drops the oldest turns (never the system message) when it's too long."""
@@ -154,9 +180,9 @@ class ChatSession:
             print(f"[context full: dropped the {dropped} oldest messages]", file=sys.stderr)
         return ids
 
-    def _stream(self, ids: list[int], params: SamplingParams) -> tuple[str, str | None]:
+    def _stream(self, ids: list[int], params: SamplingParams) -> tuple[str, str | None, dict[str, int] | None]:
         parts: list[str] = []
-        reason = None
+        reason, usage = None, None
         stream = self.llm._stream_ids(ids, params)
         try:
             for out in stream:
@@ -164,12 +190,13 @@ class ChatSession:
                 sys.stdout.flush()
                 parts.append(out.text)
                 reason = out.finish_reason
+                usage = {"prompt_tokens": out.usage.prompt_tokens, "completion_tokens": out.usage.completion_tokens}
                 if self._interrupted:
                     reason = "abort"
                     break
         finally:
             stream.close()  # aborts the request and frees its cache if it is still running
-        return "".join(parts), reason
+        return "".join(parts), reason, usage
 
     def _on_sigint(self, signum: int, frame: object) -> None:
         self._interrupted = True

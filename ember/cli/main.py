@@ -1,4 +1,5 @@
-"""`ember` command line: pull, list, generate, chat, bench, eval. All consume the engine's one stream."""
+"""`ember` command line: pull, list, generate, chat, history, serve, bench, eval. All consume the engine's one
+stream."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ember.cli.history import history_app
 from ember.cli.structured import ChoiceOpt, GrammarOpt, JsonOpt, RegexOpt, SchemaOpt, structured_option
 from ember.errors import EmberError
 
@@ -199,13 +201,21 @@ def chat_cmd(
     max_model_len: CtxOpt = None,
     quantize: QuantOpt = None,
     kv_cache_memory: KvOpt = None,
+    resume: Annotated[str | None, typer.Option(
+        "--resume", help="Continue a stored conversation: --resume (the last one) or --resume ID "
+        "(see `ember history list`).")] = None,
 ) -> None:
     """Chat with a model. Type `exit`, `quit`, `bye` or Ctrl-D to leave (the history is saved);
-    Ctrl-C stops a reply while it streams."""
+    Ctrl-C stops a reply while it streams. Every turn is also kept in the conversation store
+    (`ember history`)."""
     from ember.cli.chat import ChatSession
+    from ember.hub import DEFAULT_MODEL
+    from ember.store import Store, chat_messages
 
     if io_file is not None and (input_file is not None or output_file is not None):
         raise EmberError("use either -io FILE, or -i FILE and/or -o FILE, not both")
+    if resume is not None and (io_file is not None or input_file is not None):
+        raise EmberError("--resume continues a stored conversation: give it or -i/-io FILE, not both")
     load_from = io_file or input_file
     save_to = io_file or output_file
     knobs = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -213,9 +223,22 @@ def chat_cmd(
     rest = (presence_penalty, frequency_penalty, seed, stop)
     sampling_options(knobs, CHAT_DEFAULTS, None, *rest)  # bad values fail before the model loads
     history = ChatSession.read_history(load_from) if load_from else []
+    store, cid = Store(), None
+    if resume is not None:
+        if resume == RESUME_LAST:
+            cid = store.last()
+            if cid is None:
+                raise EmberError("no stored conversation to resume yet: start one with `ember chat`")
+        elif resume.isdigit():
+            cid = int(resume)
+        else:
+            raise EmberError(f"--resume {resume!r}: give a conversation id (see `ember history list`), or "
+                             "nothing for the last one")
+        history = chat_messages(store.get(cid))
     llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory)
     params = sampling_options(knobs, CHAT_DEFAULTS, llm.generation_defaults, *rest)
-    ChatSession(llm, params, history, system=system, save_to=save_to).run()
+    ChatSession(llm, params, history, system=system, save_to=save_to, store=store, conversation_id=cid,
+                model_name=Path(model).name if model and os.path.exists(model) else model or DEFAULT_MODEL).run()
 
 
 @app.command()
@@ -471,9 +494,25 @@ def eval_pi(
     print(res)
 
 
+RESUME_LAST = "\0last"  # what a bare --resume becomes
+
+
+def _bare_resume(argv: list[str]) -> list[str]:
+    """`ember chat --resume` with no id means the last conversation (typer options need a value)."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--resume" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, RESUME_LAST)
+            break
+    return out
+
+
+app.add_typer(history_app, name="history")
+
+
 def main() -> None:
     try:
-        app()
+        app(args=_bare_resume(sys.argv[1:]))
     except EmberError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

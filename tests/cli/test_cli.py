@@ -326,3 +326,38 @@ def test_serve_replica_flags_are_checked(tmp_path, smollm_gguf):
     pytest.importorskip("ray.serve")
     r = run("serve", "-m", str(smollm_gguf), "--replicas", "3", "--max-replicas", "2", "--port", port)
     assert r.returncode == 1 and "--max-replicas 2 is below --replicas 3" in r.stderr
+
+
+def test_chat_turns_are_stored_and_history_commands_work(tmp_path, smollm_gguf):
+    """`ember chat` writes each turn to the store; `--resume` continues the last conversation (or one by
+    id); `ember history` lists, shows, searches, exports and removes them: all as subprocesses."""
+    env = dict(os.environ, EMBER_HOME=str(tmp_path / "home"))
+
+    def ember(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*EMBER, *args], input=stdin, capture_output=True, text=True, timeout=180, env=env)
+
+    chat = ("chat", "-m", str(smollm_gguf), "--temperature", "0", "--max-tokens", "12")
+    r = ember(*chat, stdin="What is the capital of France?\nexit\n")
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
+    r = ember(*chat, "--resume", stdin="And of Italy?\nexit\n")  # a bare --resume: the last conversation
+    assert r.returncode == 0 and "1 earlier turns" in r.stderr and "Rome" in r.stdout, r.stderr
+    r = ember(*chat, stdin="Name a colour.\nexit\n")  # a new conversation
+    r = ember("history", "list")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 3 and lines[1].split()[0] == "2" and lines[2].split()[0] == "1"
+    assert "4  SmolLM2-135M-Instruct.Q4_1.gguf   What is the capital of France?" in lines[2]
+    shown = ember("history", "show", "1").stdout
+    assert shown.index("France") < shown.index("Paris") < shown.index("Italy") < shown.index("Rome")
+    assert [ln.split()[0] for ln in ember("history", "search", "ITALY").stdout.splitlines()[1:]] == ["1"]
+    ember("history", "export", "1", "-o", str(tmp_path / "one.json"))
+    msgs = json.loads((tmp_path / "one.json").read_text())
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"] and "Rome" in msgs[3]["content"]
+    r = ember(*chat, "-i", str(tmp_path / "one.json"), stdin="exit\n")  # the exported JSON loads back
+    assert r.returncode == 0 and "2 earlier turns" in r.stderr
+    r = ember(*chat, "--resume", "1", stdin="Thanks!\nexit\n")
+    assert r.returncode == 0 and ember("history", "show", "1").stdout.count("\nuser:") == 3
+    assert ember("history", "rm", "2").returncode == 0
+    assert [ln.split()[0] for ln in ember("history", "list").stdout.splitlines()[1:]] == ["1"]
+    for args in (("history", "show", "2"), (*chat, "--resume", "x"), (*chat, "--resume", "-i", "f.json")):
+        r = ember(*args)
+        assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
