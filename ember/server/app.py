@@ -1,7 +1,7 @@
 """`ember serve`: an OpenAI-compatible HTTP server (FastAPI) over the async engine.
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /metrics,
-POST /v1/requests/{id}/cancel. Errors come in OpenAI's shape; a client that goes away has its
+POST /v1/requests/{id}/cancel, and the conversation store under /v1/conversations (server/conversations.py). Errors come in OpenAI's shape; a client that goes away has its
 requests aborted before the next engine step, so their KV blocks are free again.
 """
 
@@ -23,6 +23,7 @@ from ember.errors import ContextLengthError, EmberError, ParameterError, Templat
 from ember.llm import LLM
 from ember.prompts import Frontend
 from ember.sampling_params import SamplingParams
+from ember.server import conversations as convs
 from ember.server import handlers
 from ember.server.engine_client import EngineBusy, EngineClient, EngineUnavailable, LocalEngine
 from ember.server.metrics import Metrics
@@ -186,6 +187,30 @@ def build_app(model: Frontend, engine: EngineClient, model_name: str, api_key: s
         srv.check_model(req.model)
         return await handlers.completions(srv, req, request)
 
+    async def conversations(request: Request) -> Any:
+        if request.method == "POST":
+            return await convs.create(parse(convs.NewConversation, await body_of(request)))
+        q, limit = request.query_params.get("q"), request.query_params.get("limit", "50")
+        if not limit.isdigit():
+            raise APIError(400, f"limit={limit!r}: give a whole number", "limit")
+        return await convs.list_(q, int(limit))
+
+    async def conversation(request: Request) -> Any:
+        cid = request.path_params["cid"]
+        if request.method == "PATCH":
+            return await convs.rename(cid, parse(convs.Rename, await body_of(request)))
+        if request.method == "DELETE":
+            return await convs.delete(cid)
+        return await convs.get(cid)
+
+    async def conversation_messages(request: Request) -> Any:
+        return await convs.append(request.path_params["cid"], parse(convs.NewMessages, await body_of(request)))
+
+    app.add_api_route("/v1/conversations", guarded("conversations", conversations), methods=["GET", "POST"])
+    app.add_api_route("/v1/conversations/{cid}", guarded("conversations", conversation),
+                      methods=["GET", "PATCH", "DELETE"])
+    app.add_api_route("/v1/conversations/{cid}/messages", guarded("conversations", conversation_messages),
+                      methods=["POST"])
     app.add_api_route("/v1/models", guarded("models", models), methods=["GET"])
     app.add_api_route("/metrics", guarded("metrics", metrics), methods=["GET"])
     app.add_api_route("/v1/requests/{request_id}/cancel", guarded("cancel", cancel), methods=["POST"])
