@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
@@ -60,6 +60,12 @@ class ServeArgs(BaseModel):
     admit_timeout_s: float = Field(120, gt=0, description="a request no replica admits by then gets a 503")
     stream_interval: int = Field(1, ge=1, description="tokens per streamed message after the first: more "
                                                       "means fewer messages through Ray, in bigger steps")
+
+    @model_validator(mode="after")
+    def _scale(self) -> ServeArgs:
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} is below replicas {self.replicas}")
+        return self
 
     def cpus(self) -> float:
         return self.replica_cpus or max(1, (os.cpu_count() or 1) // self.replicas)

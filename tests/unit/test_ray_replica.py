@@ -70,3 +70,8 @@ def test_application_settings():
         build({"model": "m.gguf", "replicas": 0})
     with pytest.raises(ParameterError, match="colour"):
         build({"model": "m.gguf", "colour": "red"})
+
+
+def test_a_max_below_the_min_is_refused_not_ignored():
+    with pytest.raises(ParameterError, match="max_replicas 2 is below replicas 3"):
+        build({"model": "m.gguf", "replicas": 3, "max_replicas": 2})
