@@ -21,7 +21,7 @@ from pydantic import Field
 
 from ember.errors import EmberError
 from ember.server.body import APIError, Strict
-from ember.store import Conversation, Store
+from ember.store import Conversation, ConversationNotFound, Store
 
 
 class StoredMessage(Strict):
@@ -76,9 +76,9 @@ async def _run(fn: Callable[[Store], Any]) -> Any:
 
     try:
         return await asyncio.to_thread(call)
-    except EmberError as e:
-        if "no conversation" in str(e) or "does not exist" in str(e):
-            raise APIError(404, str(e), "id", "not_found") from None
+    except ConversationNotFound as e:
+        raise APIError(404, str(e), "id", "not_found") from None
+    except EmberError as e:  # a store this ember cannot read
         raise APIError(500, str(e), kind="server_error") from None
 
 

@@ -1,5 +1,5 @@
 """Conversations that persist: a SQLite store shared by `ember chat` and `ember history`."""
 
-from ember.store.conversations import Conversation, Store, chat_messages
+from ember.store.conversations import Conversation, ConversationNotFound, Store, chat_messages
 
-__all__ = ["Conversation", "Store", "chat_messages"]
+__all__ = ["Conversation", "ConversationNotFound", "Store", "chat_messages"]

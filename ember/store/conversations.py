@@ -52,6 +52,10 @@ MIGRATIONS: list[str] = [
 VERSION = len(MIGRATIONS)
 
 
+class ConversationNotFound(EmberError):
+    """No conversation with that id (never made, or deleted)."""
+
+
 @dataclass
 class Conversation:
     id: int
@@ -126,7 +130,7 @@ class Store:
         with self._write() as db:
             row = db.execute("SELECT title FROM conversations WHERE id = ?", (cid,)).fetchone()
             if row is None:
-                raise EmberError(f"conversation {cid} does not exist (deleted meanwhile?)")
+                raise ConversationNotFound(f"conversation {cid} does not exist (deleted meanwhile?)")
             seq = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE conversation_id = ?",
                              (cid,)).fetchone()[0]
             for i, m in enumerate(messages):
@@ -143,12 +147,12 @@ class Store:
     def rename(self, cid: int, title: str) -> None:
         with self._write() as db:
             if db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, cid)).rowcount == 0:
-                raise EmberError(f"no conversation {cid}: `ember history list` shows them")
+                raise ConversationNotFound(f"no conversation {cid}: `ember history list` shows them")
 
     def delete(self, cid: int) -> None:
         with self._write() as db:
             if db.execute("DELETE FROM conversations WHERE id = ?", (cid,)).rowcount == 0:
-                raise EmberError(f"no conversation {cid}: `ember history list` shows them")
+                raise ConversationNotFound(f"no conversation {cid}: `ember history list` shows them")
 
     # ---- reading ---------------------------------------------------------------------------------
     _LIST = ("SELECT c.id, c.title, c.model, c.settings, c.created, c.updated, "
@@ -175,7 +179,7 @@ class Store:
     def get(self, cid: int) -> Conversation:
         row = self.db.execute(self._LIST + "WHERE c.id = ?", (cid,)).fetchone()
         if row is None:
-            raise EmberError(f"no conversation {cid}: `ember history list` shows them")
+            raise ConversationNotFound(f"no conversation {cid}: `ember history list` shows them")
         conv = _conversation(row)
         for role, content, truncated, pt, ct, calls in self.db.execute(
                 "SELECT role, content, truncated, prompt_tokens, completion_tokens, tool_calls FROM messages "
