@@ -223,8 +223,15 @@ def chat_cmd(
     rest = (presence_penalty, frequency_penalty, seed, stop)
     sampling_options(knobs, CHAT_DEFAULTS, None, *rest)  # bad values fail before the model loads
     history = ChatSession.read_history(load_from) if load_from else []
-    store, cid = Store(), None
-    if resume is not None:
+    cid = None
+    try:
+        store: Store | None = Store()
+    except EmberError as e:
+        if resume is not None:
+            raise
+        print(f"[ember] warning: {e}; this chat is not stored (its JSON history still is)", file=sys.stderr)
+        store = None
+    if store is not None and resume is not None:
         if resume == RESUME_LAST:
             cid = store.last()
             if cid is None:

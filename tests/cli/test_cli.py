@@ -361,3 +361,15 @@ def test_chat_turns_are_stored_and_history_commands_work(tmp_path, smollm_gguf):
     for args in (("history", "show", "2"), (*chat, "--resume", "x"), (*chat, "--resume", "-i", "f.json")):
         r = ember(*args)
         assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
+
+
+def test_chat_goes_on_when_the_store_cannot_be_read(tmp_path, smollm_gguf):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "conversations.db").write_bytes(b"not a database" * 100)
+    env = dict(os.environ, EMBER_HOME=str(home))
+    args = [*EMBER, "chat", "-m", str(smollm_gguf), "--temperature", "0", "--max-tokens", "4"]
+    r = subprocess.run(args, input="Hi\nexit\n", capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0 and "this chat is not stored" in r.stderr and "history saved to" in r.stderr, r.stderr
+    r = subprocess.run([*args, "--resume"], input="exit\n", capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 1 and "move it aside" in r.stderr and "Traceback" not in r.stderr
