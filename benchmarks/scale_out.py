@@ -73,24 +73,23 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="the Ray replica's CPUs")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME:FLAGS",
-                    help="one more Ray run with these `ember serve` flags (e.g. 'ray-si4:--stream-interval 4')")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:ARGS",
+                    help="one more run: `ember serve` flags and KEY=VALUE environment variables, e.g. "
+                         "'ray-si4:--stream-interval 4' or 'plain:OMP_NUM_THREADS=1' (the name plain replaces it)")
     args = ap.parse_args()
     levels = args.concurrency or [1, 16]
-    variants: dict[str, list[str]] = {"plain": [], "ray": []}
+    variants: dict[str, tuple[list[str], dict[str, str]]] = {"plain": ([], {}), "ray": ([], {})}
     for v in args.variant:
-        name, _, flags = v.partition(":")
-        variants[name] = flags.split()
-    envs = {k: dict(x.split("=", 1) for x in f if "=" in x and not x.startswith("-")) for k, f in variants.items()}
-    variants = {k: [x for x in f if not ("=" in x and not x.startswith("-"))] for k, f in variants.items()}
+        name, _, words = v.partition(":")
+        env = dict(w.split("=", 1) for w in words.split() if "=" in w and not w.startswith("-"))
+        variants[name] = ([w for w in words.split() if w.split("=", 1)[0] not in env], env)
     got: dict[tuple[str, int], list[dict]] = {}
     for trial in range(args.trials):
-        for kind, env in variants.items():
-            proc, url = start(args.model, kind != "plain", args.cpus, env, envs[kind])
+        for kind, (flags, env) in variants.items():
+            proc, url = start(args.model, kind != "plain", args.cpus, flags, env)
             try:
                 for c in levels:
-                    r = asyncio.run(load(url, "smollm2-135m" if args.model == "smollm2-135m" else
-                                         Path(args.model).stem, c, args.gen_len))
+                    r = asyncio.run(load(url, Path(args.model).stem, c, args.gen_len))
                     got.setdefault((kind, c), []).append(r)
                     print(f"trial {trial} {kind:5} c={c:3}: {r['tok_s']:.0f} tok/s, TTFT p50 {r['ttft_p50']:.0f} ms",
                           file=sys.stderr, flush=True)

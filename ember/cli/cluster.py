@@ -7,9 +7,12 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.errors import EmberError
+
+if TYPE_CHECKING:
+    from ember.server.ray_app import ServeArgs
 
 APP = "ember"
 
@@ -56,7 +59,11 @@ def _logs_dir() -> str:
         return "/tmp/ray/session_latest/logs"
 
 
-def serve_replicas(args: Any, host: str, port: int, ray_address: str | None) -> None:
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the app as Ctrl-C does
+
+
+def serve_replicas(args: ServeArgs, host: str, port: int, ray_address: str | None) -> None:
     """Run until Ctrl-C or SIGTERM. A local Ray instance is started (and stopped) here; with ray_address
     the app joins that cluster and only the app is deleted at the end."""
     ray = import_ray()
@@ -88,7 +95,7 @@ def serve_replicas(args: Any, host: str, port: int, ray_address: str | None) -> 
     # replicas' logs stay in Ray's files: Serve logs every client disconnect as a failed request with a traceback
     print(f"[ember] Ray logs (replicas, Serve): {_logs_dir()}", file=err)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # ember prints its own progress lines
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _stop)
     t0 = time.perf_counter()
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})

@@ -1,8 +1,9 @@
 """`ember serve`: an OpenAI-compatible HTTP server (FastAPI) over the async engine.
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /metrics,
-POST /v1/requests/{id}/cancel, and the conversation store under /v1/conversations (server/conversations.py). Errors come in OpenAI's shape; a client that goes away has its
-requests aborted before the next engine step, so their KV blocks are free again.
+POST /v1/requests/{id}/cancel, and the conversation store under /v1/conversations (server/conversations.py).
+Errors come in OpenAI's shape; a client that goes away has its requests aborted before the next engine
+step, so their KV blocks are free again.
 """
 
 from __future__ import annotations
