@@ -29,7 +29,7 @@ def import_ray() -> Any:
 
 def serve_on_ray(model: str, name: str, api_key: str | None, load: dict[str, Any], host: str, port: int,
                  replicas: int, max_replicas: int | None, replica_cpus: float | None, replica_gpus: float,
-                 ray_address: str | None, stream_interval: int = 1) -> None:
+                 ray_address: str | None, stream_interval: int = 1, ui: bool = True) -> None:
     """Check what can be checked here (Ray installed, the flags, the model's path), then serve."""
     import_ray()
     from ember.hub import resolve_model
@@ -46,7 +46,7 @@ def serve_on_ray(model: str, name: str, api_key: str | None, load: dict[str, Any
     model_arg = model if ray_address is not None and not os.path.exists(model) else path
     args = ServeArgs(model=model_arg, served_model_name=name, api_key=api_key, replicas=replicas,
                      max_replicas=max_replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
-                     stream_interval=stream_interval, load={k: v for k, v in load.items() if v is not None})
+                     stream_interval=stream_interval, ui=ui, load={k: v for k, v in load.items() if v is not None})
     serve_replicas(args, host, port, ray_address)
 
 
@@ -108,7 +108,8 @@ def serve_replicas(args: ServeArgs, host: str, port: int, ray_address: str | Non
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             raise EmberError(f"the replicas did not start: {lines[-1] if lines else e}") from None
         print(f"[ember] serving '{args.name()}' at http://{host}:{port}/v1 (OpenAI API) on Ray Serve, "
-              f"ready in {time.perf_counter() - t0:.1f}s" + (", API key required" if args.api_key else ""), file=err)
+              f"ready in {time.perf_counter() - t0:.1f}s" + (", API key required" if args.api_key else "")
+              + (f"; chat page at http://{host}:{port}/" if args.ui else ""), file=err)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

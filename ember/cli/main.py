@@ -364,9 +364,12 @@ def serve(
     ray_address: Annotated[str | None, typer.Option(
         help="Join this Ray cluster (e.g. auto, or HEAD_IP:6379 after `ray start --head`) instead of starting "
              "a local Ray instance.")] = None,
+    no_ui: Annotated[bool, typer.Option(
+        "--no-ui", help="No chat page at http://HOST:PORT/ (the API only).")] = False,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
-    /v1/models, /metrics, /health), batching all requests in one engine, or in --replicas N engines on
+    /v1/models, /metrics, /health) and a chat page at / (conversations saved in $EMBER_HOME, shared with
+    `ember chat` and `ember history`), batching all requests in one engine, or in --replicas N engines on
     Ray Serve (on this machine, or a cluster with --ray-address).
 
     Point any OpenAI client at http://HOST:PORT/v1 (e.g. OpenAI(base_url="http://127.0.0.1:8000/v1",
@@ -396,16 +399,17 @@ def serve(
                 "quantize": quantize.value if quantize else None, "kv_cache_memory": parse_size(kv_cache_memory),
                 "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
         serve_on_ray(model or DEFAULT_MODEL, name, api_key, load, host, port, replicas or 1, max_replicas,
-                     replica_cpus, replica_gpus, ray_address, stream_interval)
+                     replica_cpus, replica_gpus, ray_address, stream_interval, ui=not no_ui)
         return
     if replica_cpus is not None or replica_gpus or stream_interval != 1:
         raise EmberError("--replica-cpus / --replica-gpus / --stream-interval apply to Ray Serve replicas: "
                          "add --replicas N")
     llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory,
                      max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-    print(f"[ember] serving '{name}' at http://{host}:{port}/v1 (OpenAI API)"
-          + (", API key required" if api_key else ""), file=sys.stderr)
-    uvicorn.run(create_app(llm, name, api_key), host=host, port=port, log_level="warning")
+    where = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    print(f"[ember] serving '{name}' at {where}/v1 (OpenAI API)" + (", API key required" if api_key else "")
+          + ("" if no_ui else f"; chat page at {where}/"), file=sys.stderr)
+    uvicorn.run(create_app(llm, name, api_key, ui=not no_ui), host=host, port=port, log_level="warning")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """`ember serve`: an OpenAI-compatible HTTP server (FastAPI) over the async engine.
 
-Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /metrics,
-POST /v1/requests/{id}/cancel, and the conversation store under /v1/conversations (server/conversations.py).
+Endpoints: GET / (the chat page, server/page.py), GET /health, GET /v1/models, POST /v1/chat/completions,
+POST /v1/completions, GET /metrics, POST /v1/requests/{id}/cancel, and the conversation store under
+/v1/conversations (server/conversations.py).
 Errors come in OpenAI's shape; a client that goes away has its requests aborted before the next engine
 step, so their KV blocks are free again.
 """
@@ -28,6 +29,7 @@ from ember.server import conversations as convs
 from ember.server import handlers
 from ember.server.engine_client import EngineBusy, EngineClient, EngineUnavailable, LocalEngine
 from ember.server.metrics import Metrics
+from ember.server.page import mount_page
 from ember.server.protocol import APIError, ChatRequest, CompletionRequest, parse
 
 
@@ -105,13 +107,15 @@ class Server:
                 t.cancel()  # a cancelled pump's stream aborts its request (and finish() discards them all)
 
 
-def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(llm: LLM, model_name: str, api_key: str | None = None, ui: bool = True) -> FastAPI:
     """The server of one in-process engine (`ember serve`)."""
-    return build_app(llm.frontend(), LocalEngine(llm), model_name, api_key)
+    return build_app(llm.frontend(), LocalEngine(llm), model_name, api_key, ui)
 
 
-def build_app(model: Frontend, engine: EngineClient, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The OpenAI app over any engine client: in-process, or Ray Serve replicas (ember.server.ray_app)."""
+def build_app(model: Frontend, engine: EngineClient, model_name: str, api_key: str | None = None,
+              ui: bool = True) -> FastAPI:
+    """The OpenAI app over any engine client: in-process, or Ray Serve replicas (ember.server.ray_app).
+    ui: the chat page at / (server/page.py)."""
     srv = Server(model, engine, model_name, api_key)
 
     @contextlib.asynccontextmanager
@@ -199,7 +203,7 @@ def build_app(model: Frontend, engine: EngineClient, model_name: str, api_key: s
     async def conversation(request: Request) -> Any:
         cid = request.path_params["cid"]
         if request.method == "PATCH":
-            return await convs.rename(cid, parse(convs.Rename, await body_of(request)))
+            return await convs.update(cid, parse(convs.Update, await body_of(request)))
         if request.method == "DELETE":
             return await convs.delete(cid)
         return await convs.get(cid)
@@ -217,6 +221,8 @@ def build_app(model: Frontend, engine: EngineClient, model_name: str, api_key: s
     app.add_api_route("/v1/requests/{request_id}/cancel", guarded("cancel", cancel), methods=["POST"])
     app.add_api_route("/v1/chat/completions", guarded("chat", chat), methods=["POST"])
     app.add_api_route("/v1/completions", guarded("completions", completions), methods=["POST"])
+    if ui:
+        mount_page(app)
     return app
 
 

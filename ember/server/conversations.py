@@ -3,8 +3,10 @@
     GET    /v1/conversations?q=TEXT&limit=N      list (most recent first), or search titles and messages
     POST   /v1/conversations                     {"title"?, "model"?, "settings"?, "messages"?} -> created
     GET    /v1/conversations/{id}                one, with its messages
-    POST   /v1/conversations/{id}/messages       {"messages": [...], "usage"?} appended, all or none
-    PATCH  /v1/conversations/{id}                {"title"} renamed
+    POST   /v1/conversations/{id}/messages       {"messages": [...], "usage"?, "keep"?} appended, all or none;
+                                                 keep=N drops the messages after the first N first
+    PATCH  /v1/conversations/{id}                {"title"?, "settings"?, "system"?} changed (system: the
+                                                 leading system message; "" removes it)
     DELETE /v1/conversations/{id}
 
 The same store file as `ember chat` and `ember history` ($EMBER_HOME/conversations.db). Each call opens it
@@ -17,7 +19,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ember.errors import EmberError
 from ember.server.body import APIError, Strict
@@ -49,10 +51,19 @@ class NewConversation(Strict):
 class NewMessages(Strict):
     messages: list[StoredMessage] = Field(min_length=1)
     usage: Usage | None = None
+    keep: int | None = Field(None, ge=0)
 
 
-class Rename(Strict):
-    title: str = Field(min_length=1, max_length=200)
+class Update(Strict):
+    title: str | None = Field(None, min_length=1, max_length=200)
+    settings: dict[str, Any] | None = None
+    system: str | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Update:
+        if self.title is None and self.settings is None and self.system is None:
+            raise ValueError("give at least one of title, settings, system")
+        return self
 
 
 def as_json(c: Conversation, with_messages: bool = False) -> dict[str, Any]:
@@ -114,20 +125,21 @@ async def append(raw_id: str, body: NewMessages) -> dict[str, Any]:
     cid = _id(raw_id)
 
     def fn(s: Store) -> Conversation:
-        s.append(cid, [m.as_dict() for m in body.messages], body.usage.model_dump() if body.usage else None)
+        s.append(cid, [m.as_dict() for m in body.messages], body.usage.model_dump() if body.usage else None,
+                 keep=body.keep)
         return s.get(cid)
 
     return as_json(await _run(fn), with_messages=True)
 
 
-async def rename(raw_id: str, body: Rename) -> dict[str, Any]:
+async def update(raw_id: str, body: Update) -> dict[str, Any]:
     cid = _id(raw_id)
 
     def fn(s: Store) -> Conversation:
-        s.rename(cid, body.title)
+        s.update(cid, title=body.title, settings=body.settings, system=body.system)
         return s.get(cid)
 
-    return as_json(await _run(fn))
+    return as_json(await _run(fn), with_messages=True)
 
 
 async def delete(raw_id: str) -> dict[str, Any]:

@@ -202,4 +202,6 @@ def parse(model: type[Strict], body: Any) -> Any:
             raise APIError(400, f"Unrecognized request argument supplied: {field} (ember does not implement it; "
                                 "it is refused rather than silently ignored)", field,
                            "unsupported_parameter") from None
+        if not field:  # a rule over the whole body
+            raise APIError(400, err["msg"].removeprefix("Value error, "), None, "invalid_value") from None
         raise APIError(400, f"{field}: {err['msg']}", field, "invalid_value") from None

@@ -60,6 +60,7 @@ class ServeArgs(BaseModel):
     admit_timeout_s: float = Field(120, gt=0, description="a request no replica admits by then gets a 503")
     stream_interval: int = Field(1, ge=1, description="tokens per streamed message after the first: more "
                                                       "means fewer messages through Ray, in bigger steps")
+    ui: bool = Field(True, description="the chat page at /")
 
     @model_validator(mode="after")
     def _scale(self) -> ServeArgs:
@@ -130,9 +131,9 @@ class Ingress:
     """ember's OpenAI app, its engine client being the handle to the engine replicas."""
 
     def __init__(self, engine: DeploymentHandle, model_name: str, api_key: str | None, admit_timeout_s: float,
-                 ) -> None:
+                 ui: bool = True) -> None:
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
-        self.admit_timeout_s = admit_timeout_s
+        self.admit_timeout_s, self.ui = admit_timeout_s, ui
 
     async def __serve_build_asgi_app__(self) -> Any:
         from ember.server.app import build_app
@@ -140,7 +141,7 @@ class Ingress:
 
         frontend = await self.engine.frontend.remote()
         client = RayEngine(self.engine, router_key(serve.get_replica_context().app_name), self.admit_timeout_s)
-        return build_app(frontend, client, self.model_name, self.api_key)
+        return build_app(frontend, client, self.model_name, self.api_key, self.ui)
 
 
 def router_key(app_name: str) -> str:
@@ -169,7 +170,7 @@ def application(args: ServeArgs) -> serve.Application:
     ingress = serve.deployment(name=INGRESS, num_replicas=1, max_ongoing_requests=10_000,
                                ray_actor_options={"num_cpus": 0, "runtime_env": RUNTIME_ENV},
                                logging_config=_QUIET)(Ingress)
-    return ingress.bind(engine, args.name(), args.api_key, args.admit_timeout_s)
+    return ingress.bind(engine, args.name(), args.api_key, args.admit_timeout_s, args.ui)
 
 
 def build(args: dict[str, Any]) -> serve.Application:

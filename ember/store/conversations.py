@@ -123,14 +123,20 @@ class Store:
                              "VALUES (?, ?, ?, ?, ?)", (title, model, json.dumps(settings or {}), now, now))
             return int(cur.lastrowid)  # type: ignore[arg-type]
 
-    def append(self, cid: int, messages: list[dict[str, Any]], usage: dict[str, int] | None = None) -> None:
+    def append(self, cid: int, messages: list[dict[str, Any]], usage: dict[str, int] | None = None,
+               keep: int | None = None) -> None:
         """Add messages at the end of a conversation, all or none. usage (prompt_tokens, completion_tokens)
-        goes with the last one (a reply). The first user message names an untitled conversation."""
+        goes with the last one (a reply). The first user message names an untitled conversation.
+        keep: drop every message after the first `keep` first, in the same transaction (a regenerated
+        reply, an edited question)."""
         now = time.time()
         with self._write() as db:
             row = db.execute("SELECT title FROM conversations WHERE id = ?", (cid,)).fetchone()
             if row is None:
                 raise ConversationNotFound(f"conversation {cid} does not exist (deleted meanwhile?)")
+            if keep is not None:
+                db.execute("DELETE FROM messages WHERE conversation_id = ? AND seq NOT IN (SELECT seq FROM "
+                           "messages WHERE conversation_id = ? ORDER BY seq LIMIT ?)", (cid, cid, keep))
             seq = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE conversation_id = ?",
                              (cid,)).fetchone()[0]
             for i, m in enumerate(messages):
@@ -145,9 +151,36 @@ class Store:
             db.execute("UPDATE conversations SET updated = ?, title = ? WHERE id = ?", (now, title, cid))
 
     def rename(self, cid: int, title: str) -> None:
+        self.update(cid, title=title)
+
+    def update(self, cid: int, *, title: str | None = None, settings: dict[str, Any] | None = None,
+               system: str | None = None) -> None:
+        """Change a conversation's title, settings, or system prompt (its first message when that is a
+        system message; "" removes it), all in one transaction."""
         with self._write() as db:
-            if db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, cid)).rowcount == 0:
+            if db.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone() is None:
                 raise ConversationNotFound(f"no conversation {cid}: `ember history list` shows them")
+            if title is not None:
+                db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, cid))
+            if settings is not None:
+                db.execute("UPDATE conversations SET settings = ? WHERE id = ?", (json.dumps(settings), cid))
+            if system is not None:
+                self._set_system(db, cid, system)
+
+    @staticmethod
+    def _set_system(db: sqlite3.Connection, cid: int, text: str) -> None:
+        first = db.execute("SELECT seq, role FROM messages WHERE conversation_id = ? ORDER BY seq LIMIT 1",
+                           (cid,)).fetchone()
+        if first is not None and first[1] == "system":
+            if text:
+                db.execute("UPDATE messages SET content = ? WHERE conversation_id = ? AND seq = ?",
+                           (text, cid, first[0]))
+            else:
+                db.execute("DELETE FROM messages WHERE conversation_id = ? AND seq = ?", (cid, first[0]))
+        elif text:  # seq is only an order: one below the first message puts the prompt before it
+            seq = -1 if first is None else first[0] - 1
+            db.execute("INSERT INTO messages (conversation_id, seq, role, content, created) "
+                       "VALUES (?, ?, 'system', ?, ?)", (cid, seq, text, time.time()))
 
     def delete(self, cid: int) -> None:
         with self._write() as db:

@@ -48,8 +48,35 @@ def test_bad_requests_are_clear(served, home):
         (httpx.get(f"{u}/abc"), 404, "id"),
         (httpx.patch(f"{u}/999", json={"title": "x"}), 404, "id"),
         (httpx.patch(f"{u}/1", json={"title": ""}), 400, "title"),
+        (httpx.patch(f"{u}/1", json={}), 400, None),
+        (httpx.post(f"{u}/1/messages", json={"messages": [{"role": "user", "content": "x"}], "keep": -1}), 400,
+         "keep"),
         (httpx.get(u, params={"limit": "many"}), 400, "limit"),
         (httpx.delete(f"{u}/999"), 404, "id"),
     ]
     for r, status, param in cases:
         assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
+def test_regenerate_edit_and_system_prompt_rewrite_history_atomically(served, home):
+    """What the chat page does to history: keep=N replaces a reply or an edited question in one write;
+    PATCH sets settings and the leading system message."""
+    u = served.url + "/v1/conversations"
+    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    cid = httpx.post(u, json={"messages": turn * 2}).json()["id"]
+    c = httpx.post(f"{u}/{cid}/messages", json={"messages": [{"role": "assistant", "content": "Hey."}],
+                                                "keep": 3}).json()  # regenerate the last reply
+    assert [m["content"] for m in c["messages"]] == ["Hi", "Hello!", "Hi", "Hey."]
+    c = httpx.post(f"{u}/{cid}/messages", json={"messages": [{"role": "user", "content": "Bye"}],
+                                                "keep": 2}).json()  # edit the second question
+    assert [m["content"] for m in c["messages"]] == ["Hi", "Hello!", "Bye"]
+    c = httpx.patch(f"{u}/{cid}", json={"system": "Be brief.", "settings": {"temperature": 0.2}}).json()
+    assert c["messages"][0] == {"role": "system", "content": "Be brief."} and c["settings"] == {"temperature": 0.2}
+    assert len(c["messages"]) == 4
+    c = httpx.patch(f"{u}/{cid}", json={"system": "Be kind."}).json()
+    assert [m["content"] for m in c["messages"]] == ["Be kind.", "Hi", "Hello!", "Bye"]
+    c = httpx.post(f"{u}/{cid}/messages", json={"messages": [{"role": "assistant", "content": "Ciao"}]}).json()
+    assert [m["content"] for m in c["messages"]][-2:] == ["Bye", "Ciao"]
+    c = httpx.patch(f"{u}/{cid}", json={"system": ""}).json()
+    assert [m["role"] for m in c["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert Store(home / "conversations.db").get(cid).messages == c["messages"]

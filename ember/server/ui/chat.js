@@ -1,0 +1,256 @@
+// The messages of the open conversation: showing them, sending, streaming a reply, stopping it,
+// regenerating it, editing a question; every change is written to the store as it happens.
+import { APIError, cancel, events, request, store } from './api.js';
+import { copyText, renderMarkdown } from './markdown.js';
+import { $, sampling, setStatus, state, systemPrompt } from './state.js';
+
+const hooks = { saved: () => {}, running: () => {} };  // set by app.js: refresh the list, flip the buttons
+
+export function onSaved(fn) { hooks.saved = fn; }
+export function onRunning(fn) { hooks.running = fn; }
+
+// ---- showing ----------------------------------------------------------------------------------------
+export function renderMessages() {
+  const box = $('messages');
+  box.replaceChildren();
+  if (!state.messages.length) {
+    const hint = document.createElement('p');
+    hint.className = 'empty muted';
+    hint.textContent = 'Ask anything. Enter sends, Shift+Enter adds a line, Esc stops a reply.';
+    box.append(hint);
+  }
+  state.messages.forEach((m, i) => box.append(messageView(m, i)));
+  $('title').textContent = state.conv?.title || 'New chat';
+  scrollDown(true);
+}
+
+function messageView(m, i) {
+  const el = document.createElement('article');
+  el.className = `msg ${m.role}`;
+  el.dataset.index = i;
+  const who = { user: 'You', assistant: 'ember', tool: 'Tool' }[m.role] ?? m.role;
+  el.setAttribute('aria-label', `${who}, message ${i + 1}`);
+  const role = document.createElement('div');
+  role.className = 'role';
+  role.textContent = who;
+  const body = document.createElement('div');
+  body.className = m.role === 'assistant' ? 'body md' : 'body plain';
+  paintBody(body, m);
+  const meta = document.createElement('div');
+  meta.className = 'meta';
+  meta.textContent = metaText(m);
+  el.append(role, body, meta, actions(m, i));
+  return el;
+}
+
+function paintBody(body, m) {
+  if (m.role === 'assistant') renderMarkdown(body, m.content);
+  else body.textContent = m.content;  // what the user typed is shown as typed
+}
+
+function metaText(m) {
+  const parts = [];
+  if (m.truncated) parts.push('stopped');
+  if (m.meta) parts.push(...m.meta);
+  else if (m.usage?.completion_tokens != null) parts.push(`${m.usage.completion_tokens} tokens · prompt ${m.usage.prompt_tokens}`);
+  return parts.join(' · ');
+}
+
+function actions(m, i) {
+  const bar = document.createElement('div');
+  bar.className = 'actions';
+  const add = (label, aria, fn) => {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.textContent = label;
+    b.setAttribute('aria-label', aria);
+    b.addEventListener('click', () => fn(b));
+    bar.append(b);
+  };
+  const last = i === state.messages.length - 1;
+  if (m.role === 'user') add('Edit', `Edit message ${i + 1} and send it again`, () => startEdit(i));
+  if (m.role === 'user' && last) add('Retry', 'Ask for a reply again', () => retry());
+  if (m.role === 'assistant') add('Copy', `Copy message ${i + 1}`, (b) => copyText(m.content, b));
+  if (m.role === 'assistant' && last) add('Regenerate', 'Regenerate the last reply', () => regenerate());
+  return bar;
+}
+
+function scrollDown(force = false) {
+  const box = $('messages');
+  const near = box.scrollHeight - box.scrollTop - box.clientHeight < 120;
+  if (force || near) box.scrollTop = box.scrollHeight;
+}
+
+// ---- writing to the store ---------------------------------------------------------------------------
+/** Save `messages` at the end of the open conversation (keep: view index to cut at first); the first save
+ * creates the conversation. A store failure is a notice: the chat goes on. */
+async function save(messages, { keep, usage } = {}) {
+  const clean = messages.map(({ role, content, truncated }) => ({ role, content, ...(truncated ? { truncated } : {}) }));
+  try {
+    if (!state.conv) {
+      const system = systemPrompt();
+      state.conv = await store.create({
+        model: state.model ?? '', settings: sampling(),
+        messages: [...(system ? [{ role: 'system', content: system }] : []), ...clean],
+      });
+      state.sysStored = Boolean(system);
+    } else {
+      const body = { messages: clean };
+      if (usage) body.usage = { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens };
+      if (keep !== undefined) body.keep = keep + (state.sysStored ? 1 : 0);
+      state.conv = await store.append(state.conv.id, body);
+    }
+    hooks.saved();
+  } catch (e) {
+    setStatus(`Not saved to the conversation store: ${e.message}`, 'error');
+  }
+}
+
+// ---- asking -----------------------------------------------------------------------------------------
+export async function send(text) {
+  if (state.running || !text.trim()) return false;
+  setStatus('');
+  const user = { role: 'user', content: text };
+  state.messages.push(user);
+  renderMessages();
+  await save([user]);
+  await generate();
+  return true;
+}
+
+async function retry() {
+  if (!state.running) await generate();
+}
+
+async function regenerate() {
+  if (state.running) return;
+  const at = state.messages.length - 1;
+  state.messages.splice(at);
+  await generate(at);
+}
+
+function startEdit(i) {
+  if (state.running) return;
+  const el = $('messages').querySelector(`article[data-index="${i}"]`);
+  const box = document.createElement('form');
+  box.className = 'edit';
+  const area = document.createElement('textarea');
+  area.value = state.messages[i].content;
+  area.setAttribute('aria-label', `Edit message ${i + 1}`);
+  const ok = document.createElement('button');
+  ok.type = 'submit';
+  ok.className = 'primary';
+  ok.textContent = 'Save & send';
+  const no = document.createElement('button');
+  no.type = 'button';
+  no.textContent = 'Cancel';
+  no.addEventListener('click', renderMessages);
+  box.append(area, ok, no);
+  box.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    if (!area.value.trim() || state.running) return;
+    const user = { role: 'user', content: area.value };
+    state.messages.splice(i, state.messages.length, user);  // later turns answered the old question: gone
+    renderMessages();
+    await save([user], { keep: i });
+    await generate();
+  });
+  area.addEventListener('keydown', (ev) => {
+    if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); box.requestSubmit(); }
+    if (ev.key === 'Escape') { ev.stopPropagation(); renderMessages(); }
+  });
+  el.querySelector('.body').replaceWith(box);
+  el.querySelector('.actions').hidden = true;
+  area.focus();
+}
+
+/** Stream a reply to the messages shown; keep: it replaces the stored messages from this index on. */
+async function generate(keep) {
+  const system = systemPrompt();
+  const history = [...(system ? [{ role: 'system', content: system }] : []),
+    ...state.messages.map(({ role, content, tool_calls }) => ({ role, content, ...(tool_calls ? { tool_calls } : {}) }))];
+  const reply = { role: 'assistant', content: '' };
+  state.messages.push(reply);
+  renderMessages();
+  const view = $('messages').lastElementChild;
+  view.classList.add('streaming');
+  view.setAttribute('aria-busy', 'true');
+  const body = view.querySelector('.body');
+  const run = state.running = { ctrl: new AbortController(), id: null, stopping: false };
+  hooks.running(true);
+  const t0 = performance.now();
+  let first = null, end = null, finish = null, usage = null, failure = null, queued = false;
+  const paint = () => { queued = false; renderMarkdown(body, reply.content); scrollDown(); };
+  try {
+    const res = await request('/v1/chat/completions', {
+      method: 'POST', signal: run.ctrl.signal,
+      body: { model: state.model, messages: history, stream: true, stream_options: { include_usage: true }, ...sampling() },
+    });
+    for await (const ev of events(res)) {
+      if (ev.error) throw new APIError(503, ev.error.message, ev.error.code);
+      run.id ??= ev.id;  // what Stop cancels on the server
+      if (ev.usage) usage = ev.usage;
+      for (const choice of ev.choices ?? []) {
+        if (choice.delta?.content) {
+          first ??= performance.now();
+          reply.content += choice.delta.content;
+          if (!queued) { queued = true; requestAnimationFrame(paint); }
+        }
+        finish = choice.finish_reason ?? finish;
+      }
+    }
+    end = performance.now();
+  } catch (e) {
+    if (e.name === 'AbortError') finish = 'abort';
+    else failure = e;
+  }
+  state.running = null;
+  hooks.running(false);
+  if (failure && !reply.content) {
+    state.messages.pop();  // nothing came: no reply to keep; Retry asks again
+    renderMessages();
+    setStatus(explain(failure), 'error');
+    return;
+  }
+  if (finish === 'abort' || failure) reply.truncated = true;
+  reply.usage = usage ?? undefined;
+  reply.meta = measure(reply, usage, t0, first, end, finish);
+  renderMessages();
+  if (failure) setStatus(explain(failure), 'error');
+  await save([reply], { keep, usage });
+}
+
+function measure(reply, usage, t0, first, end, finish) {
+  const meta = [];
+  if (finish === 'length') meta.push('cut at the token limit');
+  if (!usage) return meta;
+  const n = usage.completion_tokens;
+  meta.push(`${n} tokens`);
+  if (first !== null && end !== null && n > 1 && end > first) meta.push(`${((n - 1) / ((end - first) / 1000)).toFixed(1)} tok/s`);
+  const cached = usage.prompt_tokens_details?.cached_tokens;
+  meta.push(`prompt ${usage.prompt_tokens}${cached ? ` (${cached} cached)` : ''}`);
+  if (first !== null) meta.push(`first token ${Math.round(first - t0)} ms`);
+  return meta;
+}
+
+function explain(e) {
+  if (e.status === 401) return 'This server needs an API key: enter it under Settings.';
+  if (e.code === 'context_length_exceeded') return `${e.message} Start a new chat, or edit an earlier message to drop the turns after it.`;
+  return e.message;
+}
+
+// ---- stopping ---------------------------------------------------------------------------------------
+/** Stop the reply: the server cancels it (its partial text and usage still arrive); dropping the
+ * connection is the fallback, which the server also takes as a cancel. */
+export function stop() {
+  const run = state.running;
+  if (!run || run.stopping) return;
+  run.stopping = true;
+  if (run.id) stopOnServer(run);
+  else run.ctrl.abort();
+}
+
+function stopOnServer(run) {
+  cancel(run.id).catch(() => run.ctrl.abort());
+  setTimeout(() => { if (state.running === run) run.ctrl.abort(); }, 5000);
+}

@@ -1,0 +1,42 @@
+// The page's one state, and the small helpers every part uses.
+
+export const state = {
+  model: null,        // the served model's id (GET /v1/models)
+  conv: null,         // the open conversation as the store returned it, or null: a new chat, not saved yet
+  messages: [],       // what the page shows: {role, content, truncated?, usage?, meta?}; no system message
+  sysStored: false,   // the store's copy starts with a system message (the store counts it, the view does not)
+  running: null,      // the reply being generated: {ctrl: AbortController, id, stopping, convId}
+};
+
+export const $ = (id) => document.getElementById(id);
+
+/** A line under the messages: an error (with what to do) or a notice; '' hides it. */
+export function setStatus(text, kind = 'info') {
+  const el = $('status');
+  el.textContent = text;
+  el.dataset.kind = kind;
+  el.hidden = !text;
+}
+
+/** The sampling settings in the form, only those set (unset: the model's own defaults). */
+export function sampling() {
+  const out = {};
+  for (const [key, parse] of [['temperature', parseFloat], ['top_p', parseFloat], ['max_tokens', (v) => parseInt(v, 10)]]) {
+    const raw = $(key).value.trim();
+    if (raw !== '') out[key] = parse(raw);
+  }
+  return out;
+}
+
+export const systemPrompt = () => $('system').value.trim();
+
+export function fillSettings(settings, system) {
+  for (const key of ['temperature', 'top_p', 'max_tokens']) $(key).value = settings?.[key] ?? '';
+  $('system').value = system ?? '';
+}
+
+export function when(seconds) {
+  const d = new Date(seconds * 1000);
+  const today = new Date().toDateString() === d.toDateString();
+  return today ? d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }) : d.toLocaleDateString();
+}
