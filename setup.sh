@@ -15,6 +15,19 @@ else
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+# the chat page's browser tests drive Debian's Chromium through its chromedriver (tests/browser)
+if [[ -n "$extras" ]] && ! { [[ -x /usr/bin/chromium ]] && [[ -x /usr/bin/chromedriver ]]; }; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [[ "$(id -u)" != 0 ]] && SUDO="sudo -n"
+    echo "[setup] installing Debian's chromium and chromium-driver (browser tests)"
+    $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+      || { $SUDO apt-get update -qq >/dev/null && \
+           $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } \
+      || echo "[setup] warning: could not install chromium; the browser tests will skip"
+  else
+    echo "[setup] warning: no apt-get: install Chromium and chromedriver at /usr/bin for the browser tests"
+  fi
+fi
 # ember's CPU kernels are built once per machine (C compiler; without one ember runs plain PyTorch ops)
 "$PY" -c "from ember.kernels import cpu_ops; print('[setup] CPU kernels:', 'ready' if cpu_ops() else 'off (no C compiler)')"
 echo "[setup] ember $("$PY" -c 'import ember; print(ember.__version__)') is installed: try \`ember --help\`"
