@@ -285,3 +285,23 @@ def test_a_server_with_an_api_key_asks_for_it(browser, smollm_gguf, tmp_path):
         assert httpx.get(s.url + "/v1/models").status_code == 401  # the page being public opened nothing
     finally:
         s.stop()
+
+
+def test_a_bad_setting_is_a_clear_error_and_loses_nothing(browser, server):
+    d = browser
+    open_page(d, server.url + "/")
+    set_field(d, "temperature", "-1")
+    set_field(d, "max_tokens", "64")
+    d.find_element(*by("#prompt")).send_keys("Name a colour.", keys().ENTER)
+    status = d.find_element(*by("#status"))
+    wait_for(lambda: "temperature" in status.text, 10, "the server's complaint on the page")
+    assert status.get_attribute("data-kind") == "error" and not replies(d)
+    cid = conversation_id(d)
+    assert [m["content"] for m in stored(server, cid)["messages"]] == ["Name a colour."]  # the question stays
+    set_field(d, "temperature", "0")
+    js(d, WATCH)
+    d.find_element(*by("#messages article.user button[aria-label='Ask for a reply again']")).click()
+    follow_reply(d)
+    assert not status.is_displayed()
+    want = greedy(server, [{"role": "user", "content": "Name a colour."}], 64)
+    assert [m["content"] for m in stored(server, cid)["messages"]] == ["Name a colour.", want]

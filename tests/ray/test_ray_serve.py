@@ -127,6 +127,9 @@ def test_errors_keep_their_shape_through_ray(cluster):
         c.completions.create(model="nope", prompt="hi", max_tokens=4)
     assert [m.id for m in c.models.list().data] == [MODEL]
     assert httpx.get(cluster + "/health", timeout=10).json()["status"] == "ok"
+    page = httpx.get(cluster + "/", timeout=10)  # the chat page comes with the ingress too
+    assert page.status_code == 200 and "ui/app.js" in page.text and "content-security-policy" in page.headers
+    assert httpx.get(cluster + "/ui/app.js", timeout=10).status_code == 200
 
 
 def test_turns_of_a_conversation_reuse_one_replicas_prefix(cluster):

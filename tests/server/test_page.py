@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 import ember
 from ember.server.app import create_app
 from ember.server.page import UI
-from tests.server.test_server import tiny_path  # noqa: F401  (the fixture)
+from tests.models.tiny_gguf import write_tiny_gguf
 
 
 def test_the_page_and_its_files_with_a_strict_policy(served):
@@ -57,8 +57,9 @@ def test_vendored_libraries_are_the_pinned_ones():
     assert (UI / "vendor" / "LICENSE.marked").is_file() and (UI / "vendor" / "LICENSE.dompurify").is_file()
 
 
-def test_no_ui_serves_the_api_only(tiny_path):
-    with TestClient(create_app(ember.load(tiny_path, dtype="float32"), "tiny", ui=False)) as c:
+def test_no_ui_serves_the_api_only(tmp_path):
+    llm = ember.load(write_tiny_gguf(tmp_path / "tiny.gguf"), dtype="float32")
+    with TestClient(create_app(llm, "tiny", ui=False)) as c:
         assert c.get("/").status_code == 404 and c.get("/ui/app.js").status_code == 404
         assert c.get("/v1/models").status_code == 200
 

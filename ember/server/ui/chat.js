@@ -166,6 +166,7 @@ function startEdit(i) {
 
 /** Stream a reply to the messages shown; keep: it replaces the stored messages from this index on. */
 async function generate(keep) {
+  setStatus('');
   const system = systemPrompt();
   const history = [...(system ? [{ role: 'system', content: system }] : []),
     ...state.messages.map(({ role, content, tool_calls }) => ({ role, content, ...(tool_calls ? { tool_calls } : {}) }))];
