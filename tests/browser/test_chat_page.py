@@ -305,3 +305,38 @@ def test_a_bad_setting_is_a_clear_error_and_loses_nothing(browser, server):
     assert not status.is_displayed()
     want = greedy(server, [{"role": "user", "content": "Name a colour."}], 64)
     assert [m["content"] for m in stored(server, cid)["messages"]] == ["Name a colour.", want]
+
+    # a Regenerate that fails leaves the old reply in the store until a Retry replaces it
+    set_field(d, "temperature", "-1")
+    replies(d)[-1].find_element(*by("button[aria-label='Regenerate the last reply']")).click()
+    wait_for(lambda: "temperature" in status.text and not replies(d), 10, "the failed regeneration")
+    set_field(d, "temperature", "0")
+    js(d, WATCH)
+    d.find_element(*by("#messages article.user button[aria-label='Ask for a reply again']")).click()
+    follow_reply(d)
+    assert [m["content"] for m in stored(server, cid)["messages"]] == ["Name a colour.", want]
+
+
+SSE = """const done = arguments[arguments.length - 1];
+(async () => {
+  const { events } = await import('/ui/api.js');
+  const chunks = (parts) => new Response(new ReadableStream({ start(c) {
+    for (const p of parts) c.enqueue(new TextEncoder().encode(p));
+    c.close();
+  } }));
+  const out = [];
+  for await (const ev of events(chunks(['data: {"a":1}\\r', '\\n\\r\\ndata: {"b":', '2}\\n\\ndata: {"c":\\n',
+                                          'data: 3}\\r\\r: a comment\\ndata: [DONE]\\n\\n', 'data: {"late":1}\\n\\n'])))
+    out.push(ev);
+  let cut = null;
+  try { for await (const ev of events(chunks(['data: {"x":1}\\n\\n']))) out.push(ev); } catch (e) { cut = e.code; }
+  return { out, cut };
+})().then(done, (e) => done({ error: String(e) }));"""
+
+
+def test_the_stream_reader_takes_any_line_ending_and_notices_a_cut(browser, server):
+    """The page's SSE reader (ui/api.js), run in the browser on streams split at awkward places."""
+    d = browser
+    open_page(d, server.url + "/")
+    got = d.execute_async_script(SSE)
+    assert got == {"out": [{"a": 1}, {"b": 2}, {"c": 3}, {"x": 1}], "cut": "incomplete"}, got

@@ -29,7 +29,11 @@ def test_the_page_and_its_files_with_a_strict_policy(served):
     assets = re.findall(r'(?:src|href)="(ui/[^"]+)"', r.text)
     assert {"ui/app.js", "ui/style.css", "ui/vendor/marked.umd.js", "ui/vendor/purify.min.js"} <= set(assets)
     for a in assets:
-        assert httpx.get(f"{served.url}/{a}").status_code == 200, a
+        r = httpx.get(f"{served.url}/{a}")
+        assert r.status_code == 200 and r.headers["content-security-policy"] == csp, a
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-cache"
+        if a.endswith(".js"):
+            assert r.headers["content-type"].startswith("text/javascript"), a  # or browsers refuse modules
     for module in UI.glob("*.js"):  # every import of a module resolves to a shipped file
         for dep in re.findall(r"from '\./([^']+)'", module.read_text()):
             assert (UI / dep).is_file(), f"{module.name} imports {dep}"

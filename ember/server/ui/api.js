@@ -41,27 +41,33 @@ export async function request(path, { method = 'GET', body, signal } = {}) {
 
 const json = async (path, opts) => (await request(path, opts)).json();
 
-/** The JSON events of a server-sent-events response, until `data: [DONE]`. */
+/** The JSON events of a server-sent-events response, until `data: [DONE]`. Any line ending (LF, CRLF, CR),
+ * events split across network reads, several data lines joined by LF; a stream that ends without [DONE]
+ * was cut off, and says so. */
 export async function* events(res) {
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   let buf = '';
+  let data = [];
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return;
+    if (done) break;
     buf += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buf.indexOf('\n\n')) >= 0) {
-      const block = buf.slice(0, cut);
-      buf = buf.slice(cut + 2);
-      for (const line of block.split('\n')) {
-        if (!line.startsWith('data:')) continue;
-        const data = line.slice(5).trim();
-        if (data === '[DONE]') return;
-        yield JSON.parse(data);
+    const held = buf.endsWith('\r') ? '\r' : '';  // maybe half of a CRLF: wait for the next read
+    const lines = (held ? buf.slice(0, -1) : buf).split(/\r\n|\r|\n/);
+    buf = lines.pop() + held;
+    for (const line of lines) {
+      if (line.startsWith('data:')) data.push(line.slice(5).replace(/^ /, ''));
+      else if (line === '' && data.length) {
+        const payload = data.join('\n');
+        data = [];
+        if (payload === '[DONE]') return;
+        yield JSON.parse(payload);
       }
     }
   }
+  throw new APIError(0, 'The reply was cut off: the connection closed before it ended (is the server still running?)',
+    'incomplete');
 }
 
 export const models = () => json('/v1/models');

@@ -1,9 +1,9 @@
 // ember's chat page: wiring. The page talks to the same server that serves it, through its OpenAI
 // endpoints (/v1/models, /v1/chat/completions, /v1/requests/{id}/cancel) and the store (/v1/conversations).
 import { apiKey, models, setApiKey, store } from './api.js';
-import { onRunning, onSaved, renderMessages, send, stop } from './chat.js';
+import { composing, onRunning, onSaved, renderMessages, send, stop } from './chat.js';
 import { onDeleted, onOpen, refreshList, searchSoon } from './sidebar.js';
-import { $, fillSettings, sampling, setStatus, state, systemPrompt } from './state.js';
+import { $, busy, fillSettings, focusQuietly, sampling, setStatus, state, systemPrompt } from './state.js';
 
 const LAST = 'ember.lastSettings';  // what a new chat starts with
 
@@ -29,13 +29,15 @@ async function start() {
 /** The address names the open conversation (#c=ID): a link to it, or one typed in, opens it. */
 async function followAddress() {
   const id = Number(/^#c=(\d+)$/.exec(location.hash)?.[1]);
-  if (!id) newChat();
-  else if (id !== state.conv?.id) await openConversation(id);
+  if (id && id !== state.conv?.id) await openConversation(id);
+  else if (!id && !(state.messages.length && !state.conv)) newChat();  // never wipe a chat not saved yet
 }
 
 function newChat() {
   if (busy()) return;
+  state.epoch++;
   state.conv = null;
+  state.pendingKeep = undefined;
   state.messages = [];
   state.sysStored = false;
   const last = JSON.parse(localStorage.getItem(LAST) || '{}');
@@ -44,20 +46,24 @@ function newChat() {
   renderMessages();
   refreshList();
   closeSidebar();
-  $('prompt').focus();
+  focusQuietly($('prompt'));
 }
 
 async function openConversation(id) {
   if (busy()) return;
+  const epoch = ++state.epoch;  // a slower answer for a conversation clicked earlier is dropped
   let conv;
   try {
     conv = await store.get(id);
   } catch (e) {
-    setStatus(e.status === 404 ? 'That conversation is gone (deleted?).' : e.message, 'error');
+    if (epoch !== state.epoch) return;
     newChat();
+    setStatus(e.status === 404 ? 'That conversation is gone (deleted?).' : e.message, 'error');
     return;
   }
+  if (epoch !== state.epoch || state.running) return;
   state.conv = conv;
+  state.pendingKeep = undefined;
   state.sysStored = conv.messages[0]?.role === 'system';
   state.messages = conv.messages.slice(state.sysStored ? 1 : 0);
   fillSettings(conv.settings, state.sysStored ? conv.messages[0].content : '');
@@ -66,13 +72,7 @@ async function openConversation(id) {
   renderMessages();
   refreshList();
   closeSidebar();
-  $('prompt').focus();
-}
-
-function busy() {
-  if (!state.running) return false;
-  setStatus('A reply is still coming: stop it first (Esc).', 'info');
-  return true;
+  focusQuietly($('prompt'));
 }
 
 /** A settings field changed: remember it for new chats, and in the open conversation's store entry. */
@@ -80,11 +80,14 @@ async function settingsChanged() {
   const settings = sampling();
   localStorage.setItem(LAST, JSON.stringify({ ...settings, system: systemPrompt() }));
   if (!state.conv) return;
+  const { id } = state.conv;
   try {
-    state.conv = await store.update(state.conv.id, { settings, system: systemPrompt() });
-    state.sysStored = state.conv.messages[0]?.role === 'system';
+    const conv = await store.update(id, { settings, system: systemPrompt() });
+    if (state.conv?.id !== id) return;  // another conversation opened meanwhile
+    state.conv = conv;
+    state.sysStored = conv.messages[0]?.role === 'system';
   } catch (e) {
-    setStatus(`Settings not saved: ${e.message}`, 'error');
+    if (state.conv?.id === id) setStatus(`Settings not saved: ${e.message}`, 'error');
   }
 }
 
@@ -93,9 +96,11 @@ function openSettings(open = $('settings').hidden) {
   $('open-settings').setAttribute('aria-expanded', String(open));
 }
 
-function closeSidebar() {
+function closeSidebar({ refocus = false } = {}) {
+  if (!document.body.classList.contains('sidebar-open')) return;
   document.body.classList.remove('sidebar-open');
   $('open-sidebar').setAttribute('aria-expanded', 'false');
+  if (refocus) $('open-sidebar').focus();
 }
 
 function fitPrompt() {
@@ -112,10 +117,13 @@ function wire() {
     refreshList();
   });
   onRunning((on) => {
+    const hadFocus = document.activeElement === $(on ? 'send' : 'stop');
     $('send').hidden = on;
     $('stop').hidden = !on;
     document.body.classList.toggle('running', on);
-    if (!on) $('prompt').focus();
+    $('messages').setAttribute('aria-busy', String(on));
+    if (hadFocus) $(on ? 'stop' : 'prompt').focus();  // the focused button is going away
+    else if (!on) focusQuietly($('prompt'));
   });
   onOpen(openConversation);
   onDeleted(newChat);
@@ -125,10 +133,10 @@ function wire() {
     if (!text.trim() || state.running) return;
     $('prompt').value = '';
     fitPrompt();
-    await send(text);
+    if (!(await send(text))) $('prompt').value ||= text;  // not sent: the text stays
   });
   $('prompt').addEventListener('keydown', (ev) => {
-    if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
+    if (ev.key === 'Enter' && !ev.shiftKey && !composing(ev)) {
       ev.preventDefault();
       $('composer').requestSubmit();
     }
@@ -136,9 +144,12 @@ function wire() {
   $('prompt').addEventListener('input', fitPrompt);
   window.addEventListener('resize', fitPrompt);
   document.addEventListener('keydown', (ev) => {
-    if (ev.key === 'Escape' && state.running) {
+    if (ev.key !== 'Escape' || composing(ev)) return;
+    if (state.running) {
       ev.preventDefault();
       stop();
+    } else if (document.body.classList.contains('sidebar-open')) {
+      closeSidebar({ refocus: true });
     }
   });
   $('stop').addEventListener('click', stop);
@@ -157,7 +168,7 @@ function wire() {
     $('open-sidebar').setAttribute('aria-expanded', 'true');
     $('search').focus();
   });
-  $('close-sidebar').addEventListener('click', closeSidebar);
+  $('close-sidebar').addEventListener('click', () => closeSidebar({ refocus: true }));
   window.addEventListener('hashchange', () => { if (state.model) followAddress(); });
 }
 

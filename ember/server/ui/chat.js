@@ -82,52 +82,90 @@ function scrollDown(force = false) {
 }
 
 // ---- writing to the store ---------------------------------------------------------------------------
-/** Save `messages` at the end of the open conversation (keep: view index to cut at first); the first save
- * creates the conversation. A store failure is a notice: the chat goes on. */
+const stored = ({ role, content, truncated }) => ({ role, content, ...(truncated ? { truncated } : {}) });
+
+/** Save `messages` (the last ones shown) in the open conversation. keep: the view index they start at when
+ * they replace what the store has from there (a regenerated reply, an edited question). The first save
+ * creates the conversation with everything shown. A store failure is a notice: the chat goes on. */
 async function save(messages, { keep, usage } = {}) {
-  const clean = messages.map(({ role, content, truncated }) => ({ role, content, ...(truncated ? { truncated } : {}) }));
+  const epoch = state.epoch;
+  keep ??= state.pendingKeep;
   try {
+    let conv;
     if (!state.conv) {
       const system = systemPrompt();
-      state.conv = await store.create({
+      conv = await store.create({
         model: state.model ?? '', settings: sampling(),
-        messages: [...(system ? [{ role: 'system', content: system }] : []), ...clean],
+        messages: [...(system ? [{ role: 'system', content: system }] : []), ...state.messages.map(stored)],
       });
+      if (epoch !== state.epoch) return;
       state.sysStored = Boolean(system);
     } else {
-      const body = { messages: clean };
+      const body = { messages: messages.map(stored) };
       if (usage) body.usage = { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens };
       if (keep !== undefined) body.keep = keep + (state.sysStored ? 1 : 0);
-      state.conv = await store.append(state.conv.id, body);
+      try {
+        conv = await store.append(state.conv.id, body);
+      } catch (e) {
+        if (e.status !== 404 || epoch !== state.epoch) throw e;
+        state.conv = null;  // deleted meanwhile (another tab?): keep the chat as a new conversation
+        setStatus('This conversation was deleted elsewhere: it is saved again as a new one.', 'info');
+        return save(messages);
+      }
+      if (epoch !== state.epoch) return;
     }
+    state.conv = conv;
+    state.pendingKeep = undefined;
     hooks.saved();
   } catch (e) {
-    setStatus(`Not saved to the conversation store: ${e.message}`, 'error');
+    if (epoch === state.epoch) setStatus(`Not saved to the conversation store: ${e.message}`, 'error');
   }
 }
 
 // ---- asking -----------------------------------------------------------------------------------------
-export async function send(text) {
-  if (state.running || !text.trim()) return false;
-  setStatus('');
-  const user = { role: 'user', content: text };
-  state.messages.push(user);
-  renderMessages();
-  await save([user]);
-  await generate();
+/** One turn at a time: from the first save to the last, the conversation may not change under it. */
+async function turn(fn) {
+  if (state.running) return false;
+  if (!state.model) {
+    setStatus('Not connected to the server: reload the page.', 'error');
+    return false;
+  }
+  state.running = { ctrl: new AbortController(), id: null, stopping: false };
+  hooks.running(true);
+  try {
+    await fn();
+  } finally {
+    state.running = null;
+    hooks.running(false);
+  }
   return true;
 }
 
-async function retry() {
-  if (!state.running) await generate();
+export function send(text) {
+  return turn(async () => {
+    setStatus('');
+    const user = { role: 'user', content: text };
+    state.messages.push(user);
+    renderMessages();
+    await save([user]);
+    await generate();
+  });
 }
 
-async function regenerate() {
-  if (state.running) return;
-  const at = state.messages.length - 1;
-  state.messages.splice(at);
-  await generate(at);
+function retry() {
+  return turn(() => generate(state.pendingKeep));
 }
+
+function regenerate() {
+  return turn(async () => {
+    const at = state.messages.length - 1;
+    state.messages.splice(at);
+    await generate(at);
+  });
+}
+
+/** Enter that ends an IME composition (Safari reports it as keyCode 229) must not send. */
+export const composing = (ev) => ev.isComposing || ev.keyCode === 229;
 
 function startEdit(i) {
   if (state.running) return;
@@ -144,20 +182,26 @@ function startEdit(i) {
   const no = document.createElement('button');
   no.type = 'button';
   no.textContent = 'Cancel';
-  no.addEventListener('click', renderMessages);
   box.append(area, ok, no);
-  box.addEventListener('submit', async (ev) => {
-    ev.preventDefault();
-    if (!area.value.trim() || state.running) return;
-    const user = { role: 'user', content: area.value };
-    state.messages.splice(i, state.messages.length, user);  // later turns answered the old question: gone
+  const cancelEdit = () => {
     renderMessages();
-    await save([user], { keep: i });
-    await generate();
+    $('messages').querySelector(`article[data-index="${i}"] .actions button`)?.focus();
+  };
+  no.addEventListener('click', cancelEdit);
+  box.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    if (!area.value.trim()) return;
+    turn(async () => {
+      const user = { role: 'user', content: area.value };
+      state.messages.splice(i, state.messages.length, user);  // later turns answered the old question: gone
+      renderMessages();
+      await save([user], { keep: i });
+      await generate();
+    });
   });
   area.addEventListener('keydown', (ev) => {
-    if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); box.requestSubmit(); }
-    if (ev.key === 'Escape') { ev.stopPropagation(); renderMessages(); }
+    if (ev.key === 'Enter' && !ev.shiftKey && !composing(ev)) { ev.preventDefault(); box.requestSubmit(); }
+    if (ev.key === 'Escape' && !composing(ev)) { ev.stopPropagation(); cancelEdit(); }
   });
   el.querySelector('.body').replaceWith(box);
   el.querySelector('.actions').hidden = true;
@@ -177,8 +221,7 @@ async function generate(keep) {
   view.classList.add('streaming');
   view.setAttribute('aria-busy', 'true');
   const body = view.querySelector('.body');
-  const run = state.running = { ctrl: new AbortController(), id: null, stopping: false };
-  hooks.running(true);
+  const run = state.running;
   const t0 = performance.now();
   let first = null, end = null, finish = null, usage = null, failure = null, queued = false;
   const paint = () => { queued = false; renderMarkdown(body, reply.content); scrollDown(); };
@@ -205,23 +248,29 @@ async function generate(keep) {
     if (e.name === 'AbortError') finish = 'abort';
     else failure = e;
   }
-  state.running = null;
-  hooks.running(false);
-  if (failure && !reply.content) {
-    state.messages.pop();  // nothing came: no reply to keep; Retry asks again
+  if (!reply.content && (failure || finish === 'abort')) {
+    state.messages.pop();  // nothing came: no reply to keep; Retry asks again (and replaces what the store has)
+    state.pendingKeep = keep ?? state.pendingKeep;
     renderMessages();
-    setStatus(explain(failure), 'error');
+    if (failure) setStatus(explain(failure), 'error');
     return;
   }
   if (finish === 'abort' || failure) reply.truncated = true;
   reply.usage = usage ?? undefined;
-  reply.meta = measure(reply, usage, t0, first, end, finish);
+  reply.meta = measure(usage, t0, first, end, finish);
   renderMessages();
+  announce(reply);
   if (failure) setStatus(explain(failure), 'error');
   await save([reply], { keep, usage });
 }
 
-function measure(reply, usage, t0, first, end, finish) {
+/** Screen readers hear each finished reply once (the message list itself is not a live region). */
+function announce(reply) {
+  $('announce').textContent = '';
+  $('announce').textContent = `ember${reply.truncated ? ' (stopped)' : ''}: ${reply.content}`;
+}
+
+function measure(usage, t0, first, end, finish) {
   const meta = [];
   if (finish === 'length') meta.push('cut at the token limit');
   if (!usage) return meta;
@@ -248,10 +297,10 @@ export function stop() {
   if (!run || run.stopping) return;
   run.stopping = true;
   if (run.id) stopOnServer(run);
-  else run.ctrl.abort();
+  else run.ctrl.abort();  // not asked yet, or no answer yet: a fetch that never starts, or a dropped one
 }
 
 function stopOnServer(run) {
-  cancel(run.id).catch(() => run.ctrl.abort());
+  cancel(run.id).catch((e) => { if (e.status !== 404) run.ctrl.abort(); });  // 404: it had just ended
   setTimeout(() => { if (state.running === run) run.ctrl.abort(); }, 5000);
 }

@@ -36,10 +36,23 @@ export function renderMarkdown(el, text) {
 export async function copyText(text, button) {
   const label = button.textContent;
   try {
-    await navigator.clipboard.writeText(text);
+    if (navigator.clipboard) await navigator.clipboard.writeText(text);
+    else legacyCopy(text);  // plain http to another machine: no Clipboard API there
     button.textContent = 'Copied';
   } catch {
     button.textContent = 'Copy failed';
   }
   setTimeout(() => { button.textContent = label; }, 1200);
+}
+
+function legacyCopy(text) {
+  const area = document.createElement('textarea');
+  area.value = text;
+  area.setAttribute('readonly', '');
+  area.className = 'visually-hidden';
+  document.body.append(area);
+  area.select();
+  const ok = document.execCommand('copy');
+  area.remove();
+  if (!ok) throw new Error('copy refused');
 }

@@ -1,6 +1,6 @@
 // The conversation list from the store: open, search, rename, delete.
 import { store } from './api.js';
-import { $, setStatus, state, when } from './state.js';
+import { $, busy, setStatus, state, when } from './state.js';
 
 const hooks = { open: () => {}, closed: () => {} };  // set by app.js
 
@@ -10,7 +10,7 @@ export function onDeleted(fn) { hooks.closed = fn; }
 let searchTimer = null;
 let shown = 0;  // answers older than the newest request are dropped (search as you type)
 
-export async function refreshList() {
+export async function refreshList(focus = null) {
   const ticket = ++shown;
   const q = $('search').value.trim();
   let data;
@@ -23,6 +23,7 @@ export async function refreshList() {
   if (ticket !== shown) return;
   const list = $('conversations');
   list.replaceChildren(...data.map(item));
+  if (focus) list.querySelector(focus)?.focus();  // the element that had focus was rebuilt
   if (!data.length) {
     const none = document.createElement('li');
     none.className = 'muted none';
@@ -91,9 +92,10 @@ function rename(li, c) {
         setStatus(`Not renamed: ${e.message}`, 'error');
       }
     }
-    refreshList();
+    refreshList(`li[data-id="${c.id}"] .rename`);
   };
   input.addEventListener('keydown', (ev) => {
+    if (ev.isComposing || ev.keyCode === 229) return;
     if (ev.key === 'Enter') finish(true);
     if (ev.key === 'Escape') { ev.stopPropagation(); finish(false); }
   });
@@ -104,6 +106,7 @@ function rename(li, c) {
 }
 
 async function remove(c) {
+  if (state.conv?.id === c.id && busy()) return;
   if (!confirm(`Delete “${c.title || 'Untitled'}”? This cannot be undone.`)) return;
   try {
     await store.remove(c.id);
@@ -112,4 +115,5 @@ async function remove(c) {
   }
   if (state.conv?.id === c.id) hooks.closed();
   refreshList();
+  $('search').focus();  // the button that had focus is gone
 }

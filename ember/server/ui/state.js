@@ -5,7 +5,9 @@ export const state = {
   conv: null,         // the open conversation as the store returned it, or null: a new chat, not saved yet
   messages: [],       // what the page shows: {role, content, truncated?, usage?, meta?}; no system message
   sysStored: false,   // the store's copy starts with a system message (the store counts it, the view does not)
-  running: null,      // the reply being generated: {ctrl: AbortController, id, stopping, convId}
+  running: null,      // a turn in progress (saving, then streaming): {ctrl: AbortController, id, stopping}
+  pendingKeep: undefined,  // the store still holds messages the view dropped from this index on
+  epoch: 0,           // bumped when another conversation opens: answers for an older one are dropped
 };
 
 export const $ = (id) => document.getElementById(id);
@@ -39,4 +41,16 @@ export function when(seconds) {
   const d = new Date(seconds * 1000);
   const today = new Date().toDateString() === d.toDateString();
   return today ? d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }) : d.toLocaleDateString();
+}
+
+/** True (and says why) while a turn runs: the open conversation must not change under it. */
+export function busy() {
+  if (!state.running) return false;
+  setStatus('A reply is still coming: stop it first (Esc).', 'info');
+  return true;
+}
+
+/** Focus without popping a phone's on-screen keyboard over what the user is reading. */
+export function focusQuietly(el) {
+  if (matchMedia('(hover: hover)').matches) el.focus();
 }
