@@ -379,7 +379,8 @@ def serve(
     import uvicorn
 
     from ember.hub import DEFAULT_MODEL
-    from ember.server.app import create_app
+    from ember.server.app import build_app
+    from ember.server.engine_client import LocalEngine
 
     if not 0 < port < 65536:
         raise EmberError(f"--port {port}: give a port between 1 and 65535")
@@ -404,12 +405,15 @@ def serve(
     if replica_cpus is not None or replica_gpus or stream_interval != 1:
         raise EmberError("--replica-cpus / --replica-gpus / --stream-interval apply to Ray Serve replicas: "
                          "add --replicas N")
-    llm = load_model(model, device, dtype, chat_template, max_model_len, quantize, kv_cache_memory,
-                     max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    # loaded on the engine's own thread, the one that will step it (see AsyncEngine: one OpenMP pool)
+    engine = LocalEngine(lambda: load_model(model, device, dtype, chat_template, max_model_len, quantize,
+                                            kv_cache_memory, max_num_seqs=max_num_seqs,
+                                            max_num_batched_tokens=max_num_batched_tokens))
     where = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"[ember] serving '{name}' at {where}/v1 (OpenAI API)" + (", API key required" if api_key else "")
           + ("" if no_ui else f"; chat page at {where}/"), file=sys.stderr)
-    uvicorn.run(create_app(llm, name, api_key, ui=not no_ui), host=host, port=port, log_level="warning")
+    app = build_app(engine.llm.frontend(), engine, name, api_key, ui=not no_ui)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @app.command()

@@ -24,15 +24,23 @@ from ember.sampling_params import SamplingParams
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine | Callable[[], Engine]) -> None:
+        """engine: the engine, or a function that builds it (loads the model), run on the loop thread.
+
+        Build it there when you can: the thread that loaded the weights and the thread that steps the
+        engine should be one. OpenMP (torch's and ember's kernels) keeps a thread pool per thread that
+        runs parallel work; with two pools on a small machine, libgomp stops its workers spinning between
+        parallel regions and every region pays a wake-up: a 135M model decodes at half speed (measured:
+        ~90 instead of ~190 tok/s on 2 cores). A loader's exception is raised here."""
         self._commands: queue.SimpleQueue[tuple[str, Any, Future | None]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending: dict[str, asyncio.Queue] = {}  # added, not yet streamed (caller side)
         self._closed = False
         self._step_started: float | None = None  # monotonic time the running step began (health checks)
-        self._thread = threading.Thread(target=self._loop, name="ember-engine", daemon=True)
+        built: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(engine, built), name="ember-engine", daemon=True)
         self._thread.start()
+        self.engine: Engine = built.result()
 
     # ---- caller side (any event loop) -------------------------------------------------------------
     async def add(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -124,6 +132,15 @@ class AsyncEngine:
         return len(self.engine.scheduler.waiting)
 
     # ---- the loop thread ------------------------------------------------------------------------------
+    def _run(self, engine: Engine | Callable[[], Engine], built: Future) -> None:
+        try:
+            self.engine = engine() if callable(engine) and not isinstance(engine, Engine) else engine
+        except BaseException as e:  # noqa: BLE001 - the constructor raises it in its caller
+            built.set_exception(e)
+            return
+        built.set_result(self.engine)
+        self._loop()
+
     def _loop(self) -> None:
         while not self._closed:
             # block for a command only when there is nothing to step

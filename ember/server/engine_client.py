@@ -8,13 +8,14 @@ Serve handle. One server codebase: the same request models, errors, SSE and metr
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
 
 from ember.engine.async_engine import AsyncEngine
+from ember.engine.engine import Engine
 from ember.engine.outputs import RequestOutput
 from ember.llm import LLM
 from ember.sampling_params import SamplingParams
@@ -93,9 +94,18 @@ def score_prompt(llm: LLM, ids: list[int], n: int) -> list[ScoredToken]:
 class LocalEngine:
     """The engine in this process: `AsyncEngine` plus scoring and figures."""
 
-    def __init__(self, llm: LLM, replica: str | None = None) -> None:
-        self.llm, self.replica = llm, replica
-        self.aeng = AsyncEngine(llm.engine)
+    def __init__(self, llm: LLM | Callable[[], LLM], replica: str | None = None) -> None:
+        """llm: a loaded model, or (faster: see AsyncEngine) a function that loads it on the engine's thread."""
+        self.replica = replica
+        if isinstance(llm, LLM):
+            self.llm = llm
+            self.aeng = AsyncEngine(llm.engine)
+        else:
+            def build() -> Engine:
+                self.llm = llm()
+                return self.llm.engine
+
+            self.aeng = AsyncEngine(build)
         self.add, self.stream = self.aeng.add, self.aeng.stream
         self.abort, self.discard = self.aeng.abort, self.aeng.discard
         # counted by the engine's owner (the replica), as requests finish

@@ -84,10 +84,16 @@ class EngineReplica:
                  stream_interval: int = 1) -> None:
         import ember
 
-        torch.set_num_threads(threads)
         self.stuck_after_s, self.stream_interval = stuck_after_s, stream_interval
-        self.llm = ember.load(model, **load)
-        self.engine = LocalEngine(self.llm, replica=serve.get_replica_context().replica_id.unique_id)
+
+        def load_here() -> ember.LLM:
+            # on the engine's thread: its OpenMP pool is the only one, and sized to this replica's CPUs
+            # (a thread's OpenMP size is its own: set where the kernels will run)
+            torch.set_num_threads(threads)
+            return ember.load(model, **load)
+
+        self.engine = LocalEngine(load_here, replica=serve.get_replica_context().replica_id.unique_id)
+        self.llm = self.engine.llm
 
     def frontend(self) -> Frontend:
         return self.llm.frontend()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 import ember
 from ember import SamplingParams
 from ember.engine.async_engine import AsyncEngine
-from ember.errors import ParameterError
+from ember.errors import EmberError, ParameterError
+from ember.server.engine_client import LocalEngine
 
 
 def greedy(n: int) -> SamplingParams:
@@ -142,3 +144,29 @@ def test_health_check_fails_when_a_step_hangs_or_the_loop_is_gone(aeng):
     aeng.close()
     with pytest.raises(RuntimeError, match="not running"):
         aeng.check_health(30)
+
+
+def test_a_loader_runs_on_the_engine_thread_and_its_errors_reach_the_caller(tiny_path):
+    """`ember serve` loads the model on the thread that then steps it: one OpenMP pool (see AsyncEngine)."""
+    threads: dict[str, set[int]] = {"load": set(), "step": set()}
+
+    def load():
+        threads["load"].add(threading.get_ident())
+        eng = ember.load(tiny_path, dtype="float32").engine
+        step = eng.step
+        eng.step = lambda: threads["step"].add(threading.get_ident()) or step()
+        return eng
+
+    a = AsyncEngine(load)
+    try:
+        assert asyncio.run(collect(a, [1, 2, 3], greedy(4)))
+        assert threads["load"] == threads["step"] == {a._thread.ident} != {threading.get_ident()}
+    finally:
+        a.close()
+    with pytest.raises(EmberError, match="no model here"):
+        AsyncEngine(lambda: (_ for _ in ()).throw(EmberError("no model here")))
+    local = LocalEngine(lambda: ember.load(tiny_path, dtype="float32"))
+    try:
+        assert local.llm.engine is local.aeng.engine and local.stats()[0].kv_blocks_total > 0
+    finally:
+        local.close()
