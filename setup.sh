@@ -19,10 +19,11 @@ fi
 if [[ -n "$extras" ]] && ! { [[ -x /usr/bin/chromium ]] && [[ -x /usr/bin/chromedriver ]]; }; then
   if command -v apt-get >/dev/null; then
     SUDO=""; [[ "$(id -u)" != 0 ]] && SUDO="sudo -n"
+    APT=(env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120)
     echo "[setup] installing Debian's chromium and chromium-driver (browser tests)"
-    $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
-      || { $SUDO apt-get update -qq >/dev/null && \
-           $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } \
+    $SUDO "${APT[@]}" install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+      || { $SUDO "${APT[@]}" update -qq >/dev/null && \
+           $SUDO "${APT[@]}" install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } \
       || echo "[setup] warning: could not install chromium; the browser tests will skip"
   else
     echo "[setup] warning: no apt-get: install Chromium and chromedriver at /usr/bin for the browser tests"

@@ -378,7 +378,7 @@ def serve(
 
     import uvicorn
 
-    from ember.hub import DEFAULT_MODEL
+    from ember.hub import DEFAULT_MODEL, resolve_model
     from ember.server.app import build_app
     from ember.server.engine_client import LocalEngine
 
@@ -405,8 +405,10 @@ def serve(
     if replica_cpus is not None or replica_gpus or stream_interval != 1:
         raise EmberError("--replica-cpus / --replica-gpus / --stream-interval apply to Ray Serve replicas: "
                          "add --replicas N")
+    # pulled here, on the main thread, so Ctrl-C during a download still cleans up its partial files; then
     # loaded on the engine's own thread, the one that will step it (see AsyncEngine: one OpenMP pool)
-    engine = LocalEngine(lambda: load_model(model, device, dtype, chat_template, max_model_len, quantize,
+    path = str(resolve_model(model or DEFAULT_MODEL, quiet=False))
+    engine = LocalEngine(lambda: load_model(path, device, dtype, chat_template, max_model_len, quantize,
                                             kv_cache_memory, max_num_seqs=max_num_seqs,
                                             max_num_batched_tokens=max_num_batched_tokens))
     where = f"http://{f'[{host}]' if ':' in host else host}:{port}"

@@ -51,7 +51,7 @@ class NewConversation(Strict):
 class NewMessages(Strict):
     messages: list[StoredMessage] = Field(min_length=1)
     usage: Usage | None = None
-    keep: int | None = Field(None, ge=0)
+    keep: int | None = Field(None, ge=0, le=2**31)
 
 
 class Update(Strict):

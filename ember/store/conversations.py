@@ -165,7 +165,7 @@ class Store:
             if settings is not None:
                 db.execute("UPDATE conversations SET settings = ? WHERE id = ?", (json.dumps(settings), cid))
             if system is not None:
-                self._set_system(db, cid, system)
+                self._set_system(db, cid, system if system.strip() else "")
 
     @staticmethod
     def _set_system(db: sqlite3.Connection, cid: int, text: str) -> None:

@@ -32,8 +32,12 @@ def js(d, script: str, *args):
     return d.execute_script(script, *args)
 
 
-def open_page(d, url: str) -> None:
+def open_page(d, url: str, fresh: bool = True) -> None:
+    """Load the page; fresh: without the settings an earlier test left in this browser (each test sets its own)."""
     d.get(url)
+    if fresh:
+        js(d, "localStorage.removeItem('ember.lastSettings')")
+        d.refresh()
     wait_for(lambda: js(d, "return document.getElementById('model').textContent") == MODEL, 20,
              "the page to name the model")
 
@@ -129,7 +133,8 @@ def test_a_question_streams_its_answer_and_the_store_keeps_it(browser, server):
 
 def test_stop_and_esc_cancel_the_reply_on_the_server(browser, server):
     d = browser
-    d.find_element(*by("#new-chat")).click()
+    open_page(d, server.url + "/")
+    set_field(d, "temperature", "0")
     set_field(d, "max_tokens", "1500")
     ask(d, "Count from 1 to 400, one number per line.")
 
@@ -151,6 +156,7 @@ def test_stop_and_esc_cancel_the_reply_on_the_server(browser, server):
     assert d.find_element(*by("#send")).is_displayed()
 
     # Regenerate the stopped reply, then stop the new one with Esc: it replaces the first in the store
+    before = stored(server, cid)["updated"]
     replies(d)[-1].find_element(*by("button[aria-label='Regenerate the last reply']")).click()
     wait_for(lambda: streaming(d) and long_enough_and_running(), 30, "the regenerated reply under way")
     from selenium.webdriver.common.action_chains import ActionChains
@@ -158,21 +164,27 @@ def test_stop_and_esc_cancel_the_reply_on_the_server(browser, server):
     ActionChains(d).send_keys(keys().ESCAPE).perform()
     wait_for(lambda: not streaming(d), 10, "Esc to stop the reply")
     wait_for(lambda: running(server) == 0, 5, "the server to stop generating")
-    msgs = wait_for(lambda: (m := stored(server, cid)["messages"]) and m[1]["content"] != reply["content"] and m,
-                    5, "the regenerated reply in the store")
-    assert len(msgs) == 2 and msgs[1]["truncated"] is True
+    conv = wait_for(lambda: (c := stored(server, cid))["updated"] > before and c, 5, "the regenerated reply saved")
+    assert len(conv["messages"]) == 2 and conv["messages"][1]["truncated"] is True
+    assert words(conv["messages"][1]["content"]) == words(reply_text(d))
 
 
 def test_reload_continue_edit_rename_and_delete(browser, server):
     d = browser
-    open_page(d, server.url + "/")  # a fresh page: no conversation open
+    open_page(d, server.url + "/")
+    set_field(d, "temperature", "0")
+    set_field(d, "max_tokens", "48")
+    ask(d, QUESTION)
+    follow_reply(d)
+    cid = conversation_id(d)
+    open_page(d, server.url + "/")  # reloaded: no conversation open, no settings remembered
     assert d.find_element(*by("#title")).text == "New chat"
-    item = wait_for(lambda: next((li for li in d.find_elements(*by("#conversations li.conv"))
-                                  if li.find_element(*by(".name")).text == QUESTION), None), 10,
-                    "the first conversation in the list")
+    item = wait_for(lambda: d.find_elements(*by(f"#conversations li[data-id='{cid}']")), 10,
+                    "the conversation in the list")[0]
+    assert item.find_element(*by(".name")).text == QUESTION
     item.find_element(*by("button.open")).click()
     wait_for(lambda: len(d.find_elements(*by("#messages article"))) == 2, 10, "its messages")
-    cid = conversation_id(d)
+    assert conversation_id(d) == cid
     first = stored(server, cid)["messages"]
     assert d.find_element(*by("#max_tokens")).get_attribute("value") == "48"  # its own settings came back
 
@@ -261,6 +273,9 @@ def test_a_phone_sized_screen(browser, server):
         d.find_element(*by("#close-sidebar")).click()
         wait_for(lambda: js(d, "return arguments[0].getBoundingClientRect().right", sidebar) <= 0, 5,
                  "the list to slide out")
+        set_field(d, "temperature", "0")
+        set_field(d, "max_tokens", "32")
+        d.find_element(*by("#open-settings")).click()  # closed again: the reply is what the screenshot shows
         ask(d, "Say hello in French.")
         follow_reply(d)
         assert reply_text(d) and js(d, "return document.documentElement.scrollWidth") <= 390

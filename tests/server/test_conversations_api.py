@@ -51,6 +51,8 @@ def test_bad_requests_are_clear(served, home):
         (httpx.patch(f"{u}/1", json={}), 400, None),
         (httpx.post(f"{u}/1/messages", json={"messages": [{"role": "user", "content": "x"}], "keep": -1}), 400,
          "keep"),
+        (httpx.post(f"{u}/1/messages", json={"messages": [{"role": "user", "content": "x"}], "keep": 2**63}), 400,
+         "keep"),
         (httpx.get(u, params={"limit": "many"}), 400, "limit"),
         (httpx.delete(f"{u}/999"), 404, "id"),
     ]
