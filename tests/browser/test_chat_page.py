@@ -112,13 +112,18 @@ def words(text: str) -> list[str]:
     return re.findall(r"[A-Za-z]+", text)
 
 
-def test_a_question_streams_its_answer_and_the_store_keeps_it(browser, server):
-    d = browser
+def ask_greedy(d, server: EmberServer, question: str, max_tokens: int) -> list[str]:
+    """A fresh page, greedy settings, one question: the texts its reply showed (follow_reply)."""
     open_page(d, server.url + "/")
     set_field(d, "temperature", "0")
-    set_field(d, "max_tokens", "48")
-    ask(d, QUESTION)
-    seen = follow_reply(d)
+    set_field(d, "max_tokens", str(max_tokens))
+    ask(d, question)
+    return follow_reply(d)
+
+
+def test_a_question_streams_its_answer_and_the_store_keeps_it(browser, server):
+    d = browser
+    seen = ask_greedy(d, server, QUESTION, 48)
     assert len(set(seen)) >= 3, f"the answer came in one piece, not streamed: {seen}"  # parts shown first
     assert all(words(seen[-1])[:len(words(s)) - 1] == words(s)[:-1] for s in seen[:-1])  # it grew
     want = greedy(server, [{"role": "user", "content": QUESTION}], 48)
@@ -171,11 +176,7 @@ def test_stop_and_esc_cancel_the_reply_on_the_server(browser, server):
 
 def test_reload_continue_edit_rename_and_delete(browser, server):
     d = browser
-    open_page(d, server.url + "/")
-    set_field(d, "temperature", "0")
-    set_field(d, "max_tokens", "48")
-    ask(d, QUESTION)
-    follow_reply(d)
+    ask_greedy(d, server, QUESTION, 48)
     cid = conversation_id(d)
     open_page(d, server.url + "/")  # reloaded: no conversation open, no settings remembered
     assert d.find_element(*by("#title")).text == "New chat"
