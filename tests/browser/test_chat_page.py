@@ -356,3 +356,31 @@ def test_the_stream_reader_takes_any_line_ending_and_notices_a_cut(browser, serv
     open_page(d, server.url + "/")
     got = d.execute_async_script(SSE)
     assert got == {"out": [{"a": 1}, {"b": 2}, {"c": 3}, {"x": 1}], "cut": "incomplete"}, got
+
+
+def test_a_system_prompt_is_sent_stored_and_counted_when_a_reply_is_replaced(browser, server):
+    """The store holds the system prompt as its first message, the page does not show it: Regenerate must
+    replace the reply at the store's index, not the page's."""
+    d = browser
+    open_page(d, server.url + "/")
+    set_field(d, "system", "Answer in one word.")
+    set_field(d, "temperature", "0")
+    set_field(d, "max_tokens", "24")
+    ask(d, QUESTION)
+    follow_reply(d)
+    cid = conversation_id(d)
+    history = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": QUESTION}]
+    want = greedy(server, history, 24)
+    assert [m["content"] for m in stored(server, cid)["messages"]] == [history[0]["content"], QUESTION, want]
+    assert len(d.find_elements(*by("#messages article"))) == 2  # the system prompt is a setting, not a message
+
+    before = stored(server, cid)["updated"]
+    js(d, WATCH)
+    replies(d)[-1].find_element(*by("button[aria-label='Regenerate the last reply']")).click()
+    follow_reply(d)
+    conv = wait_for(lambda: (c := stored(server, cid))["updated"] > before and c, 5, "the regenerated reply saved")
+    assert [m["content"] for m in conv["messages"]] == [history[0]["content"], QUESTION, want]
+
+    set_field(d, "system", "Be brief.")  # a changed prompt replaces the stored one, in place
+    wait_for(lambda: stored(server, cid)["messages"][0]["content"] == "Be brief.", 5, "the new system prompt")
+    assert len(stored(server, cid)["messages"]) == 3

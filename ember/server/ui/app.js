@@ -1,9 +1,9 @@
 // ember's chat page: wiring. The page talks to the same server that serves it, through its OpenAI
 // endpoints (/v1/models, /v1/chat/completions, /v1/requests/{id}/cancel) and the store (/v1/conversations).
 import { apiKey, models, setApiKey, store } from './api.js';
-import { composing, onRunning, onSaved, renderMessages, send, stop } from './chat.js';
+import { onRunning, onSaved, renderMessages, send, stop } from './chat.js';
 import { onDeleted, onOpen, refreshList, searchSoon } from './sidebar.js';
-import { $, busy, fillSettings, focusQuietly, sampling, setStatus, state, systemPrompt } from './state.js';
+import { $, busy, composing, fillSettings, focusQuietly, sampling, setStatus, state, systemPrompt, systemStored } from './state.js';
 
 const LAST = 'ember.lastSettings';  // what a new chat starts with
 
@@ -39,7 +39,6 @@ function newChat() {
   state.conv = null;
   state.pendingKeep = undefined;
   state.messages = [];
-  state.sysStored = false;
   const last = JSON.parse(localStorage.getItem(LAST) || '{}');
   fillSettings(last, last.system);
   history.replaceState(null, '', location.pathname);
@@ -64,9 +63,8 @@ async function openConversation(id) {
   if (epoch !== state.epoch || state.running) return;
   state.conv = conv;
   state.pendingKeep = undefined;
-  state.sysStored = conv.messages[0]?.role === 'system';
-  state.messages = conv.messages.slice(state.sysStored ? 1 : 0);
-  fillSettings(conv.settings, state.sysStored ? conv.messages[0].content : '');
+  state.messages = conv.messages.slice(systemStored() ? 1 : 0);
+  fillSettings(conv.settings, systemStored() ? conv.messages[0].content : '');
   history.replaceState(null, '', `#c=${id}`);
   setStatus('');
   renderMessages();
@@ -85,7 +83,6 @@ async function settingsChanged() {
     const conv = await store.update(id, { settings, system: systemPrompt() });
     if (state.conv?.id !== id) return;  // another conversation opened meanwhile
     state.conv = conv;
-    state.sysStored = conv.messages[0]?.role === 'system';
   } catch (e) {
     if (state.conv?.id === id) setStatus(`Settings not saved: ${e.message}`, 'error');
   }

@@ -2,7 +2,7 @@
 // regenerating it, editing a question; every change is written to the store as it happens.
 import { APIError, cancel, events, request, store } from './api.js';
 import { copyText, renderMarkdown } from './markdown.js';
-import { $, sampling, setStatus, state, systemPrompt } from './state.js';
+import { $, composing, make, sampling, setStatus, state, systemPrompt, systemStored } from './state.js';
 
 const hooks = { saved: () => {}, running: () => {} };  // set by app.js: refresh the list, flip the buttons
 
@@ -14,10 +14,8 @@ export function renderMessages() {
   const box = $('messages');
   box.replaceChildren();
   if (!state.messages.length) {
-    const hint = document.createElement('p');
-    hint.className = 'empty muted';
-    hint.textContent = 'Ask anything. Enter sends, Shift+Enter adds a line, Esc stops a reply.';
-    box.append(hint);
+    box.append(make('p', { className: 'empty muted',
+      text: 'Ask anything. Enter sends, Shift+Enter adds a line, Esc stops a reply.' }));
   }
   state.messages.forEach((m, i) => box.append(messageView(m, i)));
   $('title').textContent = state.conv?.title || 'New chat';
@@ -25,21 +23,13 @@ export function renderMessages() {
 }
 
 function messageView(m, i) {
-  const el = document.createElement('article');
-  el.className = `msg ${m.role}`;
-  el.dataset.index = i;
   const who = { user: 'You', assistant: 'ember', tool: 'Tool' }[m.role] ?? m.role;
-  el.setAttribute('aria-label', `${who}, message ${i + 1}`);
-  const role = document.createElement('div');
-  role.className = 'role';
-  role.textContent = who;
-  const body = document.createElement('div');
-  body.className = m.role === 'assistant' ? 'body md' : 'body plain';
+  const body = make('div', { className: m.role === 'assistant' ? 'body md' : 'body plain' });
   paintBody(body, m);
-  const meta = document.createElement('div');
-  meta.className = 'meta';
-  meta.textContent = metaText(m);
-  el.append(role, body, meta, actions(m, i));
+  const el = make('article', { className: `msg ${m.role}`, label: `${who}, message ${i + 1}` },
+    make('div', { className: 'role', text: who }), body, make('div', { className: 'meta', text: metaText(m) }),
+    actions(m, i));
+  el.dataset.index = i;
   return el;
 }
 
@@ -57,14 +47,9 @@ function metaText(m) {
 }
 
 function actions(m, i) {
-  const bar = document.createElement('div');
-  bar.className = 'actions';
-  const add = (label, aria, fn) => {
-    const b = document.createElement('button');
-    b.type = 'button';
-    b.textContent = label;
-    b.setAttribute('aria-label', aria);
-    b.addEventListener('click', () => fn(b));
+  const bar = make('div', { className: 'actions' });
+  const add = (text, label, fn) => {
+    const b = make('button', { type: 'button', text, label, onClick: () => fn(b) });
     bar.append(b);
   };
   const last = i === state.messages.length - 1;
@@ -84,6 +69,11 @@ function scrollDown(force = false) {
 // ---- writing to the store ---------------------------------------------------------------------------
 const stored = ({ role, content, truncated }) => ({ role, content, ...(truncated ? { truncated } : {}) });
 
+const withSystem = (messages) => {
+  const system = systemPrompt();
+  return [...(system ? [{ role: 'system', content: system }] : []), ...messages];
+};
+
 /** Save `messages` (the last ones shown) in the open conversation. keep: the view index they start at when
  * they replace what the store has from there (a regenerated reply, an edited question). The first save
  * creates the conversation with everything shown. A store failure is a notice: the chat goes on. */
@@ -93,17 +83,12 @@ async function save(messages, { keep, usage } = {}) {
   try {
     let conv;
     if (!state.conv) {
-      const system = systemPrompt();
-      conv = await store.create({
-        model: state.model ?? '', settings: sampling(),
-        messages: [...(system ? [{ role: 'system', content: system }] : []), ...state.messages.map(stored)],
-      });
+      conv = await store.create({ model: state.model ?? '', settings: sampling(), messages: withSystem(state.messages.map(stored)) });
       if (epoch !== state.epoch) return;
-      state.sysStored = Boolean(system);
     } else {
       const body = { messages: messages.map(stored) };
       if (usage) body.usage = { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens };
-      if (keep !== undefined) body.keep = keep + (state.sysStored ? 1 : 0);
+      if (keep !== undefined) body.keep = keep + (systemStored() ? 1 : 0);
       try {
         conv = await store.append(state.conv.id, body);
       } catch (e) {
@@ -164,30 +149,17 @@ function regenerate() {
   });
 }
 
-/** Enter that ends an IME composition (Safari reports it as keyCode 229) must not send. */
-export const composing = (ev) => ev.isComposing || ev.keyCode === 229;
-
 function startEdit(i) {
   if (state.running) return;
   const el = $('messages').querySelector(`article[data-index="${i}"]`);
-  const box = document.createElement('form');
-  box.className = 'edit';
-  const area = document.createElement('textarea');
-  area.value = state.messages[i].content;
-  area.setAttribute('aria-label', `Edit message ${i + 1}`);
-  const ok = document.createElement('button');
-  ok.type = 'submit';
-  ok.className = 'primary';
-  ok.textContent = 'Save & send';
-  const no = document.createElement('button');
-  no.type = 'button';
-  no.textContent = 'Cancel';
-  box.append(area, ok, no);
   const cancelEdit = () => {
     renderMessages();
     $('messages').querySelector(`article[data-index="${i}"] .actions button`)?.focus();
   };
-  no.addEventListener('click', cancelEdit);
+  const area = make('textarea', { value: state.messages[i].content, label: `Edit message ${i + 1}` });
+  const box = make('form', { className: 'edit' }, area,
+    make('button', { type: 'submit', className: 'primary', text: 'Save & send' }),
+    make('button', { type: 'button', text: 'Cancel', onClick: cancelEdit }));
   box.addEventListener('submit', (ev) => {
     ev.preventDefault();
     if (!area.value.trim()) return;
@@ -211,9 +183,7 @@ function startEdit(i) {
 /** Stream a reply to the messages shown; keep: it replaces the stored messages from this index on. */
 async function generate(keep) {
   setStatus('');
-  const system = systemPrompt();
-  const history = [...(system ? [{ role: 'system', content: system }] : []),
-    ...state.messages.map(({ role, content, tool_calls }) => ({ role, content, ...(tool_calls ? { tool_calls } : {}) }))];
+  const history = withSystem(state.messages.map(({ role, content, tool_calls }) => ({ role, content, ...(tool_calls ? { tool_calls } : {}) })));
   const reply = { role: 'assistant', content: '' };
   state.messages.push(reply);
   renderMessages();

@@ -2,6 +2,7 @@
 // escaped (a reply that says <script> shows <script>), then DOMPurify removes whatever is still unsafe
 // (javascript: links, event attributes). The page's Content-Security-Policy is the last line.
 /* global marked, DOMPurify */
+import { make } from './state.js';
 
 const ESCAPES = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
 const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => ESCAPES[c]);
@@ -22,12 +23,8 @@ const PURIFY = { USE_PROFILES: { html: true }, FORBID_TAGS: ['style', 'form', 'i
 export function renderMarkdown(el, text) {
   el.innerHTML = DOMPurify.sanitize(marked.parse(text), PURIFY);
   for (const pre of el.querySelectorAll('pre')) {
-    const copy = document.createElement('button');
-    copy.type = 'button';
-    copy.className = 'copy-code';
-    copy.textContent = 'Copy';
-    copy.setAttribute('aria-label', 'Copy this code');
-    copy.addEventListener('click', () => copyText(pre.querySelector('code')?.textContent ?? pre.textContent, copy));
+    const copy = make('button', { type: 'button', className: 'copy-code', text: 'Copy', label: 'Copy this code',
+      onClick: () => copyText(pre.querySelector('code')?.textContent ?? pre.textContent, copy) });
     pre.append(copy);
   }
 }
@@ -46,10 +43,7 @@ export async function copyText(text, button) {
 }
 
 function legacyCopy(text) {
-  const area = document.createElement('textarea');
-  area.value = text;
-  area.setAttribute('readonly', '');
-  area.className = 'visually-hidden';
+  const area = make('textarea', { value: text, readOnly: true, className: 'visually-hidden' });
   document.body.append(area);
   area.select();
   const ok = document.execCommand('copy');

@@ -1,6 +1,6 @@
 // The conversation list from the store: open, search, rename, delete.
 import { store } from './api.js';
-import { $, busy, setStatus, state, when } from './state.js';
+import { $, busy, composing, make, setStatus, state, when } from './state.js';
 
 const hooks = { open: () => {}, closed: () => {} };  // set by app.js
 
@@ -25,10 +25,8 @@ export async function refreshList(focus = null) {
   list.replaceChildren(...data.map(item));
   if (focus) list.querySelector(focus)?.focus();  // the element that had focus was rebuilt
   if (!data.length) {
-    const none = document.createElement('li');
-    none.className = 'muted none';
-    none.textContent = q ? 'No conversation mentions that.' : 'No saved conversations yet.';
-    list.append(none);
+    list.append(make('li', { className: 'muted none',
+      text: q ? 'No conversation mentions that.' : 'No saved conversations yet.' }));
   }
 }
 
@@ -38,44 +36,22 @@ export function searchSoon() {
 }
 
 function item(c) {
-  const li = document.createElement('li');
-  li.className = 'conv';
-  li.dataset.id = c.id;
   const title = c.title || 'Untitled';
-  if (state.conv?.id === c.id) li.classList.add('current');
-  const open = document.createElement('button');
-  open.type = 'button';
-  open.className = 'open';
-  if (state.conv?.id === c.id) open.setAttribute('aria-current', 'true');
-  const name = document.createElement('span');
-  name.className = 'name';
-  name.textContent = title;
-  const info = document.createElement('small');
-  info.className = 'muted';
-  info.textContent = `${when(c.updated)} · ${c.message_count} message${c.message_count === 1 ? '' : 's'}`;
-  open.append(name, info);
-  open.addEventListener('click', () => hooks.open(c.id));
-  li.append(open, button('✎', `Rename “${title}”`, 'rename', () => rename(li, c)),
-    button('✕', `Delete “${title}”`, 'delete', () => remove(c)));
+  const current = state.conv?.id === c.id;
+  const count = `${c.message_count} message${c.message_count === 1 ? '' : 's'}`;
+  const open = make('button', { type: 'button', className: 'open', onClick: () => hooks.open(c.id) },
+    make('span', { className: 'name', text: title }), make('small', { className: 'muted', text: `${when(c.updated)} · ${count}` }));
+  if (current) open.setAttribute('aria-current', 'true');
+  const icon = (text, label, cls, onClick) => make('button', { type: 'button', className: `icon ${cls}`, text, label,
+    title: label, onClick });
+  const li = make('li', { className: current ? 'conv current' : 'conv' }, open,
+    icon('✎', `Rename “${title}”`, 'rename', () => rename(li, c)), icon('✕', `Delete “${title}”`, 'delete', () => remove(c)));
+  li.dataset.id = c.id;
   return li;
 }
 
-function button(text, label, cls, fn) {
-  const b = document.createElement('button');
-  b.type = 'button';
-  b.className = `icon ${cls}`;
-  b.textContent = text;
-  b.setAttribute('aria-label', label);
-  b.title = label;
-  b.addEventListener('click', fn);
-  return b;
-}
-
 function rename(li, c) {
-  const input = document.createElement('input');
-  input.value = c.title;
-  input.setAttribute('aria-label', 'New title (Enter saves, Esc cancels)');
-  input.maxLength = 200;
+  const input = make('input', { value: c.title, maxLength: 200, label: 'New title (Enter saves, Esc cancels)' });
   let done = false;
   const finish = async (keep) => {
     if (done) return;
@@ -95,7 +71,7 @@ function rename(li, c) {
     refreshList(`li[data-id="${c.id}"] .rename`);
   };
   input.addEventListener('keydown', (ev) => {
-    if (ev.isComposing || ev.keyCode === 229) return;
+    if (composing(ev)) return;
     if (ev.key === 'Enter') finish(true);
     if (ev.key === 'Escape') { ev.stopPropagation(); finish(false); }
   });
