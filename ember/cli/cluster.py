@@ -107,10 +107,12 @@ def serve_replicas(args: ServeArgs, host: str, port: int, ray_address: str | Non
         except RuntimeError as e:  # a replica failed to start: say why in one line
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             raise EmberError(f"the replicas did not start: {lines[-1] if lines else e}") from None
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        print(f"[ember] serving '{args.name()}' at http://{where}/v1 (OpenAI API) on Ray Serve, "
+        from ember.cli.main import base_url
+
+        where = base_url(host, port)
+        print(f"[ember] serving '{args.name()}' at {where}/v1 (OpenAI API) on Ray Serve, "
               f"ready in {time.perf_counter() - t0:.1f}s" + (", API key required" if args.api_key else "")
-              + (f"; chat page at http://{where}/" if args.ui else ""), file=err)
+              + (f"; chat page at {where}/" if args.ui else ""), file=err)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -411,7 +411,7 @@ def serve(
     engine = LocalEngine(lambda: load_model(path, device, dtype, chat_template, max_model_len, quantize,
                                             kv_cache_memory, max_num_seqs=max_num_seqs,
                                             max_num_batched_tokens=max_num_batched_tokens))
-    where = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    where = base_url(host, port)
     print(f"[ember] serving '{name}' at {where}/v1 (OpenAI API)" + (", API key required" if api_key else "")
           + ("" if no_ui else f"; chat page at {where}/"), file=sys.stderr)
     app = build_app(engine.llm.frontend(), engine, name, api_key, ui=not no_ui)
@@ -509,6 +509,11 @@ def eval_pi(
     for i, text in enumerate(res.texts):
         print(f"{i + 1}: {text!r}")
     print(res)
+
+
+def base_url(host: str, port: int) -> str:
+    """http://HOST:PORT for the banner, an IPv6 host in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 RESUME_LAST = "\0last"  # what a bare --resume becomes

@@ -195,10 +195,7 @@ def build_app(model: Frontend, engine: EngineClient, model_name: str, api_key: s
     async def conversations(request: Request) -> Any:
         if request.method == "POST":
             return await convs.create(parse(convs.NewConversation, await body_of(request)))
-        q, limit = request.query_params.get("q"), request.query_params.get("limit", "50")
-        if not limit.isdigit():
-            raise APIError(400, f"limit={limit!r}: give a whole number", "limit")
-        return await convs.list_(q, int(limit))
+        return await convs.list_(request.query_params.get("q"), request.query_params.get("limit", "50"))
 
     async def conversation(request: Request) -> Any:
         cid = request.path_params["cid"]

@@ -99,7 +99,11 @@ def _id(raw: str) -> int:
     return int(raw)
 
 
-async def list_(q: str | None, limit: int) -> dict[str, Any]:
+async def list_(q: str | None, limit_raw: str) -> dict[str, Any]:
+    """limit_raw: the query's text, checked here."""
+    if not limit_raw.isdigit():
+        raise APIError(400, f"limit={limit_raw!r}: give a whole number", "limit")
+    limit = int(limit_raw)
     if not 1 <= limit <= 1000:
         raise APIError(400, "limit: give 1..1000", "limit")
     rows = await _run(lambda s: s.search(q, limit) if q else s.list(limit))
