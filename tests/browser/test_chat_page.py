@@ -176,6 +176,7 @@ def test_stop_and_esc_cancel_the_reply_on_the_server(browser, server):
 
 def test_reload_continue_edit_rename_and_delete(browser, server):
     d = browser
+    httpx.post(server.url + "/v1/conversations", json={"messages": [{"role": "user", "content": "Name a tree."}]})
     ask_greedy(d, server, QUESTION, 48)
     cid = conversation_id(d)
     open_page(d, server.url + "/")  # reloaded: no conversation open, no settings remembered
@@ -196,6 +197,19 @@ def test_reload_continue_edit_rename_and_delete(browser, server):
     msgs = stored(server, cid)["messages"]
     assert [m["content"] for m in msgs] == [QUESTION, first[1]["content"], "And of Germany?", want]
     assert "cached" in replies(d)[-1].find_element(*by(".meta")).text  # the first turn's prefix was reused
+
+    # Search as you type: the list shows what the store finds, then everything again
+    def listed() -> list[int]:  # read in one go: the list is rebuilt under us
+        return js(d, "return [...document.querySelectorAll('#conversations li.conv')].map((li) => Number(li.dataset.id))")
+
+    everything = listed()
+    search = d.find_element(*by("#search"))
+    search.send_keys("germany")
+    found = [c["id"] for c in httpx.get(server.url + "/v1/conversations", params={"q": "germany"}).json()["data"]]
+    assert cid in found and len(found) < len(everything)  # the tree question does not mention it
+    wait_for(lambda: listed() == found, 5, "the list to show the search's conversations")
+    search.send_keys(keys().CONTROL, "a", keys().BACKSPACE)
+    wait_for(lambda: listed() == everything, 5, "the whole list again")
     print("screenshot:", screenshot(d, "chat-page.png"))
 
     # Edit the second question and send it again: the turn after it is replaced
