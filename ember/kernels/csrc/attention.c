@@ -29,7 +29,7 @@ static float exp_sum(float *x, int64_t m, float *sum) {
     float mx = -INFINITY, s = 0.f;
     for (int64_t j = 0; j < m; j++) mx = x[j] > mx ? x[j] : mx;
     int64_t j = 0;
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef EMBER_BF16_512
     __m512 acc = _mm512_setzero_ps();
     for (; j + 16 <= m; j += 16) {
         const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(mx)));
@@ -37,6 +37,14 @@ static float exp_sum(float *x, int64_t m, float *sum) {
         acc = _mm512_add_ps(acc, e);
     }
     s = _mm512_reduce_add_ps(acc);
+#elif defined(EMBER_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= m; j += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(x + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    s = hsum8(acc);
 #endif
     for (; j < m; j++) {
         x[j] = fast_expf(x[j] - mx);
@@ -46,7 +54,7 @@ static float exp_sum(float *x, int64_t m, float *sum) {
     return mx;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef EMBER_BF16_512
 /* v[0..15] -> one vector whose lane j is the sum of v[j]'s lanes (45 ops for 16 sums, not 16 x 8) */
 static inline __m512 hsum16(const __m512 *v) {
     __m512 u[4];
@@ -91,6 +99,40 @@ static inline __attribute__((always_inline)) void values(const int REP, const ui
         for (int r = 0; r < REP; r++) _mm512_storeu_ps(part + r * (dh + 2) + 2 + e, acc[r]);
     }
 }
+#elif defined(EMBER_AVX2)
+/* no bf16 dot products: q in fp32 (converted once per task) times keys widened 8 at a time */
+#define VEC_KEYS 8
+
+static inline __m256 hsum8x8(const __m256 *v) {  /* lane j = the sum of v[j]'s lanes */
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* scores of one query head qf [dh] fp32 against 8 keys (rows kr[0..7]) -> out[0..7] (dh % 8 == 0) */
+static inline void scores8(const float *qf, const uint16_t *const *kr, int64_t dh, float *out) {
+    __m256 d[8];
+    for (int j = 0; j < 8; j++) d[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < dh; c += 8) {
+        const __m256 qv = _mm256_loadu_ps(qf + c);
+        for (int j = 0; j < 8; j++)
+            d[j] = _mm256_fmadd_ps(qv, bf16x8(_mm_loadu_si128((const __m128i *)(kr[j] + c))), d[j]);
+    }
+    _mm256_storeu_ps(out, hsum8x8(d));
+}
+
+static inline __attribute__((always_inline)) void values(const int REP, const uint16_t *const *vr, int64_t m,
+                                                         int64_t dh, float (*p)[CHUNK], float *part) {
+    for (int64_t e = 0; e < dh; e += 8) {
+        __m256 acc[MAX_REP];
+        for (int r = 0; r < REP; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < m; j++) {
+            const __m256 v = bf16x8(_mm_loadu_si128((const __m128i *)(vr[j] + e)));
+            for (int r = 0; r < REP; r++) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(p[r][j]), v, acc[r]);
+        }
+        for (int r = 0; r < REP; r++) _mm256_storeu_ps(part + r * (dh + 2) + 2 + e, acc[r]);
+    }
+}
 #endif
 
 /* keys [j0, j1) of sequence i, kv head g -> per query head r: part[r] = {max, sum, acc[dh]} (unnormalized) */
@@ -105,8 +147,11 @@ static void chunk_task(const att_args *a, int64_t i, int64_t g, int64_t j0, int6
     }
     for (int64_t j = m; j < CHUNK + 16; j++) kr[j] = kr[0];  /* a ragged last 16 reads key 0 again, unused */
     const uint16_t *qr = a->q + i * a->q_stride + g * rep * dh;
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef EMBER_BF16_512
     const int vec = dh % 32 == 0;
+#elif defined(EMBER_AVX2)
+    const int vec = dh % 8 == 0;
+    float qf[256];  /* ops.decode_attention_ok: dh <= 256 */
 #else
     const int vec = 0;
 #endif
@@ -114,8 +159,15 @@ static void chunk_task(const att_args *a, int64_t i, int64_t g, int64_t j0, int6
         const uint16_t *q = qr + r * dh;
         for (int64_t j = 0; j < m; j += 16) {
             float s16[16];
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef EMBER_BF16_512
             if (vec) scores16(q, kr + j, dh, s16);
+#elif defined(EMBER_AVX2)
+            if (vec) {
+                if (j == 0)
+                    for (int64_t e = 0; e < dh; e++) qf[e] = bf2f(q[e]);
+                scores8(qf, kr + j, dh, s16);
+                if (j + 8 < m) scores8(qf, kr + j + 8, dh, s16 + 8);
+            }
 #endif
             for (int64_t jj = 0; jj < 16 && j + jj < m; jj++) {
                 float dot = 0.f;
@@ -131,7 +183,7 @@ static void chunk_task(const att_args *a, int64_t i, int64_t g, int64_t j0, int6
         }
         part[r * (dh + 2)] = exp_sum(sc[r], m, &part[r * (dh + 2) + 1]);
     }
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(EMBER_BF16_512) || defined(EMBER_AVX2)
     if (dh % 16 == 0) {
         switch (rep) {  /* constant trip counts keep the accumulators in registers */
             case 1: values(1, vr, m, dh, sc, part); return;

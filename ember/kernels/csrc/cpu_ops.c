@@ -80,7 +80,7 @@ void ember_rope_store(uint16_t *qkv, int64_t t, int64_t nq, int64_t nkv, int64_t
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef EMBER_BF16_512
 /* 16 outputs act(g) * u, act(g) rounded to bf16 first as torch does */
 static inline void act_mul16(const uint16_t *g, const uint16_t *u, uint16_t *o, int act) {
     const __m512 x = bf16x16(_mm256_loadu_si256((const __m256i *)g));
@@ -93,6 +93,17 @@ static inline void act_mul16(const uint16_t *g, const uint16_t *u, uint16_t *o, 
     const __m512 uv = bf16x16(_mm256_loadu_si256((const __m256i *)u));
     _mm256_storeu_si256((__m256i *)o, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(yr, uv)));
 }
+#elif defined(EMBER_AVX2)
+static inline void act_mul8(const uint16_t *g, const uint16_t *u, uint16_t *o, int act) {  /* act_mul16, 8 lanes */
+    const __m256 x = bf16x8(_mm_loadu_si128((const __m128i *)g));
+    __m256 z = _mm256_sub_ps(_mm256_setzero_ps(), x);
+    if (act == 1)
+        z = _mm256_mul_ps(_mm256_set1_ps(-1.5957691216f),
+                          _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x), _mm256_mul_ps(x, x), x));
+    const __m256 y = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), exp256(z)));
+    const __m256 uv = bf16x8(_mm_loadu_si128((const __m128i *)u));
+    _mm_storeu_si128((__m128i *)o, f2bf8(_mm256_mul_ps(bf16x8(f2bf8(y)), uv)));
+}
 #endif
 
 /* out [T, I] = act(gate) * up from gu [T, 2I] bf16; act 0: silu, 1: gelu (tanh approximation). */
@@ -102,8 +113,10 @@ void ember_act_mul(const uint16_t *gu, uint16_t *out, int64_t t, int64_t inter, 
         const uint16_t *g = gu + r * 2 * inter, *u = g + inter;
         uint16_t *o = out + r * inter;
         int64_t i = 0;
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef EMBER_BF16_512
         for (; i + 16 <= inter; i += 16) act_mul16(g + i, u + i, o + i, act);
+#elif defined(EMBER_AVX2)
+        for (; i + 8 <= inter; i += 8) act_mul8(g + i, u + i, o + i, act);
 #endif
         for (; i < inter; i++) {
             const float x = bf2f(g[i]);
@@ -111,4 +124,20 @@ void ember_act_mul(const uint16_t *gu, uint16_t *out, int64_t t, int64_t inter, 
             o[i] = f2bf(bf2f(f2bf(x / (1.f + fast_expf(z)))) * bf2f(u[i]));
         }
     }
+}
+
+/* which vector code this build runs (kernels/__init__.py ISAS): 0 plain C, 1 AVX2, 2 AVX2 + AVX-VNNI,
+ * 3 AVX512-VNNI + BF16 (the caller adds AMX when the OS grants it), 5 AVX512-VNNI without BF16 */
+int ember_isa(void) {
+#if defined(EMBER_QTILE_512) && defined(EMBER_BF16_512)
+    return 3;
+#elif defined(EMBER_QTILE_512)
+    return 5;
+#elif defined(EMBER_QTILE_256) && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
+    return 2;
+#elif defined(EMBER_QTILE_256)
+    return 1;
+#else
+    return 0;
+#endif
 }

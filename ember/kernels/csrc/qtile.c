@@ -17,25 +17,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "common.h"
+#include "qtile.h"
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
-#include <immintrin.h>
+#ifdef EMBER_QTILE_512
 
 int ember_qtile_available(void) { return 1; }
-
-typedef struct {
-    const uint8_t *codes;     /* [ntiles][nb][256 or 512] */
-    const uint16_t *s16, *o16; /* [ntiles][nb][16] or [ntiles][nb][2][16] */
-    int bits8;                /* 8-bit (512-byte) or 4-bit (256-byte) code blocks */
-    int sub16;                /* a scale and offset per 16 k (two halves of 4 groups each) */
-    int64_t nb;
-} tiled_w;
-
-typedef struct {  /* quantized activations */
-    int8_t *h, *l;  /* [M, K]; l only in the exact mode (NULL otherwise) */
-    float *d, *xs;  /* [M, nb]: d (d / 256 in the exact mode); sum of x per block ([M, nb, 2]: per half with sub16) */
-} qact;
 
 /* the 8 code groups of one (tile, block) as u8 vectors */
 static inline __attribute__((always_inline)) void load_codes(const tiled_w *w, int64_t t, int64_t b, __m512i *u) {
@@ -134,14 +120,10 @@ static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int
         }
 }
 
-/* C11 aligned_alloc wants a size that is a multiple of the alignment (macOS returns NULL otherwise) */
-static void *alloc64(size_t n) { return aligned_alloc(64, (n + 127) & ~(size_t)63); }
-
 /* x [M, K] (bf16 or fp32) -> h (and l in the exact mode), d, block sums; rows padded with zeros up to m_pad */
 static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, int64_t k, int sub16, int two) {
     const int64_t nb = k / 32;
-    qact a = {alloc64((size_t)(m_pad * k)), two ? alloc64((size_t)(m_pad * k)) : NULL,
-              alloc64((size_t)(m_pad * nb) * 4), alloc64((size_t)(m_pad * nb) * 8)};
+    qact a = qact_alloc(m_pad, k, two);
     memset(a.h + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
     if (two) memset(a.l + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
 #pragma omp parallel for schedule(static) if (m_rows * k > 65536)
@@ -173,13 +155,6 @@ static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, in
         }
     }
     return a;
-}
-
-static void release(qact *a) {
-    free(a->h);
-    free(a->l);  /* NULL outside the exact mode: free(NULL) is a no-op */
-    free(a->d);
-    free(a->xs);
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
@@ -306,7 +281,7 @@ int ember_qtile_amx_built(void) { return 1; }
 int ember_qtile_amx_built(void) { return 0; }
 int ember_amx_available(void) { return 0; }
 #endif
-#else
+#elif !defined(EMBER_QTILE_256)  /* neither build: packed weights take PyTorch's int4 kernel instead */
 int ember_amx_available(void) { return 0; }
 int ember_qtile_available(void) { return 0; }
 int ember_qtile_amx_built(void) { return 0; }

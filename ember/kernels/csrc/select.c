@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "common.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -51,6 +52,19 @@ int ember_topk_rows(const float *x, int64_t rows, int64_t n, int64_t k, float *v
             }
         }
         nan |= nans != 0;
+#elif defined(EMBER_AVX2)
+        __m256 nans = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+            const __m256 xv = _mm256_loadu_ps(xr + i);
+            nans = _mm256_or_ps(nans, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+            unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(xv, _mm256_set1_ps(v[k - 1]), _CMP_GT_OQ));
+            while (m) {
+                const int j = __builtin_ctz(m);
+                if (xr[i + j] > v[k - 1]) insert(v, ix, k, xr[i + j], i + j);
+                m &= m - 1;
+            }
+        }
+        nan |= _mm256_movemask_ps(nans) != 0;
 #endif
         for (; i < n; i++) {
             nan |= isnan(xr[i]);
@@ -80,6 +94,15 @@ int ember_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *idx) {
         }
         nan = nans != 0;
         best = _mm512_reduce_max_ps(mx);
+#elif defined(EMBER_AVX2)
+        __m256 mx = _mm256_set1_ps(-INFINITY), nans = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+            const __m256 xv = _mm256_loadu_ps(xr + i);
+            nans = _mm256_or_ps(nans, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+            mx = _mm256_max_ps(mx, xv);
+        }
+        nan = _mm256_movemask_ps(nans) != 0;
+        best = hmax8(mx);
 #endif
         for (; i < n; i++) {
             nan |= isnan(xr[i]);
@@ -94,6 +117,14 @@ int ember_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *idx) {
             const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(xr + at), _mm512_set1_ps(best), _CMP_EQ_OQ);
             if (m) {
                 at += __builtin_ctz(m);
+                break;
+            }
+        }
+#elif defined(EMBER_AVX2)
+        for (; at + 8 <= n; at += 8) {
+            const int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xr + at), _mm256_set1_ps(best), _CMP_EQ_OQ));
+            if (m) {
+                at += __builtin_ctz((unsigned)m);
                 break;
             }
         }

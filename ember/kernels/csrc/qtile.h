@@ -1,0 +1,38 @@
+/* Shared by the two builds of the packed matmul: qtile.c (AVX512-VNNI, AMX) and qtile_avx2.c (AVX2, AVX-VNNI).
+ * Both read the same tiles and quantize activations to the same integers, and share one float epilogue per
+ * lane, so they give the same bits. */
+#pragma once
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "common.h"
+
+typedef struct {
+    const uint8_t *codes;      /* [ntiles][nb][256 or 512] */
+    const uint16_t *s16, *o16; /* [ntiles][nb][16] or [ntiles][nb][2][16] */
+    int bits8;                 /* 8-bit (512-byte) or 4-bit (256-byte) code blocks */
+    int sub16;                 /* a scale and offset per 16 k (two halves of 4 groups each) */
+    int64_t nb;
+} tiled_w;
+
+typedef struct {  /* quantized activations */
+    int8_t *h, *l;  /* [M, K]; l only in the exact mode (NULL otherwise) */
+    float *d, *xs;  /* [M, nb]: d (d / 256 in the exact mode); sum of x per block ([M, nb, 2]: per half with sub16) */
+} qact;
+
+/* C11 aligned_alloc wants a size that is a multiple of the alignment (macOS returns NULL otherwise) */
+static inline void *alloc64(size_t n) { return aligned_alloc(64, (n + 127) & ~(size_t)63); }
+
+static inline qact qact_alloc(int64_t m_pad, int64_t k, int two) {
+    const int64_t nb = k / 32;
+    qact a = {alloc64((size_t)(m_pad * k)), two ? alloc64((size_t)(m_pad * k)) : NULL,
+              alloc64((size_t)(m_pad * nb) * 4), alloc64((size_t)(m_pad * nb) * 8)};
+    return a;
+}
+
+static inline void release(qact *a) {
+    free(a->h);
+    free(a->l);  /* NULL outside the exact mode: free(NULL) is a no-op */
+    free(a->d);
+    free(a->xs);
+}

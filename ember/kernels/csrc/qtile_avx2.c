@@ -1,0 +1,188 @@
+/* The packed matmul of qtile.c for CPUs without AVX512: AVX2 + FMA + F16C (x86-64-v3), with AVX-VNNI's
+ * 256-bit vpdpbusd where the CPU has it (Alder Lake and later), else vpmaddubsw + vpmaddwd.
+ *
+ * Same tiles, same activation integers, same per-lane float epilogue as qtile.c, so both builds give the
+ * same bits. A tile's 16 weight rows are two halves of 8 lanes (bytes 0-31 and 32-63 of each 64-byte code
+ * group), done one after the other on each block, so the codes stream from memory once.
+ *
+ * Without VNNI the int8 products are summed in int16 lanes first (vpmaddubsw: u8 x s8, pairs added), which
+ * must not saturate: codes of 4 bits times |h| <= 128 give <= 3840 per group, <= 30720 for 8 groups. Codes
+ * of more bits (5, 6, 8) are split into two nibbles, u = lo + 16 hi, each summed that way. */
+#pragma GCC optimize("no-fast-math")  /* the float epilogue must round as qtile.c's does */
+#include <string.h>
+
+#include "qtile.h"
+
+#ifdef EMBER_QTILE_256
+
+#if defined(__AVXVNNI__)
+#define VNNI256(acc, u, h) _mm256_dpbusd_avx_epi32(acc, u, h)
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)  /* the EVEX form: lets an AVX512 CPU test this path */
+#define VNNI256(acc, u, h) _mm256_dpbusd_epi32(acc, u, h)
+#endif
+
+int ember_qtile_available(void) { return 1; }
+int ember_qtile_amx_built(void) { return 0; }
+int ember_amx_available(void) { return 0; }
+
+/* code group g (0..7) of weight rows 8 r8 .. 8 r8 + 7 in one (tile, block): 8 rows x 4 k, as u8 */
+static inline __attribute__((always_inline)) __m256i group_codes(const int bits8, const uint8_t *blk, int g, int r8) {
+    if (bits8) return _mm256_loadu_si256((const __m256i *)(blk + g * 64 + r8 * 32));
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + (g >> 1) * 64 + r8 * 32));
+    return _mm256_and_si256(g & 1 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
+}
+
+/* s[m] = sum over groups g0 .. g0 + ng of the 8 rows' codes . activation row m's 4 int8 of each group
+ * (q: the activation parts, h or l, of rows m0.. at this block), exact int32 */
+static inline __attribute__((always_inline)) void dots(const int MR, const int bits8, const uint8_t *blk, int r8,
+                                                       int g0, int ng, const int8_t *q, int64_t k, __m256i *s) {
+#ifdef VNNI256
+    (void)bits8;
+    for (int m = 0; m < MR; m++) s[m] = _mm256_setzero_si256();
+    for (int g = g0; g < g0 + ng; g++) {
+        const __m256i u = group_codes(bits8, blk, g, r8);
+        for (int m = 0; m < MR; m++)
+            s[m] = VNNI256(s[m], u, _mm256_set1_epi32(((const int32_t *)(q + m * k))[g]));
+    }
+#else
+    __m256i lo[4], hi[4];
+    for (int m = 0; m < MR; m++) lo[m] = hi[m] = _mm256_setzero_si256();
+    const __m256i nib = _mm256_set1_epi8(15);
+    for (int g = g0; g < g0 + ng; g++) {
+        const __m256i u = group_codes(bits8, blk, g, r8);
+        const __m256i ul = bits8 ? _mm256_and_si256(u, nib) : u;
+        const __m256i uh = _mm256_and_si256(_mm256_srli_epi16(u, 4), nib);  /* bits8 only */
+        for (int m = 0; m < MR; m++) {
+            const __m256i a = _mm256_set1_epi32(((const int32_t *)(q + m * k))[g]);
+            lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(ul, a));
+            if (bits8) hi[m] = _mm256_add_epi16(hi[m], _mm256_maddubs_epi16(uh, a));
+        }
+    }
+    for (int m = 0; m < MR; m++) {
+        s[m] = _mm256_madd_epi16(lo[m], _mm256_set1_epi16(1));
+        if (bits8) s[m] = _mm256_add_epi32(s[m], _mm256_madd_epi16(hi[m], _mm256_set1_epi16(16)));
+    }
+#endif
+}
+
+static inline void store_out8(__m256 v, int64_t m, int64_t n, int64_t r0, float *y_f32, uint16_t *y_bf16) {
+    float tmp[8];
+    _mm256_storeu_ps(tmp, v);
+    for (int64_t i = 0; i < 8 && r0 + i < n; i++) {
+        if (y_f32) y_f32[m * n + r0 + i] = tmp[i];
+        else y_bf16[m * n + r0 + i] = f2bf(tmp[i]);
+    }
+}
+
+/* one tile of 16 weight rows against activation rows m0 .. m0 + MR (MR <= 4; TWO: the exact mode; BITS8 =
+ * w->bits8, a constant here so the code width costs no branch) */
+static inline __attribute__((always_inline)) void tile_kernel(const int MR, const int TWO, const int BITS8,
+                                                              const tiled_w *w, const qact *a, int64_t t, int64_t m0,
+                                                              int64_t n, int64_t k, float *y_f32, uint16_t *y_bf16) {
+    __m256 acc[2][4];
+    for (int r8 = 0; r8 < 2; r8++)
+        for (int m = 0; m < MR; m++) acc[r8][m] = _mm256_setzero_ps();
+    const int halves = w->sub16 ? 2 : 1, gpart = 8 / halves;
+    const int64_t cb = BITS8 ? 512 : 256;
+    for (int64_t b = 0; b < w->nb; b++) {
+        const uint8_t *blk = w->codes + (t * w->nb + b) * cb;
+        for (int64_t o = 0; o < cb; o += 64) _mm_prefetch((const char *)(blk + 4096 + o), _MM_HINT_T0);
+        for (int r8 = 0; r8 < 2; r8++)
+            for (int hf = 0; hf < halves; hf++) {
+                __m256i hs[4], ls[4];
+                dots(MR, BITS8, blk, r8, hf * gpart, gpart, a->h + m0 * k + b * 32, k, hs);
+                if (TWO) dots(MR, BITS8, blk, r8, hf * gpart, gpart, a->l + m0 * k + b * 32, k, ls);
+                const int64_t at = ((t * w->nb + b) * halves + hf) * 16 + r8 * 8;
+                const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->s16 + at)));
+                const __m256 ov = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->o16 + at)));
+                for (int m = 0; m < MR; m++) {  /* qtile.c's epilogue, 8 lanes */
+                    const __m256 f = _mm256_cvtepi32_ps(TWO ? _mm256_add_epi32(_mm256_slli_epi32(hs[m], 8), ls[m]) : hs[m]);
+                    const int64_t ab = (m0 + m) * w->nb + b;
+                    acc[r8][m] = _mm256_fmadd_ps(f, _mm256_mul_ps(sv, _mm256_set1_ps(a->d[ab])), acc[r8][m]);
+                    acc[r8][m] = _mm256_fmadd_ps(ov, _mm256_set1_ps(a->xs[ab * halves + hf]), acc[r8][m]);
+                }
+            }
+    }
+    for (int r8 = 0; r8 < 2; r8++)
+        for (int m = 0; m < MR; m++) store_out8(acc[r8][m], m0 + m, n, t * 16 + r8 * 8, y_f32, y_bf16);
+}
+
+static inline __attribute__((always_inline)) void gemv_tile(const int MR, const int TWO, const tiled_w *w,
+                                                            const qact *a, int64_t t, int64_t m0, int64_t n,
+                                                            int64_t k, float *y_f32, uint16_t *y_bf16) {
+    if (w->bits8) tile_kernel(MR, TWO, 1, w, a, t, m0, n, k, y_f32, y_bf16);
+    else tile_kernel(MR, TWO, 0, w, a, t, m0, n, k, y_f32, y_bf16);
+}
+
+static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
+                 uint16_t *y_bf16) {
+    const int64_t ntiles = (n + 15) / 16;
+    const int two = a->l != NULL;
+#pragma omp parallel for schedule(static) if (n * k > 65536)
+    for (int64_t t = 0; t < ntiles; t++)
+        for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
+            switch ((m_rows - m0 < 4 ? m_rows - m0 : 4) + 4 * two) {  /* constant MR and mode per case */
+                case 1: gemv_tile(1, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 2: gemv_tile(2, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 3: gemv_tile(3, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 4: gemv_tile(4, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 5: gemv_tile(1, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 6: gemv_tile(2, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 7: gemv_tile(3, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                default: gemv_tile(4, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+            }
+        }
+}
+
+/* 4 x 8 int32 (each in int8 range) -> 32 int8 in order */
+static inline __m256i pack8x4(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+    return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* x [M, K] (bf16 or fp32) -> the integers, scales and block sums of qtile.c's quantize, bit for bit */
+static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t k, int sub16, int two) {
+    const int64_t nb = k / 32;
+    qact a = qact_alloc(m_rows, k, two);
+#pragma omp parallel for schedule(static) if (m_rows * k > 65536)
+    for (int64_t i = 0; i < m_rows * nb; i++) {
+        const int64_t m = i / nb, b = i % nb, at = m * k + b * 32;
+        __m256 v[4];  /* x[0..8), [8..16), [16..24), [24..32): qtile.c's v[0] = v[0..1], v[1] = v[2..3] */
+        for (int j = 0; j < 4; j++)
+            v[j] = x_f32 ? _mm256_loadu_ps((const float *)x + at + j * 8)
+                         : bf16x8(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + at + j * 8)));
+        const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        const float amax = hmax8(_mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+                                               _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs))));
+        if (sub16) {  /* _mm512_reduce_add_ps halves first: the upper 8 lanes plus the lower 8 */
+            a.xs[2 * i] = hsum8(_mm256_add_ps(v[1], v[0]));
+            a.xs[2 * i + 1] = hsum8(_mm256_add_ps(v[3], v[2]));
+        } else {
+            a.xs[i] = hsum8(_mm256_add_ps(_mm256_add_ps(v[1], v[3]), _mm256_add_ps(v[0], v[2])));
+        }
+        a.d[i] = two ? amax / 127.f / 256.f : amax / 127.f;
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        __m256i h[4], l[4];
+        for (int j = 0; j < 4; j++) {
+            const __m256 tq = _mm256_mul_ps(v[j], inv);
+            h[j] = _mm256_cvtps_epi32(tq);  /* round to nearest even */
+            const __m256 r = _mm256_mul_ps(_mm256_sub_ps(tq, _mm256_cvtepi32_ps(h[j])), _mm256_set1_ps(256.f));
+            l[j] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(-128)), _mm256_set1_epi32(127));
+        }
+        _mm256_storeu_si256((__m256i *)(a.h + at), pack8x4(h[0], h[1], h[2], h[3]));
+        if (two) _mm256_storeu_si256((__m256i *)(a.l + at), pack8x4(l[0], l[1], l[2], l[3]));
+    }
+    return a;
+}
+
+/* y[m, n] = sum_k x[m, k] w[n, k]; the signature of qtile.c's (use_amx: there is no AMX here) */
+void ember_qtile_matmul(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
+                        const void *x, int64_t x_f32, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
+                        uint16_t *y_bf16, int64_t use_amx) {
+    (void)use_amx;
+    const tiled_w w = {codes, s16, o16, (int)(mode & 1), (int)(mode >> 1 & 1), k / 32};
+    qact a = quantize(x, (int)x_f32, m_rows, k, w.sub16, (int)(mode >> 2 & 1));
+    gemv(&w, &a, m_rows, n, k, y_f32, y_bf16);
+    release(&a);
+}
+#endif
