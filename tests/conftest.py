@@ -28,7 +28,7 @@ def gemma_gguf() -> Path:
 @pytest.fixture(params=["kernels", "plain-torch"])
 def cpu_backend(request, monkeypatch) -> str:
     """Run a test twice: on ember's C kernels (when they build here) and on the plain PyTorch path
-    (torch's int4 kernel, eager ops) that machines without a compiler or AVX512-BF16 get."""
+    (torch's int4 kernel, eager ops) that machines without a compiler or AVX2 get."""
     from ember.kernels import cpu_ops, ops
     from ember.quant import packed
 

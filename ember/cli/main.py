@@ -270,7 +270,7 @@ def bench(
     measure continuous batching instead: N distinct prompts of --prompt-len tokens arrive at once and
     each generates --gen-len tokens."""
     from ember import bench as b
-    from ember import bench_llama_cpp
+    from ember import bench_llama_cpp, kernels
     from ember.hub import DEFAULT_MODEL, resolve_model
 
     peers = list(vs or [])
@@ -297,8 +297,8 @@ def bench(
     ids = b.prompt_ids(path, prompt_len)
     quant = quantize.value if quantize else None
     print(f"[bench] {path.name}: prompt {len(ids)} tokens, {gen_len} generated, {trials} trials, "
-          f"{n_threads} threads" + (f", ember quantized to {quant} on load (peers as stored)" if quant else ""),
-          file=sys.stderr)
+          f"{n_threads} threads, ember's kernels: {kernels.isa()}"
+          + (f", ember quantized to {quant} on load (peers as stored)" if quant else ""), file=sys.stderr)
     if concurrency:
         if quant or any(c < 1 for c in concurrency):
             raise EmberError("--concurrency takes counts >= 1 (and no --quantize yet)")

@@ -113,7 +113,7 @@ def select_method(shards: list[RawTensor], dtype: torch.dtype, device: torch.dev
         return Int8Method() if quantize.method == "int8" else BnbMethod(quantize)
     if gptq_ok(shards, dtype, device):  # GPTQ / AWQ that fit group 32 on the CPU kernel; the rest run dense
         return GPTQMethod()
-    if packed_ok(shards, dtype, device):  # ember's own kernel (AVX512-BF16); else PyTorch's int4 kernel
+    if packed_ok(shards, dtype, device):  # ember's own kernel (AVX512 or AVX2); else PyTorch's int4 kernel
         return PackedBlocksMethod()
     if int4_ok(shards, dtype, device):
         return Int4Method()

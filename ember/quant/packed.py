@@ -1,4 +1,5 @@
-"""GGUF block codes kept packed in ember's tile layout and run by ember's int8 kernel (kernels/csrc/qtile.c).
+"""GGUF block codes kept packed in ember's tile layout and run by ember's int8 kernel (kernels/csrc/qtile.c;
+qtile_avx2.c on CPUs without AVX512, the same bits).
 
 Rows go in tiles of 16; per (tile, block of 32) the 16 rows' codes sit in the operand order of the CPU's
 int8 dot-product instructions: 4-bit codes as nibbles (256 bytes, 16 bytes per row-block as Q4_1 itself),

@@ -170,6 +170,9 @@ def test_bench_runs_and_names_bad_peers(smollm_gguf):
     line = next(ln for ln in r.stderr.splitlines() if "machine read bandwidth" in ln)
     read_gbs, share = float(line.split("bandwidth ")[1].split(" GB/s")[0]), line.rsplit("ember ", 1)[1]
     assert read_gbs > 1 and share.endswith("%")
+    from ember import kernels
+
+    assert f"ember's kernels: {kernels.isa()}" in r.stderr  # which vector code ran: AVX512, AVX2, plain C, off
     assert abs(float(share[:-1]) / 100 * read_gbs - float(cells[4])) < 0.1 + 0.02 * float(cells[4])  # GB/s / read
     r = run("bench", "-m", str(smollm_gguf), "--vs", "vllm")
     assert r.returncode == 1 and "unknown peer" in r.stderr and "Traceback" not in r.stderr

@@ -123,7 +123,7 @@ def _q8(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(b / torch.where(d > 0, d, 1)) * d).view(x.shape)
 
 
-@pytest.mark.skipif(not packed.available(), reason="needs AVX512-VNNI")
+@pytest.mark.skipif(not packed.available(), reason="needs the tile kernel (AVX2 or AVX512)")
 @pytest.mark.parametrize("bits,group", [(4, 32), (5, 32), (6, 32), (8, 32), (6, 16), (4, 16)])
 @pytest.mark.parametrize("k", [576, 96])
 @pytest.mark.parametrize("act_bits", [8, 16])
@@ -160,7 +160,7 @@ def test_tile_matmul(bits, group, k, act_bits):
         torch.testing.assert_close(yb.double(), want(x.to(BF).float()), rtol=0, atol=8e-3 * ref.abs().max().item())
 
 
-@pytest.mark.skipif(not packed.available(), reason="needs AVX512-VNNI")
+@pytest.mark.skipif(not packed.available(), reason="needs the tile kernel (AVX2 or AVX512)")
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (6, 16)])
 @pytest.mark.parametrize("m", [5, 16, 17, 70])
 @pytest.mark.parametrize("act_bits", [8, 16])
@@ -179,7 +179,7 @@ def test_batched_rows_equal_single_rows(bits, group, m, act_bits, monkeypatch):
     assert torch.equal(packed.matmul(layer, x, 50, torch.float32), batched)
 
 
-@pytest.mark.skipif(not packed.available(), reason="needs AVX512-VNNI")
+@pytest.mark.skipif(not packed.available(), reason="needs the tile kernel (AVX2 or AVX512)")
 def test_packed_scales_round_as_torch_half():
     """Packing rounds fp32 scales / offsets to fp16 as torch does: ties to even, subnormals, overflow to inf."""
     edge = torch.tensor([0.0, -0.0, 1.0, 1 + 2**-11, 1 + 3 * 2**-11, 65504.0, 65519.0, 65520.0, -1e9, 2**-24,
@@ -196,7 +196,7 @@ def test_packed_scales_round_as_torch_half():
 def test_zero_activation_block():
     """A block of zeros (max |x| = 0) must give 0, not NaN."""
     if not packed.available():
-        pytest.skip("needs AVX512-VNNI")
+        pytest.skip("needs the tile kernel (AVX2 or AVX512)")
     c = _canonical(16, 64, 4, 1)
     layer = nn.Module()
     packed.pack_chunks(layer, [c], *c.q.shape, 4, None)
