@@ -85,7 +85,7 @@ def _attach(layer: nn.Module, codes: torch.Tensor, s16: torch.Tensor, o16: torch
     layer.codes = nn.Parameter(codes, requires_grad=False)
     layer.s16 = nn.Parameter(s16, requires_grad=False)
     layer.o16 = nn.Parameter(o16, requires_grad=False)
-    layer.n_out, layer.bits8, layer.sub16 = n, bits > 4, sub16
+    layer.n_out, layer.bits8, layer.sub16, layer.narrow = n, bits > 4, sub16, 4 < bits <= 6
     layer.act16 = True  # the exact two-part activations unless set_act_bits says otherwise
     layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
 
@@ -130,8 +130,10 @@ def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], n: int, k: int, b
 
 
 def mode(layer: nn.Module) -> int:
-    """The kernel's flags: 1 = byte codes, 2 = a scale per 16, 4 = the exact two-part activations."""
-    return int(layer.bits8) | 2 * int(layer.sub16) | 4 * int(getattr(layer, "act16", True))
+    """The kernel's flags: 1 = byte codes, 2 = a scale per 16, 4 = the exact two-part activations, 8 = byte codes
+    all below 64 (5-6 bits: the AVX2 kernel sums them in int16 without splitting them into nibbles)."""
+    return (int(layer.bits8) | 2 * int(layer.sub16) | 4 * int(getattr(layer, "act16", True))
+            | 8 * int(getattr(layer, "narrow", False)))
 
 
 ACT_BITS = (8, 16)

@@ -96,14 +96,18 @@ def _weights(n, k, bits8, sub16, g, high=None):
     return codes, s16, o16
 
 
-@pytest.mark.parametrize("bits8,sub16,two", list(itertools.product([0, 1], repeat=3)))
-def test_tile_matmul_same_bits_as_avx512(libs, bits8, sub16, two):
-    """Every weight layout (nibbles / bytes, a scale per 32 / 16) and activation mode, 1-17 rows (the gemv's
-    4-row groups and their remainders), a ragged last tile, bf16 and fp32 in and out: the same bits."""
-    g = torch.Generator().manual_seed(bits8 + 2 * sub16 + 4 * two)
+@pytest.mark.parametrize("bits8,sub16,two,narrow", [(*c, 0) for c in itertools.product([0, 1], repeat=3)]
+                         + [(1, sub16, two, 1) for sub16, two in itertools.product([0, 1], repeat=2)])
+def test_tile_matmul_same_bits_as_avx512(libs, bits8, sub16, two, narrow):
+    """Every weight layout (nibbles / bytes / bytes below 64, a scale per 32 / 16) and activation mode, 1-17
+    rows (the gemv's 4-row groups and their remainders, one or both tile halves at once), a ragged last tile,
+    bf16 and fp32 in and out: the same bits."""
+    g = torch.Generator().manual_seed(bits8 + 2 * sub16 + 4 * two + 8 * narrow)
     n, k = 40, 256
     codes, s16, o16 = _weights(n, k, bits8, sub16, g)
-    mode = bits8 | sub16 << 1 | two << 2
+    if narrow:
+        codes &= 63  # 6-bit codes, as Q6_K's
+    mode = bits8 | sub16 << 1 | two << 2 | narrow << 3
     for m, f32, xdt in itertools.product((1, 3, 5, 17), (True, False), (torch.bfloat16, torch.float32)):
         x = torch.randn(m, k, generator=g).to(xdt)
         want = _run(libs["native"], codes, mode, s16, o16, x, n, f32)
@@ -111,19 +115,20 @@ def test_tile_matmul_same_bits_as_avx512(libs, bits8, sub16, two):
             assert torch.equal(_run(lib, codes, mode, s16, o16, x, n, f32), want), (name, m, f32, xdt)
 
 
-@pytest.mark.parametrize("bits8", [0, 1])
+@pytest.mark.parametrize("code", [15, 63, 255])
 @pytest.mark.parametrize("two", [0, 1])
-def test_tile_matmul_extremes_do_not_saturate(libs, bits8, two):
-    """The largest codes (15 / 255) times the most negative activation (-127 in every lane): AVX2 without VNNI
-    sums byte products in int16 lanes, which would saturate at 255 * 127 * 2; the kernel must not."""
+def test_tile_matmul_extremes_do_not_saturate(libs, code, two):
+    """The largest codes (4, 6, 8 bits) times the most negative activation (-127 in every lane): AVX2 without
+    VNNI sums byte products in int16 lanes, which would saturate at 255 * 127 * 2 (or 63 * 127 * 2 summed over
+    3 groups); the kernel must not."""
     g = torch.Generator().manual_seed(7)
     n, k = 16, 64
-    codes, s16, o16 = _weights(n, k, bits8, 0, g, high=255)
+    bits8, narrow = int(code > 15), int(code == 63)
+    codes, s16, o16 = _weights(n, k, bits8, 0, g, high=255 if code == 15 else code)
     x = -torch.ones(2, k)  # every block's h = -127 (and its low part 0)
     s = s16.float()[0].repeat_interleave(32, 0)  # [K, N]: the scale per (k, row)
     o = o16.float()[0].repeat_interleave(32, 0)
-    q = 255.0 if bits8 else 15.0
-    ref = (x.double() @ (q * s + o).double())  # [2, N]: exact, the activations are exactly -127 * d
+    ref = (x.double() @ (code * s + o).double())  # [2, N]: exact, the activations are exactly -127 * d
     for name, lib in libs.items():
-        y = _run(lib, codes, bits8 | two << 2, s16, o16, x, n, True)
+        y = _run(lib, codes, bits8 | two << 2 | narrow << 3, s16, o16, x, n, True)
         torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6, msg=name)

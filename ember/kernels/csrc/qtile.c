@@ -61,14 +61,25 @@ static inline void store_out(__m512 v, int64_t m, int64_t n, int64_t r0, float *
     for (int64_t i = 0; i < rows; i++) y_bf16[m * n + r0 + i] = f2bf(tmp[i]);
 }
 
-/* one tile of 16 weight rows against activation rows m0 .. m0 + MR (MR <= 4 and TWO, the exact mode: constant
- * per call site, so the loop has no branch) */
-static inline __attribute__((always_inline)) void gemv_tile(const int MR, const int TWO, const tiled_w *w,
-                                                            const qact *a, int64_t t, int64_t m0, int64_t n,
-                                                            int64_t k, float *y_f32, uint16_t *y_bf16) {
+/* sum over groups g0 .. g0 + NG of u[g] . q[g] (4 int8 each), exact: in two chains where the caller has few
+ * sums going, since one chain waits on vpdpbusd's latency */
+static inline __attribute__((always_inline)) __m512i dots16(const int NG, const int CH, const __m512i *u, int g0,
+                                                            const int32_t *q) {
+    __m512i c[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int g = 0; g < NG; g++) c[g % CH] = _mm512_dpbusd_epi32(c[g % CH], u[g0 + g], _mm512_set1_epi32(q[g]));
+    return CH == 2 ? _mm512_add_epi32(c[0], c[1]) : c[0];
+}
+
+/* one tile of 16 weight rows against activation rows m0 .. m0 + MR (MR <= 4, TWO: the exact mode, SUB16: a
+ * scale per 16: constants per call site, so the loops unroll, the code groups stay in registers and the loop
+ * has no branch) */
+static inline __attribute__((always_inline)) void gemv_tile(const int MR, const int TWO, const int SUB16,
+                                                            const tiled_w *w, const qact *a, int64_t t, int64_t m0,
+                                                            int64_t n, int64_t k, float *y_f32, uint16_t *y_bf16) {
     __m512 acc[4];
     for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps();
-    const int halves = w->sub16 ? 2 : 1, gpart = 8 / halves;  /* code groups per scale */
+    const int halves = SUB16 ? 2 : 1, gpart = 8 / halves;  /* code groups per scale */
+    const int CH = MR * (1 + TWO) < 4 ? 2 : 1;
     const int64_t cb = w->bits8 ? 512 : 256;
     for (int64_t b = 0; b < w->nb; b++) {
         __m512i u[8];
@@ -82,21 +93,23 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
             const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->s16 + at)));
             const __m512 ov = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + at)));
             for (int m = 0; m < MR; m++) {
-                const int32_t *h = (const int32_t *)(a->h + (m0 + m) * k + b * 32) + hf * gpart;
-                __m512i hs = _mm512_setzero_si512(), ls = _mm512_setzero_si512();
-                for (int g = 0; g < gpart; g++)
-                    hs = _mm512_dpbusd_epi32(hs, u[hf * gpart + g], _mm512_set1_epi32(h[g]));
-                if (TWO) {
-                    const int32_t *l = (const int32_t *)(a->l + (m0 + m) * k + b * 32) + hf * gpart;
-                    for (int g = 0; g < gpart; g++)
-                        ls = _mm512_dpbusd_epi32(ls, u[hf * gpart + g], _mm512_set1_epi32(l[g]));
-                }
+                const int64_t q = (m0 + m) * k + b * 32 + hf * gpart * 4;
+                const __m512i hs = dots16(gpart, CH, u, hf * gpart, (const int32_t *)(a->h + q));
+                const __m512i ls = TWO ? dots16(gpart, CH, u, hf * gpart, (const int32_t *)(a->l + q))
+                                       : _mm512_setzero_si512();
                 acc[m] = epilogue(acc[m], hs, ls, sv, ov, a->d[(m0 + m) * w->nb + b],
                                   a->xs[((m0 + m) * w->nb + b) * halves + hf], TWO);
             }
         }
     }
     for (int m = 0; m < MR; m++) store_out(acc[m], m0 + m, n, t * 16, y_f32, y_bf16);
+}
+
+static inline __attribute__((always_inline)) void gemv_rows(const int MR, const int TWO, const tiled_w *w,
+                                                            const qact *a, int64_t t, int64_t m0, int64_t n,
+                                                            int64_t k, float *y_f32, uint16_t *y_bf16) {
+    if (w->sub16) gemv_tile(MR, TWO, 1, w, a, t, m0, n, k, y_f32, y_bf16);
+    else gemv_tile(MR, TWO, 0, w, a, t, m0, n, k, y_f32, y_bf16);
 }
 
 static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
@@ -108,14 +121,14 @@ static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int
         for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
             /* constant MR and mode per case: accumulators in registers, no branch in the loop */
             switch ((m_rows - m0 < 4 ? m_rows - m0 : 4) + 4 * two) {
-                case 1: gemv_tile(1, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 2: gemv_tile(2, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 3: gemv_tile(3, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 4: gemv_tile(4, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 5: gemv_tile(1, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 6: gemv_tile(2, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 7: gemv_tile(3, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                default: gemv_tile(4, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 1: gemv_rows(1, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 2: gemv_rows(2, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 3: gemv_rows(3, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 4: gemv_rows(4, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 5: gemv_rows(1, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 6: gemv_rows(2, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                case 7: gemv_rows(3, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+                default: gemv_rows(4, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
             }
         }
 }

@@ -13,6 +13,7 @@ typedef struct {
     int bits8;                 /* 8-bit (512-byte) or 4-bit (256-byte) code blocks */
     int sub16;                 /* a scale and offset per 16 k (two halves of 4 groups each) */
     int64_t nb;
+    int narrow;                /* byte codes all below 64 (5-6 bits; mode flag 8): the AVX2 kernel sums more in int16 */
 } tiled_w;
 
 typedef struct {  /* quantized activations */

@@ -6,8 +6,7 @@
  * group), done one after the other on each block, so the codes stream from memory once.
  *
  * Without VNNI the int8 products are summed in int16 lanes first (vpmaddubsw: u8 x s8, pairs added), which
- * must not saturate: codes of 4 bits times |h| <= 128 give <= 3840 per group, <= 30720 for 8 groups. Codes
- * of more bits (5, 6, 8) are split into two nibbles, u = lo + 16 hi, each summed that way. */
+ * must not saturate (see sums4). */
 #pragma GCC optimize("no-fast-math")  /* the float epilogue must round as qtile.c's does */
 #include <string.h>
 
@@ -32,36 +31,82 @@ static inline __attribute__((always_inline)) __m256i group_codes(const int bits8
     return _mm256_and_si256(g & 1 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
 }
 
-/* s[m] = sum over groups g0 .. g0 + ng of the 8 rows' codes . activation row m's 4 int8 of each group
- * (q: the activation parts, h or l, of rows m0.. at this block), exact int32 */
-static inline __attribute__((always_inline)) void dots(const int MR, const int bits8, const uint8_t *blk, int r8,
-                                                       int g0, int ng, const int8_t *q, int64_t k, __m256i *s) {
+static inline __attribute__((always_inline)) __m256i bcast4(const int8_t *q) {  /* 4 int8 to every lane */
+    return _mm256_set1_epi32(*(const int32_t *)q);
+}
+
+enum { NIB = 0, BYTE6 = 1, BYTE8 = 2 };  /* codes: 4-bit nibbles, bytes < 64 (5-6 bits), any bytes */
+
+/* The exact int32 sums s[p][r][m] of NG code groups from g0 (8: a block; 4: half of one, a scale of Q6_K) for
+ * part p of the activations (h, l), tile half r0 + r (8 rows, one per lane) and activation row m. Every bound
+ * is a compile-time constant, so the loops unroll and the sums stay in registers; NH = 2 does both tile halves
+ * on one broadcast of each activation group. Integer sums are exact in any order: the AVX512 build's bits. */
+static inline __attribute__((always_inline)) void sums(const int MR, const int TWO, const int CODE, const int NH,
+                                                       const int NG, const uint8_t *blk, int r0, int g0,
+                                                       const int8_t *qh, const int8_t *ql, int64_t k,
+                                                       __m256i s[2][2][4]) {
+    const int P = 1 + TWO;
 #ifdef VNNI256
-    (void)bits8;
-    for (int m = 0; m < MR; m++) s[m] = _mm256_setzero_si256();
-    for (int g = g0; g < g0 + ng; g++) {
-        const __m256i u = group_codes(bits8, blk, g, r8);
+    /* two chains per sum where there are few sums: vpdpbusd's latency, not its throughput, bounds one chain */
+    const int CH = MR * P * NH < 4 ? 2 : 1;
+    __m256i c[2][2][2][4];
+    for (int ch = 0; ch < CH; ch++)
+        for (int p = 0; p < P; p++)
+            for (int r = 0; r < NH; r++)
+                for (int m = 0; m < MR; m++) c[ch][p][r][m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int g = g0; g < g0 + NG; g++) {
+        __m256i u[2];
+        for (int r = 0; r < NH; r++) u[r] = group_codes(CODE != NIB, blk, g, r0 + r);
         for (int m = 0; m < MR; m++)
-            s[m] = VNNI256(s[m], u, _mm256_set1_epi32(((const int32_t *)(q + m * k))[g]));
+            for (int p = 0; p < P; p++) {
+                const __m256i a = bcast4((p ? ql : qh) + m * k + g * 4);
+                for (int r = 0; r < NH; r++) c[g % CH][p][r][m] = VNNI256(c[g % CH][p][r][m], u[r], a);
+            }
     }
+    for (int p = 0; p < P; p++)
+        for (int r = 0; r < NH; r++)
+            for (int m = 0; m < MR; m++)
+                s[p][r][m] = CH == 2 ? _mm256_add_epi32(c[0][p][r][m], c[1][p][r][m]) : c[0][p][r][m];
 #else
-    __m256i lo[4], hi[4];
-    for (int m = 0; m < MR; m++) lo[m] = hi[m] = _mm256_setzero_si256();
-    const __m256i nib = _mm256_set1_epi8(15);
-    for (int g = g0; g < g0 + ng; g++) {
-        const __m256i u = group_codes(bits8, blk, g, r8);
-        const __m256i ul = bits8 ? _mm256_and_si256(u, nib) : u;
-        const __m256i uh = _mm256_and_si256(_mm256_srli_epi16(u, 4), nib);  /* bits8 only */
-        for (int m = 0; m < MR; m++) {
-            const __m256i a = _mm256_set1_epi32(((const int32_t *)(q + m * k))[g]);
-            lo[m] = _mm256_add_epi16(lo[m], _mm256_maddubs_epi16(ul, a));
-            if (bits8) hi[m] = _mm256_add_epi16(hi[m], _mm256_maddubs_epi16(uh, a));
+    /* vpmaddubsw adds two u8 x s8 products into an int16 lane, saturating: |a| <= 128, so nibbles (<= 3840 a
+     * lane) sum over 8 groups in int16, bytes < 64 (<= 16128) over 2, and wider bytes split into nibbles */
+    const __m256i one = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(15);
+    __m256i lo[2][2][4], hi[2][2][4];
+    for (int p = 0; p < P; p++)
+        for (int r = 0; r < NH; r++)
+            for (int m = 0; m < MR; m++) lo[p][r][m] = hi[p][r][m] = s[p][r][m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int g = g0; g < g0 + NG; g++) {
+        __m256i u[2], uh[2];
+        for (int r = 0; r < NH; r++) {
+            u[r] = group_codes(CODE != NIB, blk, g, r0 + r);
+            if (CODE == BYTE8) {
+                uh[r] = _mm256_and_si256(_mm256_srli_epi16(u[r], 4), nib);
+                u[r] = _mm256_and_si256(u[r], nib);
+            }
         }
+        for (int m = 0; m < MR; m++)
+            for (int p = 0; p < P; p++) {
+                const __m256i a = bcast4((p ? ql : qh) + m * k + g * 4);
+                for (int r = 0; r < NH; r++) {
+                    lo[p][r][m] = _mm256_add_epi16(lo[p][r][m], _mm256_maddubs_epi16(u[r], a));
+                    if (CODE == BYTE8) hi[p][r][m] = _mm256_add_epi16(hi[p][r][m], _mm256_maddubs_epi16(uh[r], a));
+                    if (CODE == BYTE6 && g % 2) {  /* two groups summed: widen to int32 */
+                        s[p][r][m] = _mm256_add_epi32(s[p][r][m], _mm256_madd_epi16(lo[p][r][m], one));
+                        lo[p][r][m] = _mm256_setzero_si256();
+                    }
+                }
+            }
     }
-    for (int m = 0; m < MR; m++) {
-        s[m] = _mm256_madd_epi16(lo[m], _mm256_set1_epi16(1));
-        if (bits8) s[m] = _mm256_add_epi32(s[m], _mm256_madd_epi16(hi[m], _mm256_set1_epi16(16)));
-    }
+    for (int p = 0; p < P; p++)
+        for (int r = 0; r < NH; r++)
+            for (int m = 0; m < MR; m++) {
+                if (CODE == NIB) s[p][r][m] = _mm256_madd_epi16(lo[p][r][m], one);
+                if (CODE == BYTE8)
+                    s[p][r][m] = _mm256_add_epi32(_mm256_madd_epi16(lo[p][r][m], one),
+                                                  _mm256_madd_epi16(hi[p][r][m], _mm256_set1_epi16(16)));
+            }
 #endif
 }
 
@@ -74,44 +119,60 @@ static inline void store_out8(__m256 v, int64_t m, int64_t n, int64_t r0, float 
     }
 }
 
-/* one tile of 16 weight rows against activation rows m0 .. m0 + MR (MR <= 4; TWO: the exact mode; BITS8 =
- * w->bits8, a constant here so the code width costs no branch) */
-static inline __attribute__((always_inline)) void tile_kernel(const int MR, const int TWO, const int BITS8,
-                                                              const tiled_w *w, const qact *a, int64_t t, int64_t m0,
-                                                              int64_t n, int64_t k, float *y_f32, uint16_t *y_bf16) {
-    __m256 acc[2][4];
-    for (int r8 = 0; r8 < 2; r8++)
-        for (int m = 0; m < MR; m++) acc[r8][m] = _mm256_setzero_ps();
-    const int halves = w->sub16 ? 2 : 1, gpart = 8 / halves;
-    const int64_t cb = BITS8 ? 512 : 256;
-    for (int64_t b = 0; b < w->nb; b++) {
-        const uint8_t *blk = w->codes + (t * w->nb + b) * cb;
-        for (int64_t o = 0; o < cb; o += 64) _mm_prefetch((const char *)(blk + 4096 + o), _MM_HINT_T0);
-        for (int r8 = 0; r8 < 2; r8++)
+/* one tile of 16 weight rows against activation rows m0 .. m0 + MR (MR <= 4; TWO: the exact mode; CODE: the
+ * code width; SUB16: a scale per 16 k), all constants here so that nothing branches per block */
+static inline __attribute__((always_inline)) void tile_kernel(const int MR, const int TWO, const int CODE,
+                                                              const int SUB16, const tiled_w *w, const qact *a,
+                                                              int64_t t, int64_t m0, int64_t n, int64_t k,
+                                                              float *y_f32, uint16_t *y_bf16) {
+    const int NH = MR * (1 + TWO) * (CODE == BYTE8 ? 2 : 1) <= 4 ? 2 : 1;  /* halves at once, as registers allow */
+    const int halves = SUB16 ? 2 : 1;
+    const int64_t cb = CODE != NIB ? 512 : 256;
+    for (int r0 = 0; r0 < 2; r0 += NH) {  /* with NH = 1 the second half re-reads the tile from cache */
+        __m256 acc[2][4];
+        for (int r = 0; r < NH; r++)
+            for (int m = 0; m < MR; m++) acc[r][m] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < w->nb; b++) {
+            const uint8_t *blk = w->codes + (t * w->nb + b) * cb;
+            if (r0 == 0)
+                for (int64_t o = 0; o < cb; o += 64) _mm_prefetch((const char *)(blk + 4096 + o), _MM_HINT_T0);
+            const int8_t *qh = a->h + m0 * k + b * 32, *ql = TWO ? a->l + m0 * k + b * 32 : NULL;
             for (int hf = 0; hf < halves; hf++) {
-                __m256i hs[4], ls[4];
-                dots(MR, BITS8, blk, r8, hf * gpart, gpart, a->h + m0 * k + b * 32, k, hs);
-                if (TWO) dots(MR, BITS8, blk, r8, hf * gpart, gpart, a->l + m0 * k + b * 32, k, ls);
-                const int64_t at = ((t * w->nb + b) * halves + hf) * 16 + r8 * 8;
-                const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->s16 + at)));
-                const __m256 ov = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->o16 + at)));
-                for (int m = 0; m < MR; m++) {  /* qtile.c's epilogue, 8 lanes */
-                    const __m256 f = _mm256_cvtepi32_ps(TWO ? _mm256_add_epi32(_mm256_slli_epi32(hs[m], 8), ls[m]) : hs[m]);
-                    const int64_t ab = (m0 + m) * w->nb + b;
-                    acc[r8][m] = _mm256_fmadd_ps(f, _mm256_mul_ps(sv, _mm256_set1_ps(a->d[ab])), acc[r8][m]);
-                    acc[r8][m] = _mm256_fmadd_ps(ov, _mm256_set1_ps(a->xs[ab * halves + hf]), acc[r8][m]);
+                __m256i s[2][2][4];
+                sums(MR, TWO, CODE, NH, 8 / halves, blk, r0, hf * 4, qh, ql, k, s);
+                for (int r = 0; r < NH; r++) {
+                    const int64_t at = ((t * w->nb + b) * halves + hf) * 16 + (r0 + r) * 8;
+                    const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->s16 + at)));
+                    const __m256 ov = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->o16 + at)));
+                    for (int m = 0; m < MR; m++) {  /* qtile.c's epilogue, 8 lanes */
+                        const __m256i hs = s[0][r][m];
+                        const __m256 f = _mm256_cvtepi32_ps(TWO ? _mm256_add_epi32(_mm256_slli_epi32(hs, 8), s[1][r][m]) : hs);
+                        const int64_t ab = (m0 + m) * w->nb + b;
+                        acc[r][m] = _mm256_fmadd_ps(f, _mm256_mul_ps(sv, _mm256_set1_ps(a->d[ab])), acc[r][m]);
+                        acc[r][m] = _mm256_fmadd_ps(ov, _mm256_set1_ps(a->xs[ab * halves + hf]), acc[r][m]);
+                    }
                 }
             }
+        }
+        for (int r = 0; r < NH; r++)
+            for (int m = 0; m < MR; m++) store_out8(acc[r][m], m0 + m, n, t * 16 + (r0 + r) * 8, y_f32, y_bf16);
     }
-    for (int r8 = 0; r8 < 2; r8++)
-        for (int m = 0; m < MR; m++) store_out8(acc[r8][m], m0 + m, n, t * 16 + r8 * 8, y_f32, y_bf16);
 }
 
 static inline __attribute__((always_inline)) void gemv_tile(const int MR, const int TWO, const tiled_w *w,
                                                             const qact *a, int64_t t, int64_t m0, int64_t n,
                                                             int64_t k, float *y_f32, uint16_t *y_bf16) {
-    if (w->bits8) tile_kernel(MR, TWO, 1, w, a, t, m0, n, k, y_f32, y_bf16);
-    else tile_kernel(MR, TWO, 0, w, a, t, m0, n, k, y_f32, y_bf16);
+    const int code = w->bits8 ? (w->narrow ? BYTE6 : BYTE8) : NIB;
+#define EMBER_TILE(C, S) tile_kernel(MR, TWO, C, S, w, a, t, m0, n, k, y_f32, y_bf16)
+    switch (code * 2 + w->sub16) {
+        case 0: EMBER_TILE(NIB, 0); break;
+        case 1: EMBER_TILE(NIB, 1); break;
+        case 2: EMBER_TILE(BYTE6, 0); break;
+        case 3: EMBER_TILE(BYTE6, 1); break;
+        case 4: EMBER_TILE(BYTE8, 0); break;
+        default: EMBER_TILE(BYTE8, 1); break;
+    }
+#undef EMBER_TILE
 }
 
 static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
@@ -180,7 +241,7 @@ void ember_qtile_matmul(const uint8_t *codes, int64_t mode, const uint16_t *s16,
                         const void *x, int64_t x_f32, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
                         uint16_t *y_bf16, int64_t use_amx) {
     (void)use_amx;
-    const tiled_w w = {codes, s16, o16, (int)(mode & 1), (int)(mode >> 1 & 1), k / 32};
+    const tiled_w w = {codes, s16, o16, (int)(mode & 1), (int)(mode >> 1 & 1), k / 32, (int)(mode >> 3 & 1)};
     qact a = quantize(x, (int)x_f32, m_rows, k, w.sub16, (int)(mode >> 2 & 1));
     gemv(&w, &a, m_rows, n, k, y_f32, y_bf16);
     release(&a);
