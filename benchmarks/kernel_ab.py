@@ -3,6 +3,7 @@
     python benchmarks/kernel_ab.py --base HEAD~1 attention      # decode attention, several batch x keys
     python benchmarks/kernel_ab.py --base HEAD~1 matmul -m 1 -m 16 -m 64   # packed matmul, default model
     python benchmarks/kernel_ab.py --base HEAD~1 matmul -m 16 --all-layers # every layer: weights from memory
+    python benchmarks/kernel_ab.py --base HEAD~1 matmul -m 1 --all-layers --model /path/llama-1b-Q4_0.gguf
     python benchmarks/kernel_ab.py --base HEAD~1 select -m 1 -m 16          # top-16 and argmax of logits rows
 
 Both versions are compiled from source with ember's flags into a temporary directory and called
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ember.kernels import CSRC, FLAGS, SIGNATURES
+from ember.kernels import CSRC, FLAGS, SIGNATURES, extra_flags, march
 
 ROOT = Path(__file__).resolve().parent.parent
 BF = torch.bfloat16
@@ -43,7 +44,7 @@ def build(rev: str | None, out: Path) -> ctypes.CDLL:
                                   capture_output=True).stdout
             (src / name).write_bytes(blob)
     files = sorted(str(p) for p in src.glob("*.c"))
-    subprocess.run(["cc", *FLAGS, *files, "-o", str(out), "-lm"], check=True)
+    subprocess.run(["cc", *FLAGS, f"-march={march()}", *extra_flags(), *files, "-o", str(out), "-lm"], check=True)
     lib = ctypes.CDLL(str(out))
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name, None)
@@ -103,12 +104,12 @@ def _sweep(lib: ctypes.CDLL, linears: list[torch.nn.Module], xs: list[torch.Tens
     return torch.cat([_matmul_call(lib, lin, x, amx).flatten() for lin, x in zip(linears, xs, strict=True)])
 
 
-def matmul(libs: dict[str, ctypes.CDLL], rows: list[int], trials: int, all_layers: bool) -> None:
+def matmul(libs: dict[str, ctypes.CDLL], rows: list[int], trials: int, all_layers: bool, model: str | None) -> None:
     """One layer's 4 linears (cache-warm weights), or every layer's in turn (weights streamed as in a step)."""
     import ember
     from ember.quant import packed
 
-    llm = ember.load()
+    llm = ember.load(model)
     amx = packed.amx_available()  # also asks Linux for the AMX state, which both libraries then use
     layers = llm.engine.model.layers if all_layers else llm.engine.model.layers[:1]
     linears = [m for la in layers for m in (la.self_attn.qkv_proj, la.self_attn.o_proj, la.mlp.gate_up_proj,
@@ -149,6 +150,7 @@ def main() -> None:
     ap.add_argument("--base", default="HEAD", help="git revision to compare the working tree with")
     ap.add_argument("-m", "--rows", type=int, action="append", help="rows for matmul / select (repeatable)")
     ap.add_argument("--all-layers", action="store_true", help="matmul: sweep every layer (weights from memory)")
+    ap.add_argument("--model", help="matmul: the model whose linears to run (default: ember's default model)")
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
@@ -160,7 +162,7 @@ def main() -> None:
         elif args.what == "select":
             select(libs, args.rows or [1, 16, 64], args.trials)
         else:
-            matmul(libs, args.rows or [1, 16, 64], args.trials, args.all_layers)
+            matmul(libs, args.rows or [1, 16, 64], args.trials, args.all_layers, args.model)
 
 
 if __name__ == "__main__":
