@@ -161,6 +161,8 @@ GROUP32_KINDS = frozenset(DECODERS) - GROUP16
 
 # the kind numbers of csrc/qpack.c's enum
 KIND_ID = {kind: i for i, kind in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))}
+# kinds whose offset is -2^e * scale (w = d (q - z)): their tiles keep no offsets, the kernels compute them
+ZERO_EXP = {"Q4_0": 3, "Q5_0": 4, "Q8_0": 7, "Q6_K": 5}
 KIND_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
 CHUNK_ROWS = 8192  # rows decoded at a time: bounds the transient memory of big tensors (a 262k vocab)
 

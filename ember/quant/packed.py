@@ -24,7 +24,7 @@ from torch import nn
 
 from ember.kernels import cpu_ops
 from ember.quant.base import QuantMethod
-from ember.quant.gguf_blocks import DECODERS, GROUP, GROUP16, KIND_BITS, KIND_ID, Canonical
+from ember.quant.gguf_blocks import DECODERS, GROUP, GROUP16, KIND_BITS, KIND_ID, ZERO_EXP, Canonical
 from ember.quant.int4 import gguf_chunks
 from ember.weights.base import RawTensor
 
@@ -81,10 +81,12 @@ def _alloc(n: int, k: int, bits: int, sub16: bool) -> tuple[torch.Tensor, torch.
 
 
 def _attach(layer: nn.Module, codes: torch.Tensor, s16: torch.Tensor, o16: torch.Tensor, n: int, bits: int,
-            sub16: bool, bias: torch.Tensor | None) -> None:
+            sub16: bool, bias: torch.Tensor | None, zexp: int = 0) -> None:
+    """zexp > 0: every offset is -2^zexp * its scale, so the offsets are dropped and the kernels compute them."""
     layer.codes = nn.Parameter(codes, requires_grad=False)
     layer.s16 = nn.Parameter(s16, requires_grad=False)
-    layer.o16 = nn.Parameter(o16, requires_grad=False)
+    layer.o16 = nn.Parameter(o16 if not zexp else torch.empty(0, dtype=torch.float16), requires_grad=False)
+    layer.zexp = zexp
     layer.n_out, layer.bits8, layer.sub16, layer.narrow = n, bits > 4, sub16, 4 < bits <= 6
     layer.act16 = True  # the exact two-part activations unless set_act_bits says otherwise
     layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
@@ -105,7 +107,8 @@ def pack_raw(layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | Non
         cpu_ops().ember_gguf_pack(KIND_ID[s.kind], raw.ctypes.data, s.shape[0], k,  # type: ignore[union-attr]
                                   int(bits > 4), int(sub16), codes[t].data_ptr(), s16[t].data_ptr(), o16[t].data_ptr())
         row += s.shape[0]
-    _attach(layer, codes, s16, o16, n, bits, sub16, bias)
+    zexps = {ZERO_EXP.get(s.kind, 0) for s in shards}  # one symmetric kind (fused shards may mix kinds)
+    _attach(layer, codes, s16, o16, n, bits, sub16, bias, zexps.pop() if len(zexps) == 1 else 0)
     return True
 
 
@@ -131,9 +134,10 @@ def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], n: int, k: int, b
 
 def mode(layer: nn.Module) -> int:
     """The kernel's flags: 1 = byte codes, 2 = a scale per 16, 4 = the exact two-part activations, 8 = byte codes
-    all below 64 (5-6 bits: the AVX2 kernel sums them in int16 without splitting them into nibbles)."""
+    all below 64 (5-6 bits: the AVX2 kernel sums them in int16 without splitting them into nibbles), bits 4-7 =
+    zexp: offsets -2^zexp * scale, not stored."""
     return (int(layer.bits8) | 2 * int(layer.sub16) | 4 * int(getattr(layer, "act16", True))
-            | 8 * int(getattr(layer, "narrow", False)))
+            | 8 * int(getattr(layer, "narrow", False)) | getattr(layer, "zexp", 0) << 4)
 
 
 ACT_BITS = (8, 16)

@@ -119,9 +119,45 @@ def test_raw_tiles_equal_decode_then_pack(kinds):
     n = sum(s.shape[0] for s in shards)
     bits = max(gguf_blocks.KIND_BITS[s.kind] for s in shards)
     packed.pack_chunks(slow, gguf_chunks(shards), n, k, bits, None, any(s.kind in gguf_blocks.GROUP16 for s in shards))
-    for name in ("codes", "s16", "o16"):
+    for name in ("codes", "s16", "o16") if not fast.zexp else ("codes", "s16"):
         a, b = getattr(fast, name), getattr(slow, name)
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
     assert (fast.bits8, fast.sub16, fast.n_out) == (slow.bits8, slow.sub16, slow.n_out)
+    zexps = {gguf_blocks.ZERO_EXP.get(kind, 0) for kind in kinds}
+    assert fast.zexp == (zexps.pop() if len(zexps) == 1 else 0)  # symmetric kinds alone drop their offsets
+    if fast.zexp:  # ... which were exactly -2^zexp * scale, wherever both are normal fp16 numbers
+        s, o = slow.s16.float(), slow.o16.float()
+        normal = (s.abs() >= 2**-14) & (o.abs() <= 65504) & s.isfinite()
+        assert normal.float().mean() > 0.2 and torch.equal(o[normal], -(2.0**fast.zexp) * s[normal])
     ragged = [RawTensor("a", "Q4_0", (20, k), shards[0].data[:20], lambda a: a), shards[-1]]
     assert not packed.pack_raw(nn.Module(), ragged, None)  # a shard ending inside a tile: the chunked path
+
+
+@pytest.mark.skipif(not packed.available(), reason="needs ember's kernels")
+@pytest.mark.parametrize("kind", sorted(gguf_blocks.ZERO_EXP))
+def test_symmetric_kinds_need_no_offsets(kind, monkeypatch):
+    """Q4_0, Q5_0, Q8_0 and Q6_K weights are d (q - z) with z a power of two: their tiles drop the offsets (a
+    quarter to a half of a Q4_0 / Q6_K layer's streamed scale bytes) and the kernels compute -z s, giving the
+    same bits as the stored offsets, in the matmul (gemv and, where there is AMX, the tile kernel) and in the
+    rows read back (embeddings)."""
+    from torch import nn
+
+    from ember.weights.base import RawTensor
+
+    n, k = 40, 512
+    shard = RawTensor("w", kind, (n, k), _random_blocks(kind, n, k, 3), lambda a: a)
+    sym, stored = nn.Module(), nn.Module()
+    assert packed.pack_raw(sym, [shard], None)
+    monkeypatch.setattr(packed, "ZERO_EXP", {})
+    assert packed.pack_raw(stored, [shard], None)
+    assert sym.zexp == gguf_blocks.ZERO_EXP[kind] and sym.o16.numel() == 0 and stored.zexp == 0
+    assert stored.o16.numel() == stored.s16.numel()
+    ids = torch.arange(n).flip(0)
+    assert torch.equal(packed.rows_f32(sym, ids), packed.rows_f32(stored, ids))
+    torch.testing.assert_close(packed.rows_f32(sym, ids), decode(kind, shard.data, (n, k)).dequantize()[ids],
+                               rtol=2e-3, atol=1e-6)  # and they are the weights (scales rounded to fp16)
+    for m in (1, 3, 17, 40):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        for act16 in (True, False):
+            sym.act16 = stored.act16 = act16
+            assert torch.equal(packed.matmul(sym, x, n, torch.float32), packed.matmul(stored, x, n, torch.float32))

@@ -108,11 +108,16 @@ def test_tile_matmul_same_bits_as_avx512(libs, bits8, sub16, two, narrow):
     if narrow:
         codes &= 63  # 6-bit codes, as Q6_K's
     mode = bits8 | sub16 << 1 | two << 2 | narrow << 3
+    zexp = 5 if narrow else 3  # Q6_K's and Q4_0's: offsets -2^zexp s, computed instead of read
+    o_sym = (-(2.0**zexp) * s16.float()).half()
     for m, f32, xdt in itertools.product((1, 3, 5, 17), (True, False), (torch.bfloat16, torch.float32)):
         x = torch.randn(m, k, generator=g).to(xdt)
         want = _run(libs["native"], codes, mode, s16, o16, x, n, f32)
+        want_sym = _run(libs["native"], codes, mode, s16, o_sym, x, n, f32)
         for name, lib in libs.items():
             assert torch.equal(_run(lib, codes, mode, s16, o16, x, n, f32), want), (name, m, f32, xdt)
+            sym = _run(lib, codes, mode | zexp << 4, s16, torch.empty(0, dtype=torch.half), x, n, f32)
+            assert torch.equal(sym, want_sym), (name, m, f32, xdt, "zexp")
 
 
 @pytest.mark.parametrize("code", [15, 63, 255])

@@ -199,7 +199,7 @@ void ember_gguf_pack(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, int
 __attribute__((optimize("fp-contract=off")))  /* q * s + o in two roundings, as the reference computes it */
 void ember_qtile_rows_f32(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                           const int64_t *rows, int64_t n, int64_t k, float *out) {
-    const int64_t nb = k / 32, bits8 = mode & 1, halves = mode & 2 ? 2 : 1;
+    const int64_t nb = k / 32, bits8 = mode & 1, halves = mode & 2 ? 2 : 1, zexp = mode >> 4 & 15;
 #pragma omp parallel for schedule(static) if (n * k > 65536)
     for (int64_t i = 0; i < n; i++) {
         const int64_t t = rows[i] / 16, r = rows[i] % 16;
@@ -213,7 +213,7 @@ void ember_qtile_rows_f32(const uint8_t *codes, int64_t mode, const uint16_t *s1
             float *dst = out + i * k + b * 32;
             for (int hh = 0; hh < 2; hh++) {  /* one scale per 32, or one per 16 */
                 const int64_t si = (at * halves + (halves == 2 ? hh : 0)) * 16 + r;
-                const float s = half(s16[si]), o = half(o16[si]);
+                const float s = half(s16[si]), o = zexp ? -(float)(1 << zexp) * s : half(o16[si]);
                 for (int j = 0; j < 16; j++) dst[hh * 16 + j] = (float)q[hh * 16 + j] * s + o;
             }
         }

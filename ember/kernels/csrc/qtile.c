@@ -49,6 +49,12 @@ static inline __attribute__((always_inline)) __m512 epilogue(__m512 acc, __m512i
     return _mm512_fmadd_ps(ov, _mm512_set1_ps(xs), acc);
 }
 
+/* the 16 rows' offsets at `at`: stored, or -2^zexp s (exact: a power of two times an fp16 value) */
+static inline __attribute__((always_inline)) __m512 offsets16(const tiled_w *w, int64_t at, __m512 sv) {
+    if (w->zexp) return _mm512_mul_ps(sv, _mm512_set1_ps(-(float)(1 << w->zexp)));
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + at)));
+}
+
 static inline void store_out(__m512 v, int64_t m, int64_t n, int64_t r0, float *y_f32, uint16_t *y_bf16) {
     const int64_t rows = n - r0 < 16 ? n - r0 : 16;
     const __mmask16 mk = (__mmask16)((1u << rows) - 1);
@@ -91,7 +97,7 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
         for (int hf = 0; hf < halves; hf++) {
             const int64_t at = ((t * w->nb + b) * halves + hf) * 16;
             const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->s16 + at)));
-            const __m512 ov = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + at)));
+            const __m512 ov = offsets16(w, at, sv);
             for (int m = 0; m < MR; m++) {
                 const int64_t q = (m0 + m) * k + b * 32 + hf * gpart * 4;
                 const __m512i hs = dots16(gpart, CH, u, hf * gpart, (const int32_t *)(a->h + q));
@@ -249,7 +255,7 @@ static void amx(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int6
                         _tile_stored(1, c[1], 64);
                         const int64_t at = ((t * nb + b) * halves + hf) * 16;
                         const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->s16 + at)));
-                        const __m512 ov = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + at)));
+                        const __m512 ov = offsets16(w, at, sv);
                         for (int i = 0; i < 16 && mt * 16 + i < m_rows; i++) {
                             const int64_t m = mt * 16 + i;
                             acc[i] = epilogue(acc[i], _mm512_load_si512((const void *)(c[0] + i * 16)),
@@ -272,7 +278,7 @@ static void amx(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int6
 void ember_qtile_matmul(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                         const void *x, int64_t x_f32, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
                         uint16_t *y_bf16, int64_t use_amx) {
-    const tiled_w w = {codes, s16, o16, (int)(mode & 1), (int)(mode >> 1 & 1), k / 32};
+    const tiled_w w = tiled(codes, mode, s16, o16, k);
     const int two = (int)(mode >> 2 & 1);  /* the exact two-part activations */
 #ifdef HAVE_AMX_INT8
     if (use_amx) {

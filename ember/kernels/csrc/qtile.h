@@ -14,7 +14,16 @@ typedef struct {
     int sub16;                 /* a scale and offset per 16 k (two halves of 4 groups each) */
     int64_t nb;
     int narrow;                /* byte codes all below 64 (5-6 bits; mode flag 8): the AVX2 kernel sums more in int16 */
+    int zexp;                  /* 0, or offsets o = -2^zexp s (Q4_0, Q5_0, Q8_0, Q6_K): o16 is never read */
 } tiled_w;
+
+/* mode bits 4-7: zexp (symmetric kinds store no offsets, which a decode step would stream for nothing) */
+static inline tiled_w tiled(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
+                            int64_t k) {
+    const tiled_w w = {codes, s16, o16, (int)(mode & 1), (int)(mode >> 1 & 1), k / 32, (int)(mode >> 3 & 1),
+                       (int)(mode >> 4 & 15)};
+    return w;
+}
 
 typedef struct {  /* quantized activations */
     int8_t *h, *l;  /* [M, K]; l only in the exact mode (NULL otherwise) */

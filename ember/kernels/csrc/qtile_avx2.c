@@ -143,7 +143,8 @@ static inline __attribute__((always_inline)) void tile_kernel(const int MR, cons
                 for (int r = 0; r < NH; r++) {
                     const int64_t at = ((t * w->nb + b) * halves + hf) * 16 + (r0 + r) * 8;
                     const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->s16 + at)));
-                    const __m256 ov = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->o16 + at)));
+                    const __m256 ov = w->zexp ? _mm256_mul_ps(sv, _mm256_set1_ps(-(float)(1 << w->zexp)))
+                                              : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->o16 + at)));
                     for (int m = 0; m < MR; m++) {  /* qtile.c's epilogue, 8 lanes */
                         const __m256i hs = s[0][r][m];
                         const __m256 f = _mm256_cvtepi32_ps(TWO ? _mm256_add_epi32(_mm256_slli_epi32(hs, 8), s[1][r][m]) : hs);
@@ -241,7 +242,7 @@ void ember_qtile_matmul(const uint8_t *codes, int64_t mode, const uint16_t *s16,
                         const void *x, int64_t x_f32, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
                         uint16_t *y_bf16, int64_t use_amx) {
     (void)use_amx;
-    const tiled_w w = {codes, s16, o16, (int)(mode & 1), (int)(mode >> 1 & 1), k / 32, (int)(mode >> 3 & 1)};
+    const tiled_w w = tiled(codes, mode, s16, o16, k);
     qact a = quantize(x, (int)x_f32, m_rows, k, w.sub16, (int)(mode >> 2 & 1));
     gemv(&w, &a, m_rows, n, k, y_f32, y_bf16);
     release(&a);
