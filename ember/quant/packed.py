@@ -29,6 +29,12 @@ from ember.quant.int4 import gguf_chunks
 from ember.weights.base import RawTensor
 
 TILE = 16  # weight rows per tile
+LAYOUT_BYTES = [256, 512, 384]  # bytes per (tile, block) of csrc/qtile.h's layouts NIBBLES, BYTES, SIX
+
+
+def layout_of(bits: int) -> int:
+    """The code layout for codes of `bits`: 4-bit nibbles, 5-6 bits as nibbles + a 2-bit plane, else bytes."""
+    return 0 if bits <= 4 else 2 if bits <= 6 else 1
 MAX_GEMV_ROWS = 4  # more activation rows take AMX where the CPU has it (same result, faster)
 
 
@@ -53,7 +59,7 @@ def pack_tiles(c: Canonical, codes: torch.Tensor, s16: torch.Tensor, o16: torch.
     q, s, o = c.q.contiguous(), c.scale.float().contiguous(), c.offset.float().contiguous()
     assert codes.is_contiguous() and s16.is_contiguous() and o16.is_contiguous() and codes.shape[0] == -(-n // TILE)
     cpu_ops().ember_qtile_pack(q.data_ptr(), s.data_ptr(), o.data_ptr(), n, k, c.group,  # type: ignore[union-attr]
-                               int(codes.shape[2] == 512), int(s16.shape[2] == 2 * TILE), codes.data_ptr(),
+                               LAYOUT_BYTES.index(codes.shape[2]), int(s16.shape[2] == 2 * TILE), codes.data_ptr(),
                                s16.data_ptr(), o16.data_ptr())
 
 
@@ -75,7 +81,7 @@ def _whole_tiles(chunks: Iterable[Canonical]) -> Iterator[Canonical]:
 def _alloc(n: int, k: int, bits: int, sub16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty tiles for a [n, k] weight: codes [T, K/32, 512 or 256] u8, scales and offsets [T, K/32, 16 or 32]."""
     t, nb = -(-n // TILE), k // GROUP
-    codes = torch.empty(t, nb, 512 if bits > 4 else 256, dtype=torch.uint8)
+    codes = torch.empty(t, nb, LAYOUT_BYTES[layout_of(bits)], dtype=torch.uint8)
     s16, o16 = (torch.empty(t, nb, (2 if sub16 else 1) * TILE, dtype=torch.float16) for _ in range(2))
     return codes, s16, o16
 
@@ -105,7 +111,7 @@ def pack_raw(layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | Non
         raw = np.ascontiguousarray(s.data, dtype=np.uint8)
         t = row // TILE
         cpu_ops().ember_gguf_pack(KIND_ID[s.kind], raw.ctypes.data, s.shape[0], k,  # type: ignore[union-attr]
-                                  int(bits > 4), int(sub16), codes[t].data_ptr(), s16[t].data_ptr(), o16[t].data_ptr())
+                                  layout_of(bits), int(sub16), codes[t].data_ptr(), s16[t].data_ptr(), o16[t].data_ptr())
         row += s.shape[0]
     zexps = {ZERO_EXP.get(s.kind, 0) for s in shards}  # one symmetric kind (fused shards may mix kinds)
     _attach(layer, codes, s16, o16, n, bits, sub16, bias, zexps.pop() if len(zexps) == 1 else 0)

@@ -85,9 +85,10 @@ def _run(lib, codes, mode, s16, o16, x, n, f32):
     return y
 
 
-def _weights(n, k, bits8, sub16, g, high=None):
+def _weights(n, k, bits8, sub16, g, high=None, narrow=0):
     tiles, nb = -(-n // packed.TILE), k // 32
-    codes = torch.randint(0, 256, (tiles, nb, 512 if bits8 else 256), dtype=torch.uint8, generator=g)
+    width = packed.LAYOUT_BYTES[packed.layout_of(6 if narrow else 8 if bits8 else 4)]
+    codes = torch.randint(0, 256, (tiles, nb, width), dtype=torch.uint8, generator=g)
     if high is not None:
         codes.fill_(high)
     per = packed.TILE * (2 if sub16 else 1)
@@ -104,9 +105,7 @@ def test_tile_matmul_same_bits_as_avx512(libs, bits8, sub16, two, narrow):
     bf16 and fp32 in and out: the same bits."""
     g = torch.Generator().manual_seed(bits8 + 2 * sub16 + 4 * two + 8 * narrow)
     n, k = 40, 256
-    codes, s16, o16 = _weights(n, k, bits8, sub16, g)
-    if narrow:
-        codes &= 63  # 6-bit codes, as Q6_K's
+    codes, s16, o16 = _weights(n, k, bits8, sub16, g, narrow=narrow)  # narrow: 6-bit codes, as Q6_K's
     mode = bits8 | sub16 << 1 | two << 2 | narrow << 3
     zexp = 5 if narrow else 3  # Q6_K's and Q4_0's: offsets -2^zexp s, computed instead of read
     o_sym = (-(2.0**zexp) * s16.float()).half()
@@ -129,7 +128,7 @@ def test_tile_matmul_extremes_do_not_saturate(libs, code, two):
     g = torch.Generator().manual_seed(7)
     n, k = 16, 64
     bits8, narrow = int(code > 15), int(code == 63)
-    codes, s16, o16 = _weights(n, k, bits8, 0, g, high=255 if code == 15 else code)
+    codes, s16, o16 = _weights(n, k, bits8, 0, g, high=255, narrow=narrow)  # every code 2^bits - 1
     x = -torch.ones(2, k)  # every block's h = -127 (and its low part 0)
     s = s16.float()[0].repeat_interleave(32, 0)  # [K, N]: the scale per (k, row)
     o = o16.float()[0].repeat_interleave(32, 0)

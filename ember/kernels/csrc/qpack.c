@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "common.h"
+#include "qtile.h"
 
 enum { Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K };
 
@@ -125,12 +125,12 @@ static inline uint16_t f2h(float x) {  /* fp32 -> IEEE half, round to nearest ev
 }
 
 /* one tile: canonical rows q [rows, k], s, o [rows, k / group] (rows <= 16: the tile's first rows) ->
- * codes [nb][512 or 256], s16, o16 [nb][per][16] (per = 2 when sub16: a group-32 scale then appears in both
+ * codes [nb][layout_bytes] (qtile.h), s16, o16 [nb][per][16] (per = 2 when sub16: a group-32 scale then appears in both
  * halves); missing rows get zero codes, scales and offsets. */
 static void pack_tile(const uint8_t *q, const float *s, const float *o, int64_t rows, int64_t k, int64_t group,
-                      int64_t bits8, int64_t sub16, uint8_t *codes, uint16_t *s16, uint16_t *o16) {
+                      int64_t layout, int64_t sub16, uint8_t *codes, uint16_t *s16, uint16_t *o16) {
     const int64_t nb = k / 32, per = sub16 ? 2 : 1, groups = k / group;
-    const int64_t cb = bits8 ? 512 : 256;
+    const int64_t cb = layout_bytes(layout);
     for (int64_t b = 0; b < nb; b++) {
         uint8_t *c = codes + b * cb;
         uint16_t *ss = s16 + b * per * 16, *oo = o16 + b * per * 16;
@@ -146,31 +146,38 @@ static void pack_tile(const uint8_t *q, const float *s, const float *o, int64_t 
                 ss[h * 16 + r] = f2h(s[at]);
                 oo[h * 16 + r] = f2h(o[at]);
             }
-            if (bits8) {
+            if (layout == BYTES) {
                 for (int g = 0; g < 8; g++) memcpy(c + g * 64 + r * 4, u + g * 4, 4);
-            } else {  /* chunk j: group 2j in the low nibbles, 2j + 1 in the high */
-                for (int j = 0; j < 4; j++)
-                    for (int i = 0; i < 4; i++)
-                        c[j * 64 + r * 4 + i] = (uint8_t)(u[8 * j + i] | (u[8 * j + 4 + i] << 4));
+                continue;
             }
+            for (int j = 0; j < 4; j++)  /* chunk j: group 2j in the low nibbles, 2j + 1 in the high */
+                for (int i = 0; i < 4; i++)
+                    c[j * 64 + r * 4 + i] = (uint8_t)((u[8 * j + i] & 15) | (u[8 * j + 4 + i] & 15) << 4);
+            if (layout == SIX)  /* chunk 4 + h: bits 4-5 of group 4h + g at bits 2g */
+                for (int h = 0; h < 2; h++)
+                    for (int i = 0; i < 4; i++) {
+                        uint8_t top = 0;
+                        for (int g = 0; g < 4; g++) top |= (uint8_t)((u[(4 * h + g) * 4 + i] >> 4 & 3) << (2 * g));
+                        c[256 + h * 64 + r * 4 + i] = top;
+                    }
         }
     }
 }
 
-/* canonical q [n, k], s, o [n, k / group] (group 32 or 16) -> codes [T][nb][512 or 256], s16, o16
+/* canonical q [n, k], s, o [n, k / group] (group 32 or 16) -> codes [T][nb][layout_bytes], s16, o16
  * [T][nb][per][16]; rows past n of the last tile are zeros */
 void ember_qtile_pack(const uint8_t *q, const float *s, const float *o, int64_t n, int64_t k, int64_t group,
-                      int64_t bits8, int64_t sub16, uint8_t *codes, uint16_t *s16, uint16_t *o16) {
+                      int64_t layout, int64_t sub16, uint8_t *codes, uint16_t *s16, uint16_t *o16) {
     const int64_t nb = k / 32, tiles = (n + 15) / 16, per = sub16 ? 2 : 1, groups = k / group;
 #pragma omp parallel for schedule(static) if (n * k > 262144)
     for (int64_t t = 0; t < tiles; t++)
         pack_tile(q + t * 16 * k, s + t * 16 * groups, o + t * 16 * groups, n - t * 16 < 16 ? n - t * 16 : 16, k,
-                  group, bits8, sub16, codes + t * nb * (bits8 ? 512 : 256), s16 + t * nb * per * 16,
+                  group, layout, sub16, codes + t * nb * layout_bytes(layout), s16 + t * nb * per * 16,
                   o16 + t * nb * per * 16);
 }
 
 /* raw GGUF rows of `kind` [n][row bytes] -> tiles, as decode then pack would write them, a tile at a time */
-void ember_gguf_pack(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, int64_t bits8, int64_t sub16,
+void ember_gguf_pack(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, int64_t layout, int64_t sub16,
                      uint8_t *codes, uint16_t *s16, uint16_t *o16) {
     const int64_t nb = k / 32, tiles = (n + 15) / 16, per = sub16 ? 2 : 1;
     const int64_t group = BLOCK_ELEMS[kind] / BLOCK_GROUPS[kind], groups = k / group;
@@ -184,7 +191,7 @@ void ember_gguf_pack(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, int
             const int64_t rows = n - t * 16 < 16 ? n - t * 16 : 16;
             for (int64_t r = 0; r < rows; r++)
                 decode_row((int)kind, raw + (t * 16 + r) * row_bytes, k, q + r * k, s + r * groups, o + r * groups);
-            pack_tile(q, s, o, rows, k, group, bits8, sub16, codes + t * nb * (bits8 ? 512 : 256),
+            pack_tile(q, s, o, rows, k, group, layout, sub16, codes + t * nb * layout_bytes(layout),
                       s16 + t * nb * per * 16, o16 + t * nb * per * 16);
         }
         free(q);
@@ -199,7 +206,8 @@ void ember_gguf_pack(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, int
 __attribute__((optimize("fp-contract=off")))  /* q * s + o in two roundings, as the reference computes it */
 void ember_qtile_rows_f32(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                           const int64_t *rows, int64_t n, int64_t k, float *out) {
-    const int64_t nb = k / 32, bits8 = mode & 1, halves = mode & 2 ? 2 : 1, zexp = mode >> 4 & 15;
+    const int64_t nb = k / 32, halves = mode & 2 ? 2 : 1, zexp = mode >> 4 & 15;
+    const int64_t layout = mode & 1 ? (mode & 8 ? SIX : BYTES) : NIBBLES, cb = layout_bytes(layout);
 #pragma omp parallel for schedule(static) if (n * k > 65536)
     for (int64_t i = 0; i < n; i++) {
         const int64_t t = rows[i] / 16, r = rows[i] % 16;
@@ -208,8 +216,10 @@ void ember_qtile_rows_f32(const uint8_t *codes, int64_t mode, const uint16_t *s1
             uint8_t q[32];  /* row r's 32 codes of this block: 8 groups of 4, nibble or byte */
             for (int g = 0; g < 8; g++)
                 for (int kk = 0; kk < 4; kk++)
-                    q[g * 4 + kk] = bits8 ? codes[at * 512 + g * 64 + r * 4 + kk]
-                                          : (uint8_t)(codes[at * 256 + (g / 2) * 64 + r * 4 + kk] >> (4 * (g % 2))) & 15;
+                    q[g * 4 + kk] = layout == BYTES ? codes[at * cb + g * 64 + r * 4 + kk]
+                                   : (uint8_t)((codes[at * cb + (g / 2) * 64 + r * 4 + kk] >> (4 * (g % 2)) & 15)
+                                               | (layout == SIX ? (codes[at * cb + 256 + (g / 4) * 64 + r * 4 + kk]
+                                                                   >> (2 * (g % 4)) & 3) << 4 : 0));
             float *dst = out + i * k + b * 32;
             for (int hh = 0; hh < 2; hh++) {  /* one scale per 32, or one per 16 */
                 const int64_t si = (at * halves + (halves == 2 ? hh : 0)) * 16 + r;

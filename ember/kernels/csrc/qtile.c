@@ -23,20 +23,25 @@
 
 int ember_qtile_available(void) { return 1; }
 
-/* the 8 code groups of one (tile, block) as u8 vectors */
+/* the 8 code groups of one (tile, block) as u8 vectors (layouts: qtile.h) */
 static inline __attribute__((always_inline)) void load_codes(const tiled_w *w, int64_t t, int64_t b, __m512i *u) {
-    const int64_t at = t * w->nb + b;
-    if (w->bits8) {
-        const uint8_t *p = w->codes + at * 512;
+    const uint8_t *p = w->codes + (t * w->nb + b) * block_bytes(w);
+    if (w->bits8 && !w->narrow) {
         for (int g = 0; g < 8; g++) u[g] = _mm512_loadu_si512((const void *)(p + g * 64));
         return;
     }
-    const uint8_t *p = w->codes + at * 256;
     const __m512i lo = _mm512_set1_epi8(15);
     for (int c = 0; c < 4; c++) {
         const __m512i v = _mm512_loadu_si512((const void *)(p + c * 64));
         u[2 * c] = _mm512_and_si512(v, lo);
         u[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo);
+    }
+    if (!w->bits8) return;
+    const __m512i top = _mm512_set1_epi8(0x30);
+    for (int h = 0; h < 2; h++) {  /* bits 2g, 2g + 1 of chunk 4 + h to bits 4, 5 of group 4h + g: u | (v' & 0x30) */
+        const __m512i v = _mm512_loadu_si512((const void *)(p + 256 + h * 64));
+        const __m512i at[4] = {_mm512_slli_epi16(v, 4), _mm512_slli_epi16(v, 2), v, _mm512_srli_epi16(v, 2)};
+        for (int g = 0; g < 4; g++) u[4 * h + g] = _mm512_ternarylogic_epi32(u[4 * h + g], at[g], top, 0xF8);
     }
 }
 
@@ -86,7 +91,7 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
     for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps();
     const int halves = SUB16 ? 2 : 1, gpart = 8 / halves;  /* code groups per scale */
     const int CH = MR * (1 + TWO) < 4 ? 2 : 1;
-    const int64_t cb = w->bits8 ? 512 : 256;
+    const int64_t cb = block_bytes(w);
     for (int64_t b = 0; b < w->nb; b++) {
         __m512i u[8];
         /* a decode step streams the weights from DRAM once: asking 4 KiB ahead hides part of the latency
@@ -213,7 +218,7 @@ static void amx(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int6
 #pragma omp parallel if (n * k > 65536)
     {
         configure_tiles();
-        uint8_t *slab = w->bits8 ? NULL : aligned_alloc(64, (size_t)nb * 512);  /* 4-bit codes as bytes */
+        uint8_t *slab = w->bits8 && !w->narrow ? NULL : aligned_alloc(64, (size_t)nb * 512);  /* codes as bytes */
         int32_t c[2][256] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < ntiles; t++) {

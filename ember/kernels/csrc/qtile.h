@@ -7,13 +7,21 @@
 
 #include "common.h"
 
+/* Code layouts of a (tile, block): 16 rows x 32 k in 8 groups of 4 k, group g = 64 bytes [row][4] as bytes.
+ *   NIBBLES (4-bit codes), 256 bytes: chunk j of 64 holds group 2j in its low nibbles, 2j + 1 in the high;
+ *   SIX (5-6 bit codes), 384 bytes: the low 4 bits as NIBBLES, then 2 chunks of the top 2 bits, chunk h
+ *     holding group 4h + i in bits 2i, 2i + 1 (the same byte position as the group's code);
+ *   BYTES (7-8 bit codes), 512 bytes: group g at 64 g. */
+enum { NIBBLES = 0, BYTES = 1, SIX = 2 };
+static inline int64_t layout_bytes(int64_t layout) { return layout == NIBBLES ? 256 : layout == SIX ? 384 : 512; }
+
 typedef struct {
-    const uint8_t *codes;      /* [ntiles][nb][256 or 512] */
+    const uint8_t *codes;      /* [ntiles][nb][256, 384 or 512] */
     const uint16_t *s16, *o16; /* [ntiles][nb][16] or [ntiles][nb][2][16] */
     int bits8;                 /* 8-bit (512-byte) or 4-bit (256-byte) code blocks */
     int sub16;                 /* a scale and offset per 16 k (two halves of 4 groups each) */
     int64_t nb;
-    int narrow;                /* byte codes all below 64 (5-6 bits; mode flag 8): the AVX2 kernel sums more in int16 */
+    int narrow;                /* codes of 5-6 bits in the SIX layout (mode flag 8) */
     int zexp;                  /* 0, or offsets o = -2^zexp s (Q4_0, Q5_0, Q8_0, Q6_K): o16 is never read */
 } tiled_w;
 
@@ -24,6 +32,8 @@ static inline tiled_w tiled(const uint8_t *codes, int64_t mode, const uint16_t *
                        (int)(mode >> 4 & 15)};
     return w;
 }
+
+static inline int64_t block_bytes(const tiled_w *w) { return layout_bytes(w->bits8 ? (w->narrow ? SIX : BYTES) : NIBBLES); }
 
 typedef struct {  /* quantized activations */
     int8_t *h, *l;  /* [M, K]; l only in the exact mode (NULL otherwise) */

@@ -24,18 +24,24 @@ int ember_qtile_available(void) { return 1; }
 int ember_qtile_amx_built(void) { return 0; }
 int ember_amx_available(void) { return 0; }
 
-/* code group g (0..7) of weight rows 8 r8 .. 8 r8 + 7 in one (tile, block): 8 rows x 4 k, as u8 */
-static inline __attribute__((always_inline)) __m256i group_codes(const int bits8, const uint8_t *blk, int g, int r8) {
-    if (bits8) return _mm256_loadu_si256((const __m256i *)(blk + g * 64 + r8 * 32));
+enum { NIB = 0, BYTE6 = 1, BYTE8 = 2 };  /* codes: 4-bit nibbles, 5-6 bits (the SIX layout), bytes */
+
+/* code group g (0..7) of weight rows 8 r8 .. 8 r8 + 7 in one (tile, block): 8 rows x 4 k, as u8 (qtile.h) */
+static inline __attribute__((always_inline)) __m256i group_codes(const int CODE, const uint8_t *blk, int g, int r8) {
+    if (CODE == BYTE8) return _mm256_loadu_si256((const __m256i *)(blk + g * 64 + r8 * 32));
     const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + (g >> 1) * 64 + r8 * 32));
-    return _mm256_and_si256(g & 1 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
+    const __m256i lo = _mm256_and_si256(g & 1 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
+    if (CODE == NIB) return lo;
+    const __m256i t = _mm256_loadu_si256((const __m256i *)(blk + 256 + (g >> 2) * 64 + r8 * 32));
+    const int sh = 2 * (g & 3);  /* bits sh, sh + 1 to bits 4, 5 */
+    const __m256i at = sh < 4 ? _mm256_slli_epi16(t, 4 - sh) : sh > 4 ? _mm256_srli_epi16(t, sh - 4) : t;
+    return _mm256_or_si256(lo, _mm256_and_si256(at, _mm256_set1_epi8(0x30)));
 }
 
 static inline __attribute__((always_inline)) __m256i bcast4(const int8_t *q) {  /* 4 int8 to every lane */
     return _mm256_set1_epi32(*(const int32_t *)q);
 }
 
-enum { NIB = 0, BYTE6 = 1, BYTE8 = 2 };  /* codes: 4-bit nibbles, bytes < 64 (5-6 bits), any bytes */
 
 /* The exact int32 sums s[p][r][m] of NG code groups from g0 (8: a block; 4: half of one, a scale of Q6_K) for
  * part p of the activations (h, l), tile half r0 + r (8 rows, one per lane) and activation row m. Every bound
@@ -57,7 +63,7 @@ static inline __attribute__((always_inline)) void sums(const int MR, const int T
 #pragma GCC unroll 8
     for (int g = g0; g < g0 + NG; g++) {
         __m256i u[2];
-        for (int r = 0; r < NH; r++) u[r] = group_codes(CODE != NIB, blk, g, r0 + r);
+        for (int r = 0; r < NH; r++) u[r] = group_codes(CODE, blk, g, r0 + r);
         for (int m = 0; m < MR; m++)
             for (int p = 0; p < P; p++) {
                 const __m256i a = bcast4((p ? ql : qh) + m * k + g * 4);
@@ -80,7 +86,7 @@ static inline __attribute__((always_inline)) void sums(const int MR, const int T
     for (int g = g0; g < g0 + NG; g++) {
         __m256i u[2], uh[2];
         for (int r = 0; r < NH; r++) {
-            u[r] = group_codes(CODE != NIB, blk, g, r0 + r);
+            u[r] = group_codes(CODE, blk, g, r0 + r);
             if (CODE == BYTE8) {
                 uh[r] = _mm256_and_si256(_mm256_srli_epi16(u[r], 4), nib);
                 u[r] = _mm256_and_si256(u[r], nib);
@@ -127,7 +133,7 @@ static inline __attribute__((always_inline)) void tile_kernel(const int MR, cons
                                                               float *y_f32, uint16_t *y_bf16) {
     const int NH = MR * (1 + TWO) * (CODE == BYTE8 ? 2 : 1) <= 4 ? 2 : 1;  /* halves at once, as registers allow */
     const int halves = SUB16 ? 2 : 1;
-    const int64_t cb = CODE != NIB ? 512 : 256;
+    const int64_t cb = layout_bytes(CODE == NIB ? NIBBLES : CODE == BYTE6 ? SIX : BYTES);
     for (int r0 = 0; r0 < 2; r0 += NH) {  /* with NH = 1 the second half re-reads the tile from cache */
         __m256 acc[2][4];
         for (int r = 0; r < NH; r++)
