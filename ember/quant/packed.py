@@ -3,8 +3,9 @@ qtile_avx2.c on CPUs without AVX512, the same bits).
 
 Rows go in tiles of 16; per (tile, block of 32) the 16 rows' codes sit in the operand order of the CPU's
 int8 dot-product instructions: 4-bit codes as nibbles (256 bytes, 16 bytes per row-block as Q4_1 itself),
-wider codes as bytes; fp16 scale and offset per row-block (two per row-block, one per 16, for Q6_K and
-any layer fused with it). Activations are split per block of 32 into two int8 parts (~16 bits kept:
+5-6 bit codes as nibbles + a 2-bit plane (384 bytes), 8-bit codes as bytes; fp16 scale and offset per
+row-block (two per row-block, one per 16, for Q6_K and any layer fused with it), no offsets for the
+symmetric kinds (Q4_0, Q5_0, Q8_0, Q6_K: o = -2^zexp s, computed by the kernels). Activations are split per block of 32 into two int8 parts (~16 bits kept:
 act_bits=16, the default) or quantized once to int8 (llama.cpp's Q8_0 numerics, half the integer work:
 act_bits=8, opt-in: +50 % prefill, +6-10 % decode on a 1B shape, but perplexity +1.7-1.8 % on SmolLM2 and
 Gemma 3 270M, past the 0.5 % ember allows a default); every block sum is an exact integer and one float

@@ -2,9 +2,10 @@
  *
  * Weights: GGUF-style blocks of 32, w = s * u + o with unsigned codes u (4..8 bits) and fp16 s, o per block.
  * They are stored in tiles of 16 rows: per (tile, block) the codes of the 16 rows in 8 groups of 4
- * consecutive k, group g = 64 bytes [row][4] (the operand layout of vpdpbusd and of AMX's B tile):
- *   8-bit codes: 512 bytes;  4-bit: 256 bytes, chunk c of 64 holds group 2c in its low nibbles, 2c+1 in high;
- * and s, o as fp16 [tile][block][16 rows] - or [tile][block][2 halves][16 rows] with a scale per 16 (Q6_K).
+ * consecutive k, group g = 64 bytes [row][4] once unpacked (the operand layout of vpdpbusd and of AMX's B
+ * tile), packed as 4-bit nibbles, 6-bit (nibbles + a 2-bit plane) or bytes (qtile.h's layouts); s, o as
+ * fp16 [tile][block][16 rows] - or [tile][block][2 halves][16 rows] with a scale per 16 (Q6_K); no o where
+ * the kind is symmetric (o = -2^zexp s: Q4_0, Q5_0, Q8_0, Q6_K).
  * Activations, per row and block of 32: int8 h = round(x / d) with d = max|x| / 127 (llama.cpp's Q8_0
  * numerics, the default: one dot product per code group), or, in the exact mode (mode bit 4), also l, the
  * rounded remainder, x ~ d (h + l / 256), ~16 bits of the activation kept for twice the integer work:
