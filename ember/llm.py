@@ -298,7 +298,7 @@ def _open(path: Path) -> tuple[ModelConfig, Any, Tokenizer, bool, dict[str, Any]
     gguf = GGUFFile(path)
     tok = Tokenizer.from_gguf_metadata(gguf.metadata, cache_dir=ember_home() / "tokenizers")
     return_free_heap()  # before the weights: the tokenizer's JSON parse leaves most of its peak behind
-    return gguf.config(), gguf.tensors(), tok, gguf.is_quantized, {}, None
+    return gguf.config(), gguf.tensors(), tok, gguf.is_quantized, {}, gguf.half_dtype
 
 
 def generation_defaults(gen: dict[str, Any]) -> dict[str, Any]:

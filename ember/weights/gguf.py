@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ember.config import ModelConfig
@@ -107,6 +108,16 @@ class GGUFFile:
         """True when most of the weights are block-quantized (not F32/F16/BF16)."""
         quant = sum(int(np.prod(t.dims)) for t in self.infos if self._kind(t) not in ("F32", "F16", "BF16"))
         return quant * 2 > sum(int(np.prod(t.dims)) for t in self.infos)
+
+    @property
+    def half_dtype(self) -> torch.dtype | None:
+        """float16 / bfloat16 when most weights are F16 / BF16 (the checkpoint's own dtype, as an HF directory's
+        torch_dtype states it), else None."""
+        sizes: dict[str, int] = {}
+        for t in self.infos:
+            sizes[self._kind(t)] = sizes.get(self._kind(t), 0) + int(np.prod(t.dims))
+        kind = max(sizes, key=lambda k: sizes[k]) if sizes else None
+        return {"F16": torch.float16, "BF16": torch.bfloat16}.get(kind or "")
 
     def _nbytes(self, t: TensorInfo) -> int:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t.type_id)]

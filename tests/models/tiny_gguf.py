@@ -68,8 +68,10 @@ def _finish(w: GGUFWriter, path: Path) -> Path:
 
 
 def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, seed: int = 0,
-                    template: str | None = None, odd_kind: GGMLQuantizationType | None = None) -> Path:
-    """A 2-layer random model. `odd_kind` stores one weight in that encoding (random bytes), to test errors."""
+                    template: str | None = None, odd_kind: GGMLQuantizationType | None = None,
+                    dense_kind: str = "F32") -> Path:
+    """A 2-layer random model. `odd_kind` stores one weight in that encoding (random bytes), to test errors;
+    `dense_kind` every weight matrix (F16: a half-precision checkpoint; else the mix of F32, F16 and Q8_0)."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
@@ -86,7 +88,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, seed: in
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     def add(name: str, arr: np.ndarray, kind: str = "F32") -> None:
-        _add(w, name, arr, kind)
+        _add(w, name, arr, dense_kind if dense_kind != "F32" and arr.ndim == 2 else kind)
 
     add("token_embd.weight", t((VOCAB, HIDDEN), 0.5), "Q8_0")
     add("output_norm.weight", 1 + t((HIDDEN,)))
