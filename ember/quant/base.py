@@ -39,7 +39,7 @@ class DenseMethod(QuantMethod):
 
     def pack(self, layer, shards, bias, dtype, device):
         # shards are concatenated along the output dim (fused qkv / gate_up); rows: [sum(out), in]
-        w = torch.cat([s.dequantize(torch.float32).to(dtype) for s in shards], dim=0)
+        w = torch.cat([s.dequantize(dtype) for s in shards], dim=0)
         layer.weight = nn.Parameter(w.to(device), requires_grad=False)
         layer.bias = None if bias is None else nn.Parameter(bias.to(device, dtype), requires_grad=False)
 

@@ -19,12 +19,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ember.config import ModelConfig
 from ember.errors import ModelFormatError
-from ember.weights.base import RawTensor
+from ember.weights.base import RawTensor, float_to_f32
 from ember.weights.gguf_header import TensorInfo, read_gguf_header
 
 # Encodings ember reads. IQ*/TQ* and MXFP4 are not supported (yet).
 SUPPORTED_KINDS = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
                    "Q5_K", "Q6_K")
+FLOATS = {"F32": float_to_f32(torch.float32), "F16": float_to_f32(torch.float16), "BF16": float_to_f32(torch.bfloat16)}
 # Architectures with a native model file; the message for others lists these.
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 SUPPORTED_ARCHITECTURES = (*LLAMA_FAMILY, "gemma3")
@@ -227,8 +228,8 @@ class GGUFFile:
             rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
             nbytes = self._nbytes(t)
             data = self._data[t.offset : t.offset + nbytes].reshape(rows, -1)  # [rows, bytes per row]
-            yield RawTensor(t.name, qtype.name, shape, data, lambda a, q=qtype: quants.dequantize(a, q),
-                            partial(self._release, t.offset, nbytes))
+            dequant = FLOATS[qtype.name] if qtype.name in FLOATS else partial(quants.dequantize, qtype=qtype)
+            yield RawTensor(t.name, qtype.name, shape, data, dequant, partial(self._release, t.offset, nbytes))
 
     def _release(self, start: int, length: int) -> None:
         """Unmap a packed tensor's pages: a read-only file mapping's pages count as resident memory until

@@ -18,7 +18,7 @@ import torch
 
 from ember.config import ModelConfig
 from ember.errors import ModelFormatError
-from ember.weights.base import RawTensor
+from ember.weights.base import RawTensor, float_to_f32
 
 # HF `architectures[0]` -> ember architecture with a native model file
 NATIVE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
@@ -46,11 +46,7 @@ def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def _to_f32(dtype: torch.dtype):
-    def dequant(arr: np.ndarray) -> np.ndarray:
-        return torch.from_numpy(np.ascontiguousarray(arr)).view(dtype).float().numpy()
-
-    return dequant
+_to_f32 = float_to_f32
 
 
 def _plus_one(dequant):
