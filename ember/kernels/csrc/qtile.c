@@ -124,26 +124,7 @@ static inline __attribute__((always_inline)) void gemv_rows(const int MR, const 
     else gemv_tile(MR, TWO, 0, w, a, t, m0, n, k, y_f32, y_bf16);
 }
 
-static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
-                 uint16_t *y_bf16) {
-    const int64_t ntiles = (n + 15) / 16;
-    const int two = a->l != NULL;
-#pragma omp parallel for schedule(static) if (n * k > 65536)
-    for (int64_t t = 0; t < ntiles; t++)
-        for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
-            /* constant MR and mode per case: accumulators in registers, no branch in the loop */
-            switch ((m_rows - m0 < 4 ? m_rows - m0 : 4) + 4 * two) {
-                case 1: gemv_rows(1, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 2: gemv_rows(2, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 3: gemv_rows(3, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 4: gemv_rows(4, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 5: gemv_rows(1, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 6: gemv_rows(2, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 7: gemv_rows(3, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                default: gemv_rows(4, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
-            }
-        }
-}
+EMBER_DEFINE_GEMV(gemv_rows)
 
 /* x [M, K] (bf16 or fp32) -> h (and l in the exact mode), d, block sums; rows padded with zeros up to m_pad */
 static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, int64_t k, int sub16, int two) {

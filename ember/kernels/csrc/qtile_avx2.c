@@ -182,25 +182,7 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
 #undef EMBER_TILE
 }
 
-static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
-                 uint16_t *y_bf16) {
-    const int64_t ntiles = (n + 15) / 16;
-    const int two = a->l != NULL;
-#pragma omp parallel for schedule(static) if (n * k > 65536)
-    for (int64_t t = 0; t < ntiles; t++)
-        for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
-            switch ((m_rows - m0 < 4 ? m_rows - m0 : 4) + 4 * two) {  /* constant MR and mode per case */
-                case 1: gemv_tile(1, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 2: gemv_tile(2, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 3: gemv_tile(3, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 4: gemv_tile(4, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 5: gemv_tile(1, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 6: gemv_tile(2, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                case 7: gemv_tile(3, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
-                default: gemv_tile(4, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
-            }
-        }
-}
+EMBER_DEFINE_GEMV(gemv_tile)
 
 /* 4 x 8 int32 (each in int8 range) -> 32 int8 in order */
 static inline __m256i pack8x4(__m256i a, __m256i b, __m256i c, __m256i d) {
