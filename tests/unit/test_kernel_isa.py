@@ -59,6 +59,17 @@ def test_kernel_suite_passes_on_each_build(name, tmp_path):
     assert passed >= 30 and (skipped is None) == tiles, tail
 
 
+def test_determinism_on_the_avx2_build(smollm_gguf):
+    """tests/models/test_determinism.py with the AVX2 build: the same greedy tokens fresh, after cached
+    prefixes, in prefill chunks of any size and in a batch of 16 (the model and kernel caches are shared)."""
+    env = {**os.environ, "EMBER_KERNEL_MARCH": "x86-64-v3", "EMBER_KERNEL_FLAGS": ""}
+    test = Path(__file__).parents[1] / "models" / "test_determinism.py"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)], env=env,
+                       capture_output=True, text=True, timeout=900)
+    tail = r.stdout[-3000:]
+    assert r.returncode == 0 and " passed" in tail and "skipped" not in tail, tail
+
+
 @pytest.fixture(scope="module")
 def libs(tmp_path_factory):
     """The AVX512 build of this machine and the AVX2 builds, loaded side by side."""
