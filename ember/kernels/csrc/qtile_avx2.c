@@ -3,10 +3,11 @@
  *
  * Same tiles, same activation integers, same per-lane float epilogue as qtile.c, so both builds give the
  * same bits. A tile's 16 weight rows are two halves of 8 lanes (bytes 0-31 and 32-63 of each 64-byte code
- * group), done one after the other on each block, so the codes stream from memory once.
+ * group): both on one pass over the blocks where the registers allow, else one half, then the other from
+ * cache.
  *
  * Without VNNI the int8 products are summed in int16 lanes first (vpmaddubsw: u8 x s8, pairs added), which
- * must not saturate (see sums4). */
+ * must not saturate (see sums). */
 #pragma GCC optimize("no-fast-math")  /* the float epilogue must round as qtile.c's does */
 #include <string.h>
 
