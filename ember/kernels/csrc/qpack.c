@@ -206,8 +206,8 @@ void ember_gguf_pack(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, int
 __attribute__((optimize("fp-contract=off")))  /* q * s + o in two roundings, as the reference computes it */
 void ember_qtile_rows_f32(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                           const int64_t *rows, int64_t n, int64_t k, float *out) {
-    const int64_t nb = k / 32, halves = mode & 2 ? 2 : 1, zexp = mode >> 4 & 15;
-    const int64_t layout = mode & 1 ? (mode & 8 ? SIX : BYTES) : NIBBLES, cb = layout_bytes(layout);
+    const tiled_w w = tiled(codes, mode, s16, o16, k);
+    const int64_t nb = w.nb, halves = w.sub16 ? 2 : 1, zexp = w.zexp, layout = layout_of(&w), cb = block_bytes(&w);
 #pragma omp parallel for schedule(static) if (n * k > 65536)
     for (int64_t i = 0; i < n; i++) {
         const int64_t t = rows[i] / 16, r = rows[i] % 16;

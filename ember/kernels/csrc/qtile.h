@@ -18,7 +18,7 @@ static inline int64_t layout_bytes(int64_t layout) { return layout == NIBBLES ? 
 typedef struct {
     const uint8_t *codes;      /* [ntiles][nb][256, 384 or 512] */
     const uint16_t *s16, *o16; /* [ntiles][nb][16] or [ntiles][nb][2][16] */
-    int bits8;                 /* 8-bit (512-byte) or 4-bit (256-byte) code blocks */
+    int bits8;                 /* codes wider than 4 bits (the SIX or BYTES layout) */
     int sub16;                 /* a scale and offset per 16 k (two halves of 4 groups each) */
     int64_t nb;
     int narrow;                /* codes of 5-6 bits in the SIX layout (mode flag 8) */
@@ -33,7 +33,8 @@ static inline tiled_w tiled(const uint8_t *codes, int64_t mode, const uint16_t *
     return w;
 }
 
-static inline int64_t block_bytes(const tiled_w *w) { return layout_bytes(w->bits8 ? (w->narrow ? SIX : BYTES) : NIBBLES); }
+static inline int layout_of(const tiled_w *w) { return w->bits8 ? (w->narrow ? SIX : BYTES) : NIBBLES; }
+static inline int64_t block_bytes(const tiled_w *w) { return layout_bytes(layout_of(w)); }
 
 typedef struct {  /* quantized activations */
     int8_t *h, *l;  /* [M, K]; l only in the exact mode (NULL otherwise) */

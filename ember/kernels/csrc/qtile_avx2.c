@@ -25,14 +25,12 @@ int ember_qtile_available(void) { return 1; }
 int ember_qtile_amx_built(void) { return 0; }
 int ember_amx_available(void) { return 0; }
 
-enum { NIB = 0, BYTE6 = 1, BYTE8 = 2 };  /* codes: 4-bit nibbles, 5-6 bits (the SIX layout), bytes */
-
 /* code group g (0..7) of weight rows 8 r8 .. 8 r8 + 7 in one (tile, block): 8 rows x 4 k, as u8 (qtile.h) */
 static inline __attribute__((always_inline)) __m256i group_codes(const int CODE, const uint8_t *blk, int g, int r8) {
-    if (CODE == BYTE8) return _mm256_loadu_si256((const __m256i *)(blk + g * 64 + r8 * 32));
+    if (CODE == BYTES) return _mm256_loadu_si256((const __m256i *)(blk + g * 64 + r8 * 32));
     const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + (g >> 1) * 64 + r8 * 32));
     const __m256i lo = _mm256_and_si256(g & 1 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
-    if (CODE == NIB) return lo;
+    if (CODE == NIBBLES) return lo;
     const __m256i t = _mm256_loadu_si256((const __m256i *)(blk + 256 + (g >> 2) * 64 + r8 * 32));
     const int sh = 2 * (g & 3);  /* bits sh, sh + 1 to bits 4, 5 */
     const __m256i at = sh < 4 ? _mm256_slli_epi16(t, 4 - sh) : sh > 4 ? _mm256_srli_epi16(t, sh - 4) : t;
@@ -88,7 +86,7 @@ static inline __attribute__((always_inline)) void sums(const int MR, const int T
         __m256i u[2], uh[2];
         for (int r = 0; r < NH; r++) {
             u[r] = group_codes(CODE, blk, g, r0 + r);
-            if (CODE == BYTE8) {
+            if (CODE == BYTES) {
                 uh[r] = _mm256_and_si256(_mm256_srli_epi16(u[r], 4), nib);
                 u[r] = _mm256_and_si256(u[r], nib);
             }
@@ -98,8 +96,8 @@ static inline __attribute__((always_inline)) void sums(const int MR, const int T
                 const __m256i a = bcast4((p ? ql : qh) + m * k + g * 4);
                 for (int r = 0; r < NH; r++) {
                     lo[p][r][m] = _mm256_add_epi16(lo[p][r][m], _mm256_maddubs_epi16(u[r], a));
-                    if (CODE == BYTE8) hi[p][r][m] = _mm256_add_epi16(hi[p][r][m], _mm256_maddubs_epi16(uh[r], a));
-                    if (CODE == BYTE6 && g % 2) {  /* two groups summed: widen to int32 */
+                    if (CODE == BYTES) hi[p][r][m] = _mm256_add_epi16(hi[p][r][m], _mm256_maddubs_epi16(uh[r], a));
+                    if (CODE == SIX && g % 2) {  /* two groups summed: widen to int32 */
                         s[p][r][m] = _mm256_add_epi32(s[p][r][m], _mm256_madd_epi16(lo[p][r][m], one));
                         lo[p][r][m] = _mm256_setzero_si256();
                     }
@@ -109,8 +107,8 @@ static inline __attribute__((always_inline)) void sums(const int MR, const int T
     for (int p = 0; p < P; p++)
         for (int r = 0; r < NH; r++)
             for (int m = 0; m < MR; m++) {
-                if (CODE == NIB) s[p][r][m] = _mm256_madd_epi16(lo[p][r][m], one);
-                if (CODE == BYTE8)
+                if (CODE == NIBBLES) s[p][r][m] = _mm256_madd_epi16(lo[p][r][m], one);
+                if (CODE == BYTES)
                     s[p][r][m] = _mm256_add_epi32(_mm256_madd_epi16(lo[p][r][m], one),
                                                   _mm256_madd_epi16(hi[p][r][m], _mm256_set1_epi16(16)));
             }
@@ -127,14 +125,14 @@ static inline void store_out8(__m256 v, int64_t m, int64_t n, int64_t r0, float 
 }
 
 /* one tile of 16 weight rows against activation rows m0 .. m0 + MR (MR <= 4; TWO: the exact mode; CODE: the
- * code width; SUB16: a scale per 16 k), all constants here so that nothing branches per block */
+ * code layout, qtile.h; SUB16: a scale per 16 k), all constants here so that nothing branches per block */
 static inline __attribute__((always_inline)) void tile_kernel(const int MR, const int TWO, const int CODE,
                                                               const int SUB16, const tiled_w *w, const qact *a,
                                                               int64_t t, int64_t m0, int64_t n, int64_t k,
                                                               float *y_f32, uint16_t *y_bf16) {
-    const int NH = MR * (1 + TWO) * (CODE == BYTE8 ? 2 : 1) <= 4 ? 2 : 1;  /* halves at once, as registers allow */
+    const int NH = MR * (1 + TWO) * (CODE == BYTES ? 2 : 1) <= 4 ? 2 : 1;  /* halves at once, as registers allow */
     const int halves = SUB16 ? 2 : 1;
-    const int64_t cb = layout_bytes(CODE == NIB ? NIBBLES : CODE == BYTE6 ? SIX : BYTES);
+    const int64_t cb = layout_bytes(CODE);
     for (int r0 = 0; r0 < 2; r0 += NH) {  /* with NH = 1 the second half re-reads the tile from cache */
         __m256 acc[2][4];
         for (int r = 0; r < NH; r++)
@@ -170,15 +168,14 @@ static inline __attribute__((always_inline)) void tile_kernel(const int MR, cons
 static inline __attribute__((always_inline)) void gemv_tile(const int MR, const int TWO, const tiled_w *w,
                                                             const qact *a, int64_t t, int64_t m0, int64_t n,
                                                             int64_t k, float *y_f32, uint16_t *y_bf16) {
-    const int code = w->bits8 ? (w->narrow ? BYTE6 : BYTE8) : NIB;
 #define EMBER_TILE(C, S) tile_kernel(MR, TWO, C, S, w, a, t, m0, n, k, y_f32, y_bf16)
-    switch (code * 2 + w->sub16) {
-        case 0: EMBER_TILE(NIB, 0); break;
-        case 1: EMBER_TILE(NIB, 1); break;
-        case 2: EMBER_TILE(BYTE6, 0); break;
-        case 3: EMBER_TILE(BYTE6, 1); break;
-        case 4: EMBER_TILE(BYTE8, 0); break;
-        default: EMBER_TILE(BYTE8, 1); break;
+    switch (layout_of(w) * 2 + w->sub16) {
+        case NIBBLES * 2: EMBER_TILE(NIBBLES, 0); break;
+        case NIBBLES * 2 + 1: EMBER_TILE(NIBBLES, 1); break;
+        case SIX * 2: EMBER_TILE(SIX, 0); break;
+        case SIX * 2 + 1: EMBER_TILE(SIX, 1); break;
+        case BYTES * 2: EMBER_TILE(BYTES, 0); break;
+        default: EMBER_TILE(BYTES, 1); break;
     }
 #undef EMBER_TILE
 }
