@@ -5,8 +5,8 @@ Rows go in tiles of 16; per (tile, block of 32) the 16 rows' codes sit in the op
 int8 dot-product instructions: 4-bit codes as nibbles (256 bytes, 16 bytes per row-block as Q4_1 itself),
 5-6 bit codes as nibbles + a 2-bit plane (384 bytes), 8-bit codes as bytes; fp16 scale and offset per
 row-block (two per row-block, one per 16, for Q6_K and any layer fused with it), no offsets for the
-symmetric kinds (Q4_0, Q5_0, Q8_0, Q6_K: o = -2^zexp s, computed by the kernels). Activations are split per block of 32 into two int8 parts (~16 bits kept:
-act_bits=16, the default) or quantized once to int8 (llama.cpp's Q8_0 numerics, half the integer work:
+symmetric kinds (Q4_0, Q5_0, Q8_0, Q6_K: o = -2^zexp s, computed by the kernels). Activations are split
+per block of 32 into two int8 parts (~16 bits kept: act_bits=16, the default) or quantized once to int8 (llama.cpp's Q8_0 numerics, half the integer work:
 act_bits=8, opt-in: +50 % prefill, +6-10 % decode on a 1B shape, but perplexity +1.7-1.8 % on SmolLM2 and
 Gemma 3 270M, past the 0.5 % ember allows a default); every block sum is an exact integer and one float
 epilogue follows, so the gemv (few rows) and the AMX-INT8 kernel (many rows) give the same bits, and a
@@ -30,13 +30,13 @@ from ember.quant.int4 import gguf_chunks
 from ember.weights.base import RawTensor
 
 TILE = 16  # weight rows per tile
+MAX_GEMV_ROWS = 4  # more activation rows take AMX where the CPU has it (same result, faster)
 LAYOUT_BYTES = [256, 512, 384]  # bytes per (tile, block) of csrc/qtile.h's layouts NIBBLES, BYTES, SIX
 
 
 def layout_of(bits: int) -> int:
     """The code layout for codes of `bits`: 4-bit nibbles, 5-6 bits as nibbles + a 2-bit plane, else bytes."""
     return 0 if bits <= 4 else 2 if bits <= 6 else 1
-MAX_GEMV_ROWS = 4  # more activation rows take AMX where the CPU has it (same result, faster)
 
 
 def available() -> bool:
@@ -80,7 +80,7 @@ def _whole_tiles(chunks: Iterable[Canonical]) -> Iterator[Canonical]:
 
 
 def _alloc(n: int, k: int, bits: int, sub16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty tiles for a [n, k] weight: codes [T, K/32, 512 or 256] u8, scales and offsets [T, K/32, 16 or 32]."""
+    """Empty tiles for a [n, k] weight: codes [T, K/32, LAYOUT_BYTES] u8, scales and offsets [T, K/32, 16 or 32]."""
     t, nb = -(-n // TILE), k // GROUP
     codes = torch.empty(t, nb, LAYOUT_BYTES[layout_of(bits)], dtype=torch.uint8)
     s16, o16 = (torch.empty(t, nb, (2 if sub16 else 1) * TILE, dtype=torch.float16) for _ in range(2))
@@ -140,9 +140,8 @@ def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], n: int, k: int, b
 
 
 def mode(layer: nn.Module) -> int:
-    """The kernel's flags: 1 = byte codes, 2 = a scale per 16, 4 = the exact two-part activations, 8 = byte codes
-    all below 64 (5-6 bits: the AVX2 kernel sums them in int16 without splitting them into nibbles), bits 4-7 =
-    zexp: offsets -2^zexp * scale, not stored."""
+    """The kernel's flags: 1 = codes wider than 4 bits, 2 = a scale per 16, 4 = the exact two-part activations,
+    8 = 5-6 bit codes in the SIX layout (with 1), bits 4-7 = zexp: offsets -2^zexp * scale, not stored."""
     return (int(layer.bits8) | 2 * int(layer.sub16) | 4 * int(getattr(layer, "act16", True))
             | 8 * int(getattr(layer, "narrow", False)) | getattr(layer, "zexp", 0) << 4)
 

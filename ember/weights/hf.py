@@ -46,9 +46,6 @@ def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-_to_f32 = float_to_f32
-
-
 def _plus_one(dequant):
     return lambda arr: dequant(arr) + np.float32(1.0)
 
@@ -207,7 +204,7 @@ class HFCheckpoint:
                 if t.dtype not in _KIND:
                     raise ModelFormatError(f"{f.name}: tensor {name} has dtype {t.dtype}, not f32/f16/bf16")
                 arr = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-                dequant = _to_f32(t.dtype)
+                dequant = float_to_f32(t.dtype)
                 if self.arch == "gemma3" and ember_name.endswith("norm.weight"):
                     dequant = _plus_one(dequant)  # Gemma's RMSNorm scales by 1 + w; ember's by w (as GGUF stores)
                 raw = RawTensor(ember_name, _KIND[t.dtype], tuple(t.shape), arr, dequant)
@@ -250,7 +247,7 @@ class HFCheckpoint:
             part = t[r0:r1]
             arr = part.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else part.numpy()
             full = f"{prefix}.{leaf}.weight"
-            yield full, RawTensor(full, _KIND[t.dtype], tuple(part.shape), arr, _to_f32(t.dtype))
+            yield full, RawTensor(full, _KIND[t.dtype], tuple(part.shape), arr, float_to_f32(t.dtype))
 
     def _read(self, f: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if f.suffix == ".bin":
