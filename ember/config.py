@@ -131,6 +131,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 256  # token budget per engine step (chunked prefill beyond it); see
     # default_step_tokens
     prefix_caching: bool = True  # reuse the KV of full blocks shared with earlier requests
+    attention: str = "auto"  # "torch", "triton" (GPU kernels), "auto": triton on a CUDA GPU; runner.resolve_attention
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -25,6 +25,7 @@ from ember.config import (
 from ember.engine.engine import Engine
 from ember.engine.kv_cache import KVCache
 from ember.engine.outputs import CompletionOutput, RequestOutput
+from ember.engine.runner import resolve_attention
 from ember.errors import ParameterError, TemplateError
 from ember.prompts import Frontend, Messages, Prompt, PromptEncoder
 from ember.quant.base import QuantSpec
@@ -206,7 +207,7 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
          kv_cache_memory: int | None = None, quantize: str | None = None, double_quant: bool | None = None,
          compute_dtype: str | torch.dtype | None = None, prefix_caching: bool = True,
          max_num_seqs: int = 64, max_num_batched_tokens: int | None = None, act_bits: int | None = None,
-         quiet: bool = True) -> LLM:
+         attention: str = "auto", quiet: bool = True) -> LLM:
     """Load a model, ready to generate: an alias ('smollm2-135m', the default), a local .gguf file or a
     Hugging Face model directory.
 
@@ -219,6 +220,8 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     act_bits: how ember's packed-weight kernel quantizes activations, per block of 32: 16 (two int8 parts,
     ~16 bits: the exact default) or 8 (int8, llama.cpp's numerics: half the integer work, ~1.5x prefill on
     a 1B shape, perplexity ~2 % higher on 135M-270M models). Not given: $EMBER_ACT_BITS, else 16.
+    attention: "auto" (ember's Triton kernels on a CUDA GPU when triton is installed, else "torch": ember's
+    CPU kernels / PyTorch SDPA), "torch" or "triton".
     """
     from ember.hub import DEFAULT_MODEL, resolve_model
     from ember.models.loader import build_model
@@ -236,7 +239,8 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
             max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
     engine_cfg = EngineConfig(max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                              prefix_caching=prefix_caching)
+                              prefix_caching=prefix_caching, attention=attention)
+    resolve_attention(attention, dev)  # a bad value fails before any loading
     path = resolve_model(model or DEFAULT_MODEL, quiet=quiet)
     cfg, tensors, tokenizer, quantized, gen_defaults, ckpt_dtype = _open(Path(path))
     dt = resolve_dtype(dtype, dev, quantized=quantized or spec is not None, checkpoint=ckpt_dtype)

@@ -11,7 +11,7 @@ from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.kv_cache import KVCache
 from ember.engine.outputs import RequestOutput, Usage
 from ember.engine.request import Request
-from ember.engine.runner import ModelRunner
+from ember.engine.runner import ModelRunner, resolve_attention
 from ember.engine.sampler import Sampler, SamplingState
 from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.errors import ContextLengthError, ParameterError
@@ -30,7 +30,8 @@ class Engine:
                                  model_config.max_position_embeddings)
         self.kv = kv
         self.scheduler = Scheduler(engine_config, kv)
-        self.runner = ModelRunner(model, kv, kv.k[0].device)
+        device = kv.k[0].device
+        self.runner = ModelRunner(model, kv, device, resolve_attention(engine_config.attention, device))
         self.sampler = Sampler()
         self.grammars = GrammarBackend(tokenizer, model_config.vocab_size, overlap=self.runner.device.type != "cpu")
         self.requests: dict[str, Request] = {}

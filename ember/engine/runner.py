@@ -7,13 +7,15 @@ from torch import nn
 
 from ember.engine.kv_cache import KVCache
 from ember.engine.scheduler import SchedulerOutput
-from ember.layers.attention import ForwardContext, SeqSpan
+from ember.layers.attention import ForwardContext, PagedMeta, SeqSpan
 from ember.structured.backend import RowMasks
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, kv: KVCache, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, kv: KVCache, device: torch.device, attention: str = "torch") -> None:
+        """attention: "torch" (ember's CPU kernels / SDPA) or "triton" (the GPU kernels; see resolve_attention)."""
         self.model, self.kv, self.device = model, kv, device
+        self.triton = attention == "triton"
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput, masks: RowMasks | None = None) -> torch.Tensor | None:
@@ -46,6 +48,7 @@ class ModelRunner:
             k_cache=self.kv.k,
             v_cache=self.kv.v,
             request_ids=[s.request.request_id for s in batch.seqs],
+            paged=self._paged([s.request.block_table for s in batch.seqs], spans),
         )
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)  # [T, D]
         if not last_rows:
@@ -60,10 +63,57 @@ class ModelRunner:
         blocks = self.kv.allocate(self.kv.blocks_needed(len(token_ids)))
         try:
             n = len(token_ids)
+            spans = [SeqSpan(0, n, n, None)]
             ctx = ForwardContext(positions=torch.arange(n, device=self.device),
                                  slot_mapping=self.kv.table_slots([blocks], self.device)[0][:n],
-                                 seqs=[SeqSpan(0, n, n, None)], k_cache=self.kv.k, v_cache=self.kv.v)
+                                 seqs=spans, k_cache=self.kv.k, v_cache=self.kv.v,
+                                 paged=self._paged([blocks], spans))
             hidden = self.model(torch.tensor(token_ids, dtype=torch.long, device=self.device), ctx)
             return self.model.compute_logits(hidden)
         finally:
             self.kv.free(blocks)
+
+    def _paged(self, tables: list[list[int]], spans: list[SeqSpan]) -> PagedMeta | None:
+        """The Triton kernels' view of the step (None on the torch path): block tables, query starts, lengths."""
+        if not self.triton:
+            return None
+        width = max(len(t) for t in tables)
+        bt = torch.zeros(len(tables), width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        cu = [0]
+        for s in spans:
+            cu.append(cu[-1] + s.q_len)
+        lens = [s.ctx_len for s in spans]
+        # split the keys of decode rows over long contexts, where (sequences x kv heads) programs are too few
+        decode = len(cu) - 1 == cu[-1]
+        segments = split_segments(len(spans), self.kv.k[0].shape[0], max(lens)) if decode else 1
+        return PagedMeta(bt.to(self.device), torch.tensor(cu, dtype=torch.int32, device=self.device),
+                         torch.tensor(lens, dtype=torch.int32, device=self.device), self.kv.block_size, segments)
+
+
+def split_segments(num_seqs: int, kv_heads: int, max_ctx: int, programs: int = 256) -> int:
+    """Segments per decode row (a power of two, <= 16): enough programs to fill a GPU, keys per segment >= 256."""
+    seg = 1
+    while seg < 16 and num_seqs * kv_heads * seg < programs and max_ctx >= 512 * seg:
+        seg *= 2
+    return seg
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """"auto": the Triton kernels on a CUDA GPU when triton is installed, else torch; "triton" on a CPU only
+    under Triton's interpreter (tests)."""
+    from ember.errors import ParameterError
+    from ember.kernels import triton as ember_triton
+
+    if name not in ("auto", "torch", "triton"):
+        raise ParameterError(f"attention={name!r} is invalid: use 'auto', 'torch' or 'triton'")
+    if name == "auto":
+        return "triton" if device.type == "cuda" and ember_triton.available() else "torch"
+    if name == "triton":
+        if not ember_triton.available():
+            raise ParameterError("attention='triton' needs the triton package: pip install triton")
+        if device.type != "cuda" and not ember_triton.interpreting():
+            raise ParameterError(f"attention='triton' runs on a CUDA GPU, not {device.type} (on a CPU only under "
+                                 "TRITON_INTERPRET=1, for tests); use attention='auto'")
+    return name

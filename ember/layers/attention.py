@@ -24,6 +24,18 @@ class SeqSpan:
 
 
 @dataclass
+class PagedMeta:
+    """The batch as the Triton kernels read it (device tensors; under a CUDA graph, views of its static
+    buffers), so the attention path needs no Python list of sequences and no host sync."""
+
+    block_tables: torch.Tensor  # [S, max blocks] int32
+    cu_q: torch.Tensor  # [S + 1] int32: sequence s owns query rows cu_q[s] .. cu_q[s+1] - 1
+    ctx_lens: torch.Tensor  # [S] int32: keys in the cache after this step
+    block_size: int
+    segments: int = 1  # split-KV programs per query tile (decode over long contexts)
+
+
+@dataclass
 class ForwardContext:
     positions: torch.Tensor  # [T] position of every token in the flat batch
     slot_mapping: torch.Tensor  # [T] flat cache slot each new token's k/v is written to
@@ -31,6 +43,7 @@ class ForwardContext:
     k_cache: list[torch.Tensor]  # per layer: [Hkv, num_slots, Dh] (head-major: a gather reads runs of Dh)
     v_cache: list[torch.Tensor]
     request_ids: list[str] | None = None  # per sequence (models that keep per-request state: the fallback)
+    paged: PagedMeta | None = None  # set: attention and the cache store run as Triton kernels (the GPU path)
 
     @cached_property
     def row_tables(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -60,8 +73,13 @@ def qkv_attention(qkv: torch.Tensor, h: int, hkv: int, layer: int, ctx: ForwardC
 
     Optional per-head q/k norms, RoPE (cos/sin [T, rd/2] fp32) and the cache write happen in one fused op.
     """
-    ops.rope_store(qkv, h, hkv, *rope, ctx.k_cache[layer], ctx.v_cache[layer], ctx.slot_mapping,
-                   q_norm, k_norm, eps)
+    if ctx.paged is not None:
+        from ember.kernels.triton.rope_store import rope_store
+
+        rope_store(qkv, h, hkv, *rope, ctx.k_cache[layer], ctx.v_cache[layer], ctx.slot_mapping, q_norm, k_norm, eps)
+    else:
+        ops.rope_store(qkv, h, hkv, *rope, ctx.k_cache[layer], ctx.v_cache[layer], ctx.slot_mapping,
+                       q_norm, k_norm, eps)
     q, k, v = qkv[:, :h], qkv[:, h : h + hkv], qkv[:, h + hkv :]
     return attend(q, k, v, layer, ctx, scale, window, softcap)
 
@@ -75,6 +93,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2 style).
     alibi: per-head slopes [H]; scores get slope * key position (Bloom)."""
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
+    if ctx.paged is not None:  # the store kernel skips padding rows (slot < 0); no rotary to apply
+        from ember.kernels.triton.rope_store import rope_store
+
+        h, hkv = q.shape[1], k.shape[1]
+        rope_store(torch.cat((q, k, v), 1), h, hkv, None, None, kc, vc, ctx.slot_mapping)
+        return attend(q, k, v, layer, ctx, scale, window, softcap, alibi)
     kc.index_copy_(1, ctx.slot_mapping, k.transpose(0, 1))
     vc.index_copy_(1, ctx.slot_mapping, v.transpose(0, 1))
     return attend(q, k, v, layer, ctx, scale, window, softcap, alibi)
@@ -85,6 +109,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: F
            ) -> torch.Tensor:
     """Attention for the new tokens, whose k/v are already in the cache. q: [T, H, Dh], k/v: [T, Hkv, Dh]."""
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
+    if (p := ctx.paged) is not None:  # one launch for the whole mixed batch
+        from ember.kernels.triton.attention import attention
+
+        return attention(q, kc, vc, p.block_tables, p.cu_q, p.ctx_lens, p.block_size, scale, window, softcap,
+                         alibi, p.segments)
     if alibi is None and ops.decode_attention_ok(q, kc):
         # ember's row kernel for every row, prompt rows too: a row's numbers are then the same whether its
         # prompt is computed at once, in chunks, after a cached prefix, or beside any neighbours

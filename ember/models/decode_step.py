@@ -106,8 +106,8 @@ class DecodeStep:
         -> final-normed hidden states [T, D] fp32, or None: take the per-op path."""
         t = x.shape[0]
         kc = ctx.k_cache[0]
-        if not ctx.all_decode or kc.dtype != torch.bfloat16 or not kc.is_contiguous():
-            return None  # not every sequence decodes, or a cache the kernels do not read
+        if not ctx.all_decode or kc.dtype != torch.bfloat16 or not kc.is_contiguous() or ctx.paged is not None:
+            return None  # not every sequence decodes, a cache the kernels do not read, or the Triton path
         layers, dims = self._layer_tables(ctx, ropes[0][0].shape[-1])
         tables = [r.contiguous() for rope in ropes for r in rope]  # cos, sin per table
         ptrs = (_P * 4)(*[tables[i % len(tables)].data_ptr() for i in range(4)])
