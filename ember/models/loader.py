@@ -86,8 +86,8 @@ def _attach_refiner(model: nn.Module, cfg: ModelConfig, lm_head: Linear | None, 
                     head_raw: RawTensor | None) -> None:
     """A packed head gets exact fp32 top candidates from its block codes (ember's packed head reads them
     itself; otherwise canonical codes, shared with a tied embedding)."""
-    if not isinstance(lm_head, Linear) or lm_head.method is None or lm_head.method.name == "dense":
-        return
+    if not isinstance(lm_head, Linear) or lm_head.method is None or lm_head.method.name in ("dense", "int4-gpu"):
+        return  # (the GPU head keeps no host codes to refine from: its bf16 logits are final)
     if isinstance(lm_head.method, PackedBlocksMethod):
         model.refiner = TopRefiner(partial(rows_f32, lm_head))
         lm_head.out_f32 = True  # fp32 in and out (see head_logits)

@@ -111,6 +111,10 @@ def select_method(shards: list[RawTensor], dtype: torch.dtype, device: torch.dev
         from ember.quant.int8 import Int8Method
 
         return Int8Method() if quantize.method == "int8" else BnbMethod(quantize)
+    if device.type == "cuda":  # GGUF Q4/Q5 and GPTQ/AWQ stay 4-bit on the GPU; the rest (Q6_K, Q8_0, ...) dense
+        from ember.quant.int4_gpu import Int4GpuMethod, int4_gpu_ok
+
+        return Int4GpuMethod() if int4_gpu_ok(shards, dtype, device) else DenseMethod()
     if gptq_ok(shards, dtype, device):  # GPTQ / AWQ that fit group 32 on the CPU kernel; the rest run dense
         return GPTQMethod()
     if packed_ok(shards, dtype, device):  # ember's own kernel (AVX512 or AVX2); else PyTorch's int4 kernel

@@ -188,7 +188,7 @@ class GPTQMethod(QuantMethod):
 
     def pack(self, layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | None,
              dtype: torch.dtype, device: torch.device) -> None:
-        chunks = (c for s in shards for c in s.canonical_chunks())  # type: ignore[attr-defined]
+        chunks = gptq_chunks(shards)
         layer.gptq_runner = packed.PackedBlocksMethod() if packed.available() else Int4Method()
         if isinstance(layer.gptq_runner, packed.PackedBlocksMethod):
             packed.pack_chunks(layer, chunks, sum(s.shape[0] for s in shards), shards[0].shape[1], 0, bias)
@@ -205,10 +205,19 @@ class GPTQMethod(QuantMethod):
 def gptq_ok(shards: list[Any], dtype: torch.dtype, device: torch.device) -> bool:
     """GPTQ/AWQ shards that the int4 kernel runs exactly. Fused shards (q/k/v, gate/up) share one x, so
     their act-order perms must agree; they do in real checkpoints (one Hessian per input), and where
-    they do not the layer runs dense (dequantized) instead: exact, only slower."""
-    if not (device.type == "cpu" and dtype == torch.bfloat16 and kernel_available()):
-        return False
-    if not all(isinstance(s, GPTQTensor) and s.fits_group32() for s in shards):
+    they do not the layer runs dense (dequantized) instead: exact, only slower. On a CUDA GPU the same
+    shards go to int4_gpu.Int4GpuMethod (select_method)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and kernel_available() and gptq_shards_fit(shards)
+
+
+def gptq_shards_fit(shards: list[Any]) -> bool:
+    """GPTQ/AWQ shards whose group-32 canonical codes are exact and share one act-order perm (any int4 kernel)."""
+    if not shards or not all(isinstance(s, GPTQTensor) and s.fits_group32() for s in shards):
         return False
     perms = [s.perm for s in shards]
     return all(p is None for p in perms) or all(p is not None and torch.equal(p, perms[0]) for p in perms)
+
+
+def gptq_chunks(shards: list[Any]) -> Iterator[Canonical]:
+    """Row chunks of group-32 canonical codes over the shared permuted input columns, in output order."""
+    return (c for s in shards for c in s.canonical_chunks())
