@@ -8,6 +8,7 @@ from torch import nn
 
 from ember.config import EngineConfig, ModelConfig
 from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.engine.graph_runner import BUCKETS, DecodeGraphs, graphs_enabled
 from ember.engine.kv_cache import KVCache
 from ember.engine.outputs import RequestOutput, Usage
 from ember.engine.request import Request
@@ -15,6 +16,7 @@ from ember.engine.runner import ModelRunner, resolve_attention
 from ember.engine.sampler import Sampler, SamplingState
 from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.errors import ContextLengthError, ParameterError
+from ember.models.hf_fallback import TransformersFallback
 from ember.sampling_params import SamplingParams
 from ember.structured.backend import Constraint, GrammarBackend, RowMasks
 from ember.tokenizer import Tokenizer
@@ -32,6 +34,9 @@ class Engine:
         self.scheduler = Scheduler(engine_config, kv)
         device = kv.k[0].device
         self.runner = ModelRunner(model, kv, device, resolve_attention(engine_config.attention, device))
+        if self.runner.triton and graphs_enabled(device) and not isinstance(model, TransformersFallback):
+            self.runner.graphs = DecodeGraphs(model, kv, device, min(engine_config.max_num_seqs, BUCKETS[-1]),
+                                              self.max_model_len)
         self.sampler = Sampler()
         self.grammars = GrammarBackend(tokenizer, model_config.vocab_size, overlap=self.runner.device.type != "cpu")
         self.requests: dict[str, Request] = {}

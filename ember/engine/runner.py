@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ember.engine.graph_runner import DecodeGraphs
 from ember.engine.kv_cache import KVCache
 from ember.engine.scheduler import SchedulerOutput
 from ember.layers.attention import ForwardContext, PagedMeta, SeqSpan
@@ -16,6 +17,7 @@ class ModelRunner:
         """attention: "torch" (ember's CPU kernels / SDPA) or "triton" (the GPU kernels; see resolve_attention)."""
         self.model, self.kv, self.device = model, kv, device
         self.triton = attention == "triton"
+        self.graphs: DecodeGraphs | None = None  # decode replayed from CUDA graphs (set by the engine)
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput, masks: RowMasks | None = None) -> torch.Tensor | None:
@@ -41,6 +43,10 @@ class ModelRunner:
             if s.samples:
                 last_rows.append(len(ids) - 1)
             s.request.num_computed_tokens = end
+        g = self.graphs
+        if g is not None and len(ids) == len(batch.seqs) <= g.max_batch:  # every sequence decodes one token
+            hidden = g.run(ids, positions, torch.cat(slots), [s.request.block_table for s in batch.seqs])
+            return self._logits(hidden, last_rows, masks)
         ctx = ForwardContext(
             positions=torch.tensor(positions, device=self.device),
             slot_mapping=torch.cat(slots),
@@ -51,6 +57,9 @@ class ModelRunner:
             paged=self._paged([s.request.block_table for s in batch.seqs], spans),
         )
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)  # [T, D]
+        return self._logits(hidden, last_rows, masks)
+
+    def _logits(self, hidden: torch.Tensor, last_rows: list[int], masks: RowMasks | None) -> torch.Tensor | None:
         if not last_rows:
             return None
         rows = torch.tensor(last_rows, device=self.device)
