@@ -114,6 +114,13 @@ def default_kv_bytes(device: torch.device | None = None) -> int:
     return int(min(2 << 30, max(256 << 20, avail // 5)))
 
 
+def gpu_kv_bytes(device: torch.device, fraction: float = 0.6) -> int:
+    """KV cache on a CUDA GPU, sized after the weights are loaded: `fraction` of the free memory (the rest holds
+    activations, the CUDA graphs' pool and other processes' growth). Thousands of concurrent tokens per GB is
+    what continuous batching lives on; the CPU default's 2 GiB cap would starve it."""
+    return max(256 << 20, int(torch.cuda.mem_get_info(device)[0] * fraction))
+
+
 def default_step_tokens(device: torch.device | None = None) -> int:
     """Token budget of one engine step. On a CPU a step's cost grows with its tokens while prefill speed
     does not (SmolLM2 on 2 cores: the same tok/s with chunks of 64 to 1024), so a small budget bounds how

@@ -19,6 +19,7 @@ from ember.config import (
     ModelConfig,
     default_kv_bytes,
     default_step_tokens,
+    gpu_kv_bytes,
     resolve_device,
     resolve_dtype,
 )
@@ -231,6 +232,7 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     bits = act_bits_of(act_bits)
     t0 = time.perf_counter()
     dev = resolve_device(device)
+    auto_kv = kv_cache_memory is None
     if kv_cache_memory is None:  # engine settings first: a bad one fails before any loading
         kv_cache_memory = default_kv_bytes(dev)
     if max_num_batched_tokens is None:  # room for a token of every running request
@@ -259,6 +261,8 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     else:
         net = build_model(cfg, tensors, dt, dev, spec)
         set_act_bits(net, bits)
+        if auto_kv and dev.type == "cuda":  # sized once the weights are in: most of the GPU's free memory
+            engine_cfg.kv_cache_memory = gpu_kv_bytes(dev)
     kv = KVCache(cfg, engine_cfg.kv_cache_memory, engine_cfg.block_size, dt, dev,  # type: ignore[arg-type]
                  engine_cfg.prefix_caching)
     engine = Engine(net, tokenizer, cfg, engine_cfg, kv)

@@ -25,7 +25,7 @@ from ember.kernels.triton import interpreting
 @triton.jit
 def _seq_of(cu_q_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     """The sequence whose query tiles include program pid (last s with cu_q[s] // BLOCK_Q + s <= pid)."""
-    lo = 0
+    lo: tl.int32 = 0
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
@@ -180,7 +180,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
         HPK=h // hkv, DH=dh, DH_P=dh_p, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_SIZE=block_size,
         TILE_N=16 if interpreting() else 32, SEGMENTS=segments, SOFTCAP=softcap is not None,
         WINDOW=window is not None, ALIBI=alibi is not None,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        PREC="ieee" if q.dtype == torch.float32 else None,  # fp32 caches: no silent tf32
     )
     if segments > 1:
         _merge_kernel[(t, h)](out, po, pm, pl, out.stride(0), out.stride(1), h, DH=dh, DH_P=dh_p, SEGMENTS=segments)

@@ -28,15 +28,21 @@ def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, kc_ptr, vc_ptr
         x3 = tl.load(row + r, mask=r_ok, other=0.0).to(tl.float32)
         if NORM:  # rms over the whole head, then the head's weight; rounded to the model dtype as torch does
             inv = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0) + tl.sum(x3 * x3, 0)) / DH + eps)
-            w = qn_ptr if h < NQ else kn_ptr
-            x1 = (x1 * inv * tl.load(w + i, mask=i_ok, other=0.0)).to(qkv_ptr.dtype.element_ty).to(tl.float32)
-            x2 = (x2 * inv * tl.load(w + HALF + i, mask=i_ok, other=0.0)).to(qkv_ptr.dtype.element_ty).to(tl.float32)
-            x3 = (x3 * inv * tl.load(w + r, mask=r_ok, other=0.0)).to(qkv_ptr.dtype.element_ty).to(tl.float32)
+            is_q = h < NQ  # q heads take q_norm's weight, k heads k_norm's (one of the two loads is masked off)
+            w1 = tl.load(qn_ptr + i, mask=i_ok & is_q, other=0.0) + tl.load(kn_ptr + i, mask=i_ok & ~is_q, other=0.0)
+            w2 = (tl.load(qn_ptr + HALF + i, mask=i_ok & is_q, other=0.0)
+                  + tl.load(kn_ptr + HALF + i, mask=i_ok & ~is_q, other=0.0))
+            w3 = tl.load(qn_ptr + r, mask=r_ok & is_q, other=0.0) + tl.load(kn_ptr + r, mask=r_ok & ~is_q, other=0.0)
+            x1 = (x1 * inv * w1).to(qkv_ptr.dtype.element_ty).to(tl.float32)
+            x2 = (x2 * inv * w2).to(qkv_ptr.dtype.element_ty).to(tl.float32)
+            x3 = (x3 * inv * w3).to(qkv_ptr.dtype.element_ty).to(tl.float32)
             tl.store(row + r, x3.to(qkv_ptr.dtype.element_ty), mask=r_ok)
         if ROPE:
             c = tl.load(cos_ptr + t * stride_cs + i, mask=i_ok, other=0.0)
             s = tl.load(sin_ptr + t * stride_cs + i, mask=i_ok, other=0.0)
-            x1, x2 = x1 * c - x2 * s, x2 * c + x1 * s
+            r1 = x1 * c - x2 * s
+            x2 = x2 * c + x1 * s
+            x1 = r1
         y1 = x1.to(qkv_ptr.dtype.element_ty)
         y2 = x2.to(qkv_ptr.dtype.element_ty)
         tl.store(row + i, y1, mask=i_ok)
