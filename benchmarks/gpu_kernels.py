@@ -58,7 +58,8 @@ def check_kernels(device: torch.device, dtype: torch.dtype) -> dict:
     }
     for name, (ql, cl, h, hkv, dh, win, cap, seg) in cases.items():
         q, kc, vc, tables, cu, lens = _batch(ql, cl, h, hkv, dh, dtype, device)
-        got = attention(q, kc, vc, tables, cu, lens, BS, dh**-0.5, window=win, softcap=cap, segments=seg)
+        got = attention(q, kc, vc, tables, cu, lens, BS, dh**-0.5, window=win, softcap=cap, segments=seg,
+                        max_q_len=max(ql))
         want = _reference(q.cpu(), kc.cpu(), vc.cpu(), tables.cpu(), ql, cl, dh**-0.5, win, cap, None)
         err = (got.float().cpu() - want).abs().max().item()
         out[name] = {"max_abs_err": err, "ok": err < 3e-2}

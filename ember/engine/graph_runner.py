@@ -75,7 +75,7 @@ def graphs_enabled(device: torch.device) -> bool:
 class DecodeGraphs:
     def __init__(self, model: nn.Module, kv: KVCache, device: torch.device, max_batch: int, max_model_len: int,
                  make_graph: Callable[[], Graph] = CudaGraph) -> None:
-        from ember.engine.runner import split_segments
+        from ember.engine.runner import split_segments  # (runner imports this module)
 
         self.model, self.kv, self.make_graph = model, kv, make_graph
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
@@ -105,23 +105,21 @@ class DecodeGraphs:
         return self.model(self.ids[:b], ctx)
 
     @torch.inference_mode()
-    def run(self, ids: list[int], positions: list[int], slots: torch.Tensor, tables: list[list[int]]
-            ) -> torch.Tensor:
+    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
         """One decode row per sequence (B <= max_batch): fill the buffers, replay the bucket's graph (capturing
         it on first use) -> hidden [B, D]."""
         n = len(ids)
         b = self.bucket(n)
         assert b is not None, f"{n} rows exceed the largest bucket {self.max_batch}"
+        from ember.engine.runner import block_table_tensor
+
         host = torch.tensor
         self.ids[:n].copy_(host(ids), non_blocking=True)
         self.positions[:n].copy_(host(positions), non_blocking=True)
         self.ctx_lens[:n].copy_(host(positions, dtype=torch.int32) + 1, non_blocking=True)
-        self.slots[:n].copy_(slots, non_blocking=True)
-        width = max(len(t) for t in tables)
-        rows = torch.zeros(n, width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            rows[i, : len(t)] = host(t, dtype=torch.int32)
-        self.tables[:n, :width].copy_(rows, non_blocking=True)
+        self.slots[:n].copy_(host(slots), non_blocking=True)
+        rows = block_table_tensor(tables)  # [n, longest]
+        self.tables[:n, : rows.shape[1]].copy_(rows, non_blocking=True)
         if b > n:  # padding rows: no cache write, no key read
             self.ids[n:b].zero_()
             self.positions[n:b].zero_()

@@ -25,6 +25,9 @@ class ModelRunner:
         structured-output rows' allowed tokens, so the head's exact candidates are allowed ones."""
         if not batch.seqs:
             return None
+        g = self.graphs
+        if g is not None and len(batch.seqs) <= g.max_batch and all(s.num_tokens == 1 for s in batch.seqs):
+            return self._replay_decode(batch, g, masks)
         ids: list[int] = []
         positions: list[int] = []
         slots, spans, last_rows = [], [], []
@@ -43,10 +46,6 @@ class ModelRunner:
             if s.samples:
                 last_rows.append(len(ids) - 1)
             s.request.num_computed_tokens = end
-        g = self.graphs
-        if g is not None and len(ids) == len(batch.seqs) <= g.max_batch:  # every sequence decodes one token
-            hidden = g.run(ids, positions, torch.cat(slots), [s.request.block_table for s in batch.seqs])
-            return self._logits(hidden, last_rows, masks)
         ctx = ForwardContext(
             positions=torch.tensor(positions, device=self.device),
             slot_mapping=torch.cat(slots),
@@ -57,6 +56,22 @@ class ModelRunner:
             paged=self._paged([s.request.block_table for s in batch.seqs], spans),
         )
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)  # [T, D]
+        return self._logits(hidden, last_rows, masks)
+
+    def _replay_decode(self, batch: SchedulerOutput, g: DecodeGraphs, masks: RowMasks | None) -> torch.Tensor | None:
+        """Every sequence decodes one token: the step's inputs straight from the requests (slots on the host,
+        no slot tables), replayed from the bucket's graph."""
+        bs = self.kv.block_size
+        ids, positions, slots, last_rows = [], [], [], []
+        for i, s in enumerate(batch.seqs):
+            req, p = s.request, s.start
+            ids.append(req.all_token_ids[p])
+            positions.append(p)
+            slots.append(req.block_table[p // bs] * bs + p % bs)
+            if s.samples:
+                last_rows.append(i)
+            req.num_computed_tokens = p + 1
+        hidden = g.run(ids, positions, slots, [s.request.block_table for s in batch.seqs])
         return self._logits(hidden, last_rows, masks)
 
     def _logits(self, hidden: torch.Tensor, last_rows: list[int], masks: RowMasks | None) -> torch.Tensor | None:
@@ -86,10 +101,7 @@ class ModelRunner:
         """The Triton kernels' view of the step (None on the torch path): block tables, query starts, lengths."""
         if not self.triton:
             return None
-        width = max(len(t) for t in tables)
-        bt = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        bt = block_table_tensor(tables)
         cu = [0]
         for s in spans:
             cu.append(cu[-1] + s.q_len)
@@ -98,7 +110,14 @@ class ModelRunner:
         decode = len(cu) - 1 == cu[-1]
         segments = split_segments(len(spans), self.kv.k[0].shape[0], max(lens)) if decode else 1
         return PagedMeta(bt.to(self.device), torch.tensor(cu, dtype=torch.int32, device=self.device),
-                         torch.tensor(lens, dtype=torch.int32, device=self.device), self.kv.block_size, segments)
+                         torch.tensor(lens, dtype=torch.int32, device=self.device), self.kv.block_size, segments,
+                         max(s.q_len for s in spans))
+
+
+def block_table_tensor(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables [S, longest] int32, zero-padded, in one host call (the runner builds one every step)."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
 
 
 def split_segments(num_seqs: int, kv_heads: int, max_ctx: int, programs: int = 256) -> int:

@@ -33,6 +33,7 @@ class PagedMeta:
     ctx_lens: torch.Tensor  # [S] int32: keys in the cache after this step
     block_size: int
     segments: int = 1  # split-KV programs per query tile (decode over long contexts)
+    max_q_len: int = 1  # the longest query run of the step (picks the kernel's tile shape)
 
 
 @dataclass
@@ -113,7 +114,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: F
         from ember.kernels.triton.attention import attention
 
         return attention(q, kc, vc, p.block_tables, p.cu_q, p.ctx_lens, p.block_size, scale, window, softcap,
-                         alibi, p.segments)
+                         alibi, p.segments, max_q_len=p.max_q_len)
     if alibi is None and ops.decode_attention_ok(q, kc):
         # ember's row kernel for every row, prompt rows too: a row's numbers are then the same whether its
         # prompt is computed at once, in chunks, after a cached prefix, or beside any neighbours

@@ -70,7 +70,7 @@ def test_padding_rows_do_not_write_stale_slots(path):
     e = llm.engine
     g = _with_graphs(llm, max_batch=4)
     tables = [[0], [1], [2], [3]]
-    slots = torch.tensor([5, 16 + 5, 32 + 5, 48 + 5])
+    slots = [5, 16 + 5, 32 + 5, 48 + 5]
     g.run([7, 8, 9, 10], [5, 5, 5, 5], slots, tables)
     for kc in e.kv.k:
         kc[:, 48 + 5] = 123.0

@@ -99,3 +99,18 @@ def test_padded_rows_write_zeros_not_nans(device):
     lens[1] = 0
     got = attention(q, kc, vc, tables, cu, lens, BS, 0.3)
     assert torch.isfinite(got).all() and not got[1].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_long_prompt_chunks_take_64_row_tiles(dtype, device):
+    """max_q_len >= 64 switches to 64-row tiles (32 queries x 2 heads here): same results, decode rows beside."""
+    from ember.kernels.triton.attention import tile_rows
+
+    assert tile_rows(4, 2, 16, 100) == (32, 64) and tile_rows(4, 2, 16, 1) == (8, 16)
+    assert tile_rows(8, 1, 256, 100) == (2, 16)  # wide heads keep 16 rows
+    q_lens, ctx_lens = [100, 1, 70], [100, 50, 90]
+    q, kc, vc, tables, cu, lens = _batch(q_lens, ctx_lens, 4, 2, 16, dtype, device, seed=3)
+    got = attention(q, kc, vc, tables, cu, lens, BS, 0.25, window=33, max_q_len=100)
+    want = _reference(q.cpu(), kc.cpu(), vc.cpu(), tables.cpu(), q_lens, ctx_lens, 0.25, 33, None, None)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)

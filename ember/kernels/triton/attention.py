@@ -141,17 +141,21 @@ def _merge_kernel(o_ptr, po_ptr, pm_ptr, pl_ptr, stride_ot, stride_oh, num_heads
     tl.store(o_ptr + r.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < DH)
 
 
-def tile_rows(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
-    """(BLOCK_Q, BLOCK_M): query tokens per program and rows (tokens x heads per KV head, >= 16 for tl.dot)."""
+def tile_rows(num_heads: int, num_kv_heads: int, head_dim: int, max_q_len: int = 1) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_M): query tokens per program and rows (tokens x heads per KV head, >= 16 for tl.dot).
+    Steps with long prompt chunks take 64 rows, so each key tile loaded serves 4x more queries; decode keeps
+    16 (one token x its group of heads) and heads wider than 128 keep 16 (the accumulator's registers)."""
     hpk = num_heads // num_kv_heads
     block_m = max(16, triton.next_power_of_2(hpk))
+    if max_q_len >= 64 and head_dim <= 128:
+        block_m = max(block_m, 64)
     return block_m // hpk, block_m
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
               cu_q: torch.Tensor, ctx_lens: torch.Tensor, block_size: int, scale: float,
               window: int | None = None, softcap: float | None = None, alibi: torch.Tensor | None = None,
-              segments: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+              segments: int = 1, out: torch.Tensor | None = None, max_q_len: int = 1) -> torch.Tensor:
     """q: [T, H, Dh] (any row/head strides, last dim contiguous); caches [Hkv, slots, Dh]; block_tables
     [S, max blocks] int32; cu_q [S+1] int32; ctx_lens [S] int32 -> out [T, H, Dh] in q's dtype.
 
@@ -161,7 +165,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     hkv = k_cache.shape[0]
     assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and h % hkv == 0
     assert segments >= 1 and segments & (segments - 1) == 0, "segments must be a power of two"
-    block_q, block_m = tile_rows(h, hkv)
+    block_q, block_m = tile_rows(h, hkv, dh, max_q_len)
     num_seqs = ctx_lens.shape[0]
     out = torch.empty(t, h, dh, dtype=q.dtype, device=q.device) if out is None else out
     dh_p = max(16, triton.next_power_of_2(dh))
