@@ -47,7 +47,7 @@ def check_kernels(device: torch.device, dtype: torch.dtype) -> dict:
     from ember.kernels.triton.attention import attention
     from ember.kernels.triton.rope_store import rope_store
     from ember.layers.rotary import rope_cos_sin, rope_inv_freq
-    from tests.gpu.test_triton_attention import BS, _batch, _reference
+    from tests.gpu.paged_ref import BS, paged_batch, reference_attention
 
     out: dict = {}
     cases = {  # name: (q lens, ctx lens, H, Hkv, Dh, window, softcap, segments)
@@ -57,10 +57,10 @@ def check_kernels(device: torch.device, dtype: torch.dtype) -> dict:
         "qwen-mha-64": ([33, 1], [33, 99], 16, 16, 64, None, None, 1),
     }
     for name, (ql, cl, h, hkv, dh, win, cap, seg) in cases.items():
-        q, kc, vc, tables, cu, lens = _batch(ql, cl, h, hkv, dh, dtype, device)
+        q, kc, vc, tables, cu, lens = paged_batch(ql, cl, h, hkv, dh, dtype, device)
         got = attention(q, kc, vc, tables, cu, lens, BS, dh**-0.5, window=win, softcap=cap, segments=seg,
                         max_q_len=max(ql))
-        want = _reference(q.cpu(), kc.cpu(), vc.cpu(), tables.cpu(), ql, cl, dh**-0.5, win, cap, None)
+        want = reference_attention(q.cpu(), kc.cpu(), vc.cpu(), tables.cpu(), ql, cl, dh**-0.5, win, cap, None)
         err = (got.float().cpu() - want).abs().max().item()
         out[name] = {"max_abs_err": err, "ok": err < 3e-2}
     # rope + q/k norm + store, against ember's plain torch path in fp32

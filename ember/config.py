@@ -114,11 +114,16 @@ def default_kv_bytes(device: torch.device | None = None) -> int:
     return int(min(2 << 30, max(256 << 20, avail // 5)))
 
 
-def gpu_kv_bytes(device: torch.device, fraction: float = 0.6) -> int:
+def gpu_kv_bytes(device: torch.device, cfg: ModelConfig, dtype: torch.dtype, engine: EngineConfig,
+                 fraction: float = 0.6) -> int:
     """KV cache on a CUDA GPU, sized after the weights are loaded: `fraction` of the free memory (the rest holds
-    activations, the CUDA graphs' pool and other processes' growth). Thousands of concurrent tokens per GB is
-    what continuous batching lives on; the CPU default's 2 GiB cap would starve it."""
-    return max(256 << 20, int(torch.cuda.mem_get_info(device)[0] * fraction))
+    activations, the CUDA graphs' pool and other processes' growth) — continuous batching lives on thousands of
+    cached tokens, and the CPU default's 2 GiB cap would starve it — but no more than every running request at
+    full context can use (a small model with a short context would otherwise take 80 GB)."""
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    context = min(engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    most = per_token * (engine.max_num_seqs * context + engine.block_size)
+    return max(256 << 20, min(most, int(torch.cuda.mem_get_info(device)[0] * fraction)))
 
 
 def default_step_tokens(device: torch.device | None = None) -> int:

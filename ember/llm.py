@@ -262,7 +262,7 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
         net = build_model(cfg, tensors, dt, dev, spec)
         set_act_bits(net, bits)
         if auto_kv and dev.type == "cuda":  # sized once the weights are in: most of the GPU's free memory
-            engine_cfg.kv_cache_memory = gpu_kv_bytes(dev)
+            engine_cfg.kv_cache_memory = gpu_kv_bytes(dev, cfg, dt, engine_cfg)
     kv = KVCache(cfg, engine_cfg.kv_cache_memory, engine_cfg.block_size, dt, dev,  # type: ignore[arg-type]
                  engine_cfg.prefix_caching)
     engine = Engine(net, tokenizer, cfg, engine_cfg, kv)

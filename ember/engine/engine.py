@@ -37,6 +37,7 @@ class Engine:
         if self.runner.triton and graphs_enabled(device) and not isinstance(model, TransformersFallback):
             self.runner.graphs = DecodeGraphs(model, kv, device, min(engine_config.max_num_seqs, BUCKETS[-1]),
                                               self.max_model_len)
+            self.runner.graphs.capture_all()
         self.sampler = Sampler()
         self.grammars = GrammarBackend(tokenizer, model_config.vocab_size, overlap=self.runner.device.type != "cpu")
         self.requests: dict[str, Request] = {}

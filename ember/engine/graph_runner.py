@@ -32,12 +32,10 @@ class Graph(Protocol):
 
 
 class CudaGraph:
-    """torch.cuda.CUDAGraph with warm-up on a side stream; all buckets share one memory pool."""
+    """torch.cuda.CUDAGraph with a warm-up on a side stream, in the memory pool its runner's buckets share."""
 
-    pool: object = None
-
-    def __init__(self) -> None:
-        self.graph = torch.cuda.CUDAGraph()
+    def __init__(self, pool: object) -> None:
+        self.graph, self.pool = torch.cuda.CUDAGraph(), pool
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         side = torch.cuda.Stream()
@@ -45,9 +43,8 @@ class CudaGraph:
         with torch.cuda.stream(side):  # warm-up: Triton compiles, the allocator settles
             fn()
         torch.cuda.current_stream().wait_stream(side)
-        if CudaGraph.pool is None:
-            CudaGraph.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(self.graph, pool=CudaGraph.pool):
+        # thread_local: CUDA calls from other threads (a server's) do not invalidate the capture
+        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
         return out
 
@@ -74,19 +71,24 @@ def graphs_enabled(device: torch.device) -> bool:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, kv: KVCache, device: torch.device, max_batch: int, max_model_len: int,
-                 make_graph: Callable[[], Graph] = CudaGraph) -> None:
+                 make_graph: Callable[[], Graph] | None = None) -> None:
         from ember.engine.runner import split_segments  # (runner imports this module)
 
+        if make_graph is None:
+            pool = torch.cuda.graph_pool_handle()  # this runner's own: buckets share it, other engines do not
+            make_graph = lambda: CudaGraph(pool)  # noqa: E731
         self.model, self.kv, self.make_graph = model, kv, make_graph
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
-        self.max_batch = max_batch
+        self.max_batch = n = max_batch
         width = kv.blocks_needed(max_model_len)  # block-table columns: the longest sequence's blocks
-        n = max_batch
-        self.ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=device)
+        pin = device.type == "cuda"
+        # the step's inputs go up in one copy from one pinned buffer: ids, positions, cache slots, context lengths
+        self.stage = torch.zeros(4, n, dtype=torch.long, pin_memory=pin)
+        self.inputs = torch.zeros(4, n, dtype=torch.long, device=device)
+        self.ids, self.positions, self.slots, self.ctx_lens = self.inputs.unbind(0)
+        self.host_tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=pin)
+        self.row_tables: list[tuple[list[int], int] | None] = [None] * n  # (the list, its length) each row holds
         self.tables = torch.zeros(n, width, dtype=torch.int32, device=device)
-        self.ctx_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.cu_q = torch.arange(n + 1, dtype=torch.int32, device=device)  # one query row per sequence
         hkv = kv.k[0].shape[0]
         self.segments = {b: split_segments(b, hkv, max_model_len) for b in self.buckets}
@@ -104,6 +106,21 @@ class DecodeGraphs:
                              k_cache=self.kv.k, v_cache=self.kv.v, paged=paged)
         return self.model(self.ids[:b], ctx)
 
+    def _graph(self, b: int) -> tuple[Graph, torch.Tensor]:
+        if b not in self.graphs:
+            g = self.make_graph()
+            self.graphs[b] = (g, g.capture(lambda: self._forward(b)))
+        return self.graphs[b]
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first (the pool then serves the smaller ones), on padding rows
+        only — they write and read nothing — so no step later pays for a capture."""
+        self.stage[:, : self.max_batch] = torch.tensor([[0], [0], [-1], [0]])
+        self.inputs.copy_(self.stage, non_blocking=True)
+        for b in reversed(self.buckets):
+            self._graph(b)
+
     @torch.inference_mode()
     def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
         """One decode row per sequence (B <= max_batch): fill the buffers, replay the bucket's graph (capturing
@@ -111,22 +128,19 @@ class DecodeGraphs:
         n = len(ids)
         b = self.bucket(n)
         assert b is not None, f"{n} rows exceed the largest bucket {self.max_batch}"
-        from ember.engine.runner import block_table_tensor
-
-        host = torch.tensor
-        self.ids[:n].copy_(host(ids), non_blocking=True)
-        self.positions[:n].copy_(host(positions), non_blocking=True)
-        self.ctx_lens[:n].copy_(host(positions, dtype=torch.int32) + 1, non_blocking=True)
-        self.slots[:n].copy_(host(slots), non_blocking=True)
-        rows = block_table_tensor(tables)  # [n, longest]
-        self.tables[:n, : rows.shape[1]].copy_(rows, non_blocking=True)
-        if b > n:  # padding rows: no cache write, no key read
-            self.ids[n:b].zero_()
-            self.positions[n:b].zero_()
-            self.slots[n:b].fill_(-1)
-            self.ctx_lens[n:b].zero_()
-        if b not in self.graphs:  # capturing records the step without running it (on a GPU): replay below
-            g = self.make_graph()
-            self.graphs[b] = (g, g.capture(lambda: self._forward(b)))
-        self.graphs[b][0].replay()
-        return self.graphs[b][1][:n]
+        st = self.stage
+        st[:, :n] = torch.tensor([ids, positions, slots, [p + 1 for p in positions]])
+        if b > n:  # padding rows: token 0 at position 0, no cache write (slot -1), no key read (context 0)
+            st[:, n:b] = torch.tensor([[0], [0], [-1], [0]])
+        self.inputs[:, :b].copy_(st[:, :b], non_blocking=True)
+        width = 0
+        for i, t in enumerate(tables):  # rows are rewritten only when their table changed (grew, or is new)
+            held = self.row_tables[i]
+            if held is None or held[0] is not t or held[1] != len(t):
+                self.host_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+                self.row_tables[i] = (t, len(t))  # holding the list keeps its id from being reused
+            width = max(width, len(t))
+        self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
+        g, out = self._graph(b)
+        g.replay()  # (a first capture only recorded the step)
+        return out[:n]

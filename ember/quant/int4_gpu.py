@@ -7,7 +7,8 @@ bf16 fma): the formula of the CPU kernel int4.py uses. Its weight comes from
 even one in the high nibble (byte j = q[2j] << 4 | q[2j + 1]). Codes go through int4.to_planes unchanged:
 Q4_0/Q4_1/Q4_K and GPTQ/AWQ are one plane (K' = K); Q5_0/Q5_1/Q5_K two (K' = 2K, x repeated per plane).
 
-The kernel is built for decode (it pads M to tiles of 16): batches of at most DECODE_ROWS rows run on it.
+The kernel is built for decode (it pads M to tiles of 16): batches of at most DECODE_ROWS rows run on it
+(every decode bucket of the CUDA graphs: dequantizing the whole weight each step would cost more).
 Larger (prefill) batches dequantize the weight to bf16 a row tile at a time from a second copy of the codes,
 plain nibbles [N, K'/2], and run F.linear (cuBLAS). So each plane costs two 0.5 B/weight copies plus the
 scales and zeros (4 B per group of 32, 0.125 B/weight; less where GPTQ/AWQ groups are coarser): one plane
@@ -38,7 +39,7 @@ from ember.quant.int4 import gguf_chunks, to_planes
 
 GPU_KINDS = frozenset({"Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K"})
 GROUPS = (256, 128, 64, 32)  # the kernel's group sizes, coarsest first
-DECODE_ROWS = 16  # one m-tile of the kernel; more rows dequantize and run cuBLAS
+DECODE_ROWS = 256  # decode batches; prompt chunks dequantize and run cuBLAS (crossover: gpu_check's matmul table)
 TILE_ELEMS = 1 << 24  # weights dequantized at a time for prefill: ~200 MB of fp32/bf16 transients
 N_TILE = 8  # rows per n-tile of the packed layout
 

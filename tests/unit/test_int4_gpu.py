@@ -219,11 +219,11 @@ def test_cuda_converter_reads_the_hand_computed_nibbles():
 
 
 @cuda
-@pytest.mark.parametrize("m", [1, 4, 16, 64])
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 300])  # 300 > DECODE_ROWS: the prefill path
 @pytest.mark.parametrize(("kinds", "k"), [(("Q4_0",), 96), (("Q4_1",), 320), (("Q4_K", "Q5_K"), K),
                                           (("Q5_0", "Q4_0"), 320)])
 def test_cuda_gguf_matmul(kinds, k, m):
-    """inner_k_tiles 2 (K' = 96), 4 (K' = 320) and 8 (two planes: K' = 512, 640), decode (kernel) and prefill."""
+    """inner_k_tiles 2 (K' = 96), 4 (K' = 320) and 8 (two planes: K' = 512, 640), decode (kernel) and prefill (300 rows)."""
     shards = [_raw(kind, 32 * (i + 1), k, 10 + i) for i, kind in enumerate(kinds)]
     lin = _gpu_linear(shards, [s.shape[0] for s in shards], k)
     w_ref = torch.cat([s.dequantize() for s in shards]).cuda()
@@ -235,7 +235,7 @@ def test_cuda_gguf_matmul(kinds, k, m):
 
 
 @cuda
-@pytest.mark.parametrize("m", [1, 4, 16, 64])
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 300])  # 300 > DECODE_ROWS: the prefill path
 @pytest.mark.parametrize(("fmt", "group", "act"), [("gptq", 128, True), ("awq", 64, False), ("gptq_v2", -1, False)])
 def test_cuda_gptq_awq_matmul(fmt, group, act, m):
     tensors, config, w_ref = _checkpoint(fmt, group, act, seed=20)

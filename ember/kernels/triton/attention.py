@@ -61,7 +61,7 @@ def _attention_kernel(
     q_len = tl.load(cu_q_ptr + s + 1) - q0
     qb = pid - (q0 // BLOCK_Q + s)  # this program's query tile within its sequence
     if qb * BLOCK_Q < q_len:
-        ctx_len = tl.load(ctx_lens_ptr + s)
+        ctx_len = tl.load(ctx_lens_ptr + s).to(tl.int32)  # int32 or int64 lengths (the graph buffers)
         m = tl.arange(0, BLOCK_M)
         qi = qb * BLOCK_Q + m // HPK  # query index within the sequence, per row
         head = kvh * HPK + m % HPK
@@ -141,13 +141,15 @@ def _merge_kernel(o_ptr, po_ptr, pm_ptr, pl_ptr, stride_ot, stride_oh, num_heads
     tl.store(o_ptr + r.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < DH)
 
 
-def tile_rows(num_heads: int, num_kv_heads: int, head_dim: int, max_q_len: int = 1) -> tuple[int, int]:
+def tile_rows(num_heads: int, num_kv_heads: int, head_dim: int, max_q_len: int = 1, half: bool = True
+              ) -> tuple[int, int]:
     """(BLOCK_Q, BLOCK_M): query tokens per program and rows (tokens x heads per KV head, >= 16 for tl.dot).
     Steps with long prompt chunks take 64 rows, so each key tile loaded serves 4x more queries; decode keeps
-    16 (one token x its group of heads) and heads wider than 128 keep 16 (the accumulator's registers)."""
+    16 (one token x its group of heads); heads wider than 128 and fp32 keep 16 (registers: fp32 64-row tiles of
+    128-wide heads spill ~9 KB per thread on sm_90)."""
     hpk = num_heads // num_kv_heads
     block_m = max(16, triton.next_power_of_2(hpk))
-    if max_q_len >= 64 and head_dim <= 128:
+    if max_q_len >= 64 and head_dim <= 128 and half:
         block_m = max(block_m, 64)
     return block_m // hpk, block_m
 
@@ -165,7 +167,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     hkv = k_cache.shape[0]
     assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and h % hkv == 0
     assert segments >= 1 and segments & (segments - 1) == 0, "segments must be a power of two"
-    block_q, block_m = tile_rows(h, hkv, dh, max_q_len)
+    block_q, block_m = tile_rows(h, hkv, dh, max_q_len, q.dtype != torch.float32)
     num_seqs = ctx_lens.shape[0]
     out = torch.empty(t, h, dh, dtype=q.dtype, device=q.device) if out is None else out
     dh_p = max(16, triton.next_power_of_2(dh))

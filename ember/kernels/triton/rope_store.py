@@ -73,4 +73,5 @@ def rope_store(qkv: torch.Tensor, nq: int, nkv: int, cos: torch.Tensor | None, s
         qkv, trig, sin if sin is not None else slots, q_norm if norm else slots, k_norm if norm else slots,
         k_cache, v_cache, slots, eps, qkv.stride(0), trig.stride(0), k_cache.stride(0),
         NQ=nq, NKV=nkv, DH=dh, HALF=half, HALF_P=max(1, triton.next_power_of_2(half)),
-        REST_P=max(1, triton.next_power_of_2(rest)), DH_P=triton.next_power_of_2(dh), NORM=norm, ROPE=cos is not None)
+        REST_P=max(1, triton.next_power_of_2(rest)), DH_P=triton.next_power_of_2(dh), NORM=norm, ROPE=cos is not None,
+        num_warps=1)  # a program handles one head row (64-256 values): one warp is plenty
