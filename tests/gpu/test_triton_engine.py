@@ -1,8 +1,10 @@
 """Whole models on the Triton attention path (the GPU's, run here in Triton's interpreter) against ember's
-torch path on the same file: Llama (GQA), Qwen2 (biases), Gemma 3 (sliding window, q/k norms) — prefill
+torch path on the same file: Llama (GQA), Qwen2 (biases), Gemma 3 (sliding window, q/k norms), Bloom (ALiBi) — prefill
 logits, greedy decode of a batch of 2, chunked prefill and a cached prefix."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -12,7 +14,21 @@ from ember import SamplingParams
 from ember.errors import ParameterError
 from tests.models.tiny_gguf import write_tiny_gemma3_gguf, write_tiny_gguf
 
-ARCHS = ["llama", "qwen2", "gemma3"]
+ARCHS = ["llama", "qwen2", "gemma3", "bloom"]
+
+
+def _bloom_dir(d):
+    """A tiny Bloom (ALiBi, no rotary: the store-only path) as a Hugging Face directory made by transformers."""
+    from ember.tokenizer import Tokenizer
+    from ember.weights.gguf_header import read_gguf_metadata
+    from tests.models.test_hf_checkpoints import CHATML, make_dir
+
+    tok = d / "tok"
+    tok.mkdir()
+    Tokenizer.from_gguf_metadata(read_gguf_metadata(write_tiny_gguf(tok / "t.gguf"))).backend.save(
+        str(tok / "tokenizer.json"))
+    (tok / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHATML}))
+    return make_dir("bloom", d, tok)[1]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -20,6 +36,8 @@ def pair(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     if request.param == "gemma3":
         path = write_tiny_gemma3_gguf(d / "tiny.gguf")
+    elif request.param == "bloom":
+        path = _bloom_dir(d)
     else:
         path = write_tiny_gguf(d / "tiny.gguf", arch=request.param, tied=request.param == "llama")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
