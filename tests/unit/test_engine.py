@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import ember
 from ember import SamplingParams
@@ -160,3 +161,26 @@ def test_engine_limits_are_honoured_and_checked(tiny_path, monkeypatch):
     outs = small.generate(PROMPTS, greedy(5))
     assert all(len(o.token_ids) == 5 for o in outs)
     assert max(n for n, _ in seen) == 8 and max(r for _, r in seen) == 2  # the 30-token prompt went in chunks
+
+
+def test_gpu_kv_cache_takes_free_memory_up_to_what_requests_can_use(monkeypatch):
+    """On a GPU the cache is 60 % of the memory the weights left, capped at every running request at full context
+    (a tiny model would otherwise take tens of GB); never below 256 MiB."""
+    from ember.config import EngineConfig, ModelConfig, gpu_kv_bytes
+
+    cfg = ModelConfig(architecture="llama", vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096)
+    per_token = 2 * 2 * 2 * 16 * 2  # k and v, layers, kv heads, head dim, bf16 bytes
+    eng = EngineConfig(max_num_seqs=512, max_num_batched_tokens=512, kv_cache_memory=1)
+    free = {"bytes": 100 << 30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 141 << 30))
+    dev = torch.device("cuda")
+    assert gpu_kv_bytes(dev, cfg, torch.bfloat16, eng) == per_token * (512 * 4096 + 16)  # ~537 MB, not 60 GB
+    eng.max_model_len = 1 << 20  # longer than the model's context: the model's bounds it
+    assert gpu_kv_bytes(dev, cfg, torch.bfloat16, eng) == per_token * (512 * 4096 + 16)
+    eng.max_model_len = 64
+    assert gpu_kv_bytes(dev, cfg, torch.bfloat16, eng) == 256 << 20  # the floor
+    big = ModelConfig(architecture="llama", vocab_size=320, hidden_size=4096, intermediate_size=128, num_layers=32,
+                      num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072)
+    free["bytes"] = 10 << 30
+    assert gpu_kv_bytes(dev, big, torch.bfloat16, eng) == int((10 << 30) * 0.6)  # free memory binds
