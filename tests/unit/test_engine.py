@@ -182,5 +182,5 @@ def test_gpu_kv_cache_takes_free_memory_up_to_what_requests_can_use(monkeypatch)
     assert gpu_kv_bytes(dev, cfg, torch.bfloat16, eng) == 256 << 20  # the floor
     big = ModelConfig(architecture="llama", vocab_size=320, hidden_size=4096, intermediate_size=128, num_layers=32,
                       num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072)
-    free["bytes"] = 10 << 30
+    free["bytes"], eng.max_model_len = 10 << 30, None
     assert gpu_kv_bytes(dev, big, torch.bfloat16, eng) == int((10 << 30) * 0.6)  # free memory binds
