@@ -132,7 +132,7 @@ class DecodeGraphs:
         st[:, :n] = torch.tensor([ids, positions, slots, [p + 1 for p in positions]])
         if b > n:  # padding rows: token 0 at position 0, no cache write (slot -1), no key read (context 0)
             st[:, n:b] = torch.tensor([[0], [0], [-1], [0]])
-        self.inputs[:, :b].copy_(st[:, :b], non_blocking=True)
+        self.inputs.copy_(st, non_blocking=True)  # whole (contiguous, 32 B a row): rows past b go unread
         width = 0
         for i, t in enumerate(tables):  # rows are rewritten only when their table changed (grew, or is new)
             held = self.row_tables[i]
