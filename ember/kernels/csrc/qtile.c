@@ -82,13 +82,13 @@ static inline __attribute__((always_inline)) __m512i dots16(const int NG, const 
     return CH == 2 ? _mm512_add_epi32(c[0], c[1]) : c[0];
 }
 
-/* one tile of 16 weight rows against activation rows m0 .. m0 + MR (MR <= 4, TWO: the exact mode, SUB16: a
+/* one tile of 16 weight rows against activation rows m0 .. m0 + MR (MR <= 8, TWO: the exact mode, SUB16: a
  * scale per 16: constants per call site, so the loops unroll, the code groups stay in registers and the loop
  * has no branch) */
 static inline __attribute__((always_inline)) void gemv_tile(const int MR, const int TWO, const int SUB16,
                                                             const tiled_w *w, const qact *a, int64_t t, int64_t m0,
                                                             int64_t n, int64_t k, float *y_f32, uint16_t *y_bf16) {
-    __m512 acc[4];
+    __m512 acc[8];
     for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps();
     const int halves = SUB16 ? 2 : 1, gpart = 8 / halves;  /* code groups per scale */
     const int CH = MR * (1 + TWO) < 4 ? 2 : 1;
@@ -124,7 +124,7 @@ static inline __attribute__((always_inline)) void gemv_rows(const int MR, const 
     else gemv_tile(MR, TWO, 0, w, a, t, m0, n, k, y_f32, y_bf16);
 }
 
-EMBER_DEFINE_GEMV(gemv_rows)
+EMBER_DEFINE_GEMV(gemv_rows, 8)
 
 /* x [M, K] (bf16 or fp32) -> h (and l in the exact mode), d, block sums; rows padded with zeros up to m_pad */
 static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, int64_t k, int sub16, int two) {

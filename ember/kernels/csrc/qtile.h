@@ -58,26 +58,32 @@ static inline void release(qact *a) {
     free(a->xs);
 }
 
-/* gemv(): every tile against the activation rows in groups of <= 4, calling ROWS(MR, TWO, w, a, t, m0, n, k,
- * y_f32, y_bf16), each build's register-blocked kernel, with MR and the mode as constants per call site (the
- * accumulators stay in registers, the loop has no branch) */
-#define EMBER_DEFINE_GEMV(ROWS)                                                                                \
+/* gemv(): every tile against the activation rows in groups of <= 4 (<= 8 on AVX512: 32 vector registers
+ * hold 8 accumulators beside the 8 code groups, and each tile block's codes are unpacked once per 8 rows),
+ * calling ROWS(MR, TWO, w, a, t, m0, n, k, y_f32, y_bf16), each build's register-blocked kernel, with MR and
+ * the mode as constants per call site (the accumulators stay in registers, the loop has no branch). A row's
+ * numbers do not depend on its group: integer block sums, then the same float epilogue per row. */
+#define EMBER_GEMV_CASE(ROWS, MR)                                                                              \
+    case MR: ROWS(MR, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;                                             \
+    case MR + 8: ROWS(MR, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;
+#define EMBER_GEMV_CASES_4(ROWS) \
+    EMBER_GEMV_CASE(ROWS, 1) EMBER_GEMV_CASE(ROWS, 2) EMBER_GEMV_CASE(ROWS, 3) EMBER_GEMV_CASE(ROWS, 4)
+#define EMBER_GEMV_CASES_8(ROWS) \
+    EMBER_GEMV_CASES_4(ROWS) EMBER_GEMV_CASE(ROWS, 5) EMBER_GEMV_CASE(ROWS, 6) EMBER_GEMV_CASE(ROWS, 7) \
+    EMBER_GEMV_CASE(ROWS, 8)
+
+/* GROUP: 4 or 8 rows per register block */
+#define EMBER_DEFINE_GEMV(ROWS, GROUP)                                                                         \
     static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int64_t k, float *y_f32,      \
                      uint16_t *y_bf16) {                                                                       \
         const int64_t ntiles = (n + 15) / 16;                                                                  \
         const int two = a->l != NULL;                                                                          \
         _Pragma("omp parallel for schedule(static) if (n * k > 65536)")                                        \
         for (int64_t t = 0; t < ntiles; t++)                                                                   \
-            for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {                                                       \
-                switch ((m_rows - m0 < 4 ? m_rows - m0 : 4) + 4 * two) {                                       \
-                    case 1: ROWS(1, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;                               \
-                    case 2: ROWS(2, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;                               \
-                    case 3: ROWS(3, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;                               \
-                    case 4: ROWS(4, 0, w, a, t, m0, n, k, y_f32, y_bf16); break;                               \
-                    case 5: ROWS(1, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;                               \
-                    case 6: ROWS(2, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;                               \
-                    case 7: ROWS(3, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;                               \
-                    default: ROWS(4, 1, w, a, t, m0, n, k, y_f32, y_bf16); break;                              \
+            for (int64_t m0 = 0; m0 < m_rows; m0 += GROUP) {                                                   \
+                switch ((m_rows - m0 < GROUP ? m_rows - m0 : GROUP) + 8 * two) {                               \
+                    EMBER_GEMV_CASES_##GROUP(ROWS)                                                             \
+                    default: break;                                                                            \
                 }                                                                                              \
             }                                                                                                  \
     }

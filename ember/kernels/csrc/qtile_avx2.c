@@ -180,7 +180,7 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
 #undef EMBER_TILE
 }
 
-EMBER_DEFINE_GEMV(gemv_tile)
+EMBER_DEFINE_GEMV(gemv_tile, 4)
 
 /* 4 x 8 int32 (each in int8 range) -> 32 int8 in order */
 static inline __m256i pack8x4(__m256i a, __m256i b, __m256i c, __m256i d) {
