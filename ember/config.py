@@ -46,6 +46,10 @@ class ModelConfig:
         if self.rope_dim is None:
             self.rope_dim = self.head_dim
 
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV-cache bytes one token takes: k and v, every layer."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(dtype).bits // 8
+
 
 def cpu_has_fast_bf16() -> bool:
     try:
@@ -120,9 +124,7 @@ def gpu_kv_bytes(device: torch.device, cfg: ModelConfig, dtype: torch.dtype, eng
     activations, the CUDA graphs' pool and other processes' growth) — continuous batching lives on thousands of
     cached tokens, and the CPU default's 2 GiB cap would starve it — but no more than every running request at
     full context can use (a small model with a short context would otherwise take 80 GB)."""
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
-    context = min(engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    most = per_token * (engine.max_num_seqs * context + engine.block_size)
+    most = cfg.kv_bytes_per_token(dtype) * (engine.max_num_seqs * engine.context(cfg) + engine.block_size)
     return max(256 << 20, min(most, int(torch.cuda.mem_get_info(device)[0] * fraction)))
 
 
@@ -160,3 +162,7 @@ class EngineConfig:
             self.kv_cache_memory = default_kv_bytes()
         elif not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0:
             raise ParameterError(f"EngineConfig.kv_cache_memory={self.kv_cache_memory!r} must be a positive byte count")
+
+    def context(self, model: ModelConfig) -> int:
+        """Tokens one sequence may hold: max_model_len, within the model's own context."""
+        return min(self.max_model_len or model.max_position_embeddings, model.max_position_embeddings)

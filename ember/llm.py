@@ -233,7 +233,7 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     t0 = time.perf_counter()
     dev = resolve_device(device)
     auto_kv = kv_cache_memory is None
-    if kv_cache_memory is None:  # engine settings first: a bad one fails before any loading
+    if auto_kv:  # engine settings first: a bad one fails before any loading
         kv_cache_memory = default_kv_bytes(dev)
     if max_num_batched_tokens is None:  # room for a token of every running request
         max_num_batched_tokens = default_step_tokens(dev)

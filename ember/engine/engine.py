@@ -28,8 +28,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, model_config: ModelConfig,
                  engine_config: EngineConfig, kv: KVCache) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, engine_config
-        self.max_model_len = min(engine_config.max_model_len or model_config.max_position_embeddings,
-                                 model_config.max_position_embeddings)
+        self.max_model_len = engine_config.context(model_config)
         self.kv = kv
         self.scheduler = Scheduler(engine_config, kv)
         device = kv.k[0].device

@@ -24,6 +24,7 @@ from ember.engine.kv_cache import KVCache
 from ember.layers.attention import ForwardContext, PagedMeta, SeqSpan
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+PAD = torch.tensor([[0], [0], [-1], [0]])  # a padding row's (token, position, cache slot, context length)
 
 
 class Graph(Protocol):
@@ -116,7 +117,7 @@ class DecodeGraphs:
     def capture_all(self) -> None:
         """Capture every bucket now, largest first (the pool then serves the smaller ones), on padding rows
         only — they write and read nothing — so no step later pays for a capture."""
-        self.stage[:, : self.max_batch] = torch.tensor([[0], [0], [-1], [0]])
+        self.stage[:] = PAD
         self.inputs.copy_(self.stage, non_blocking=True)
         for b in reversed(self.buckets):
             self._graph(b)
@@ -131,7 +132,7 @@ class DecodeGraphs:
         st = self.stage
         st[:, :n] = torch.tensor([ids, positions, slots, [p + 1 for p in positions]])
         if b > n:  # padding rows: token 0 at position 0, no cache write (slot -1), no key read (context 0)
-            st[:, n:b] = torch.tensor([[0], [0], [-1], [0]])
+            st[:, n:b] = PAD
         self.inputs.copy_(st, non_blocking=True)  # whole (contiguous, 32 B a row): rows past b go unread
         width = 0
         for i, t in enumerate(tables):  # rows are rewritten only when their table changed (grew, or is new)

@@ -15,7 +15,7 @@ from ember.errors import ParameterError
 class KVCache:
     def __init__(self, cfg: ModelConfig, memory_bytes: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, prefix_caching: bool = True) -> None:
-        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+        per_token = cfg.kv_bytes_per_token(dtype)
         self.block_size = block_size
         self.num_blocks = memory_bytes // (per_token * block_size)
         if self.num_blocks < 2:
