@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,13 +49,17 @@ class E2E:
         p1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
         pn = SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True)
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up, captures
+        return self._decode_time(lambda: llm.generate([prompt], p1), lambda: llm.generate([prompt], pn), n)
+
+    def _decode_time(self, one: Callable[[], object], more: Callable[[], object], n: int) -> dict:
+        """Best of 2: the time of `more` (n + 1 tokens) minus that of `one` (1 token) is n decode steps."""
         best = float("inf")
         for _ in range(2):
             self.sync()
             t0 = time.perf_counter()
-            llm.generate([prompt], p1)
+            one()
             t1 = time.perf_counter()
-            llm.generate([prompt], pn)
+            more()
             self.sync()
             best = min(best, (time.perf_counter() - t1) - (t1 - t0))
         return {"tok_s": n / best, "ms_per_token": 1e3 * best / n}
@@ -117,16 +122,8 @@ class E2E:
         gen(prompt, n + 1, **static)  # compiles
         gen(prompt, n + 1, **static)
         out["warmup_s"] = time.perf_counter() - t
-        best = float("inf")
-        for _ in range(2):
-            self.sync()
-            t0 = time.perf_counter()
-            gen(prompt, 1, **static)
-            t1 = time.perf_counter()
-            gen(prompt, n + 1, **static)
-            self.sync()
-            best = min(best, (time.perf_counter() - t1) - (t1 - t0))
-        out["batch1_static_compile"] = {"tok_s": n / best, "ms_per_token": 1e3 * best / n}
+        out["batch1_static_compile"] = self._decode_time(lambda: gen(prompt, 1, **static),
+                                                         lambda: gen(prompt, n + 1, **static), n)
         c, k = (4, 8) if self.smoke else (64, FIXED_OUT)
         rng = random.Random(c)
         prompts = [_ids(rng.randint(self.lo, self.hi), rng) for _ in range(c)]
