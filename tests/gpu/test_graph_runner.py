@@ -79,3 +79,12 @@ def test_padding_rows_do_not_write_stale_slots(path):
     g.run([7, 8, 9], [5, 5, 5], slots[:3], tables[:3])
     assert all((kc[:, 48 + 5] == 123.0).all() for kc in e.kv.k)
     assert g.slots[3] == -1 and g.ctx_lens[3] == 0 and g.ctx_lens[:3].tolist() == [6, 6, 6]
+
+
+def test_graphs_only_on_cuda_and_switchable(monkeypatch):
+    from ember.engine.graph_runner import graphs_enabled
+
+    assert not graphs_enabled(torch.device("cpu"))
+    assert graphs_enabled(torch.device("cuda"))
+    monkeypatch.setenv("EMBER_CUDA_GRAPHS", "0")
+    assert not graphs_enabled(torch.device("cuda"))
