@@ -217,6 +217,15 @@ static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t k, int su
             const __m256 r = _mm256_mul_ps(_mm256_sub_ps(tq, _mm256_cvtepi32_ps(h[j])), _mm256_set1_ps(256.f));
             l[j] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(-128)), _mm256_set1_epi32(127));
         }
+        if (!two) {  /* qtile.c's sums of the quantized x^ */
+            const int s0 = hsum8i(_mm256_add_epi32(h[0], h[1])), s1 = hsum8i(_mm256_add_epi32(h[2], h[3]));
+            if (sub16) {
+                a.xs[2 * i] = (float)s0 * a.d[i];
+                a.xs[2 * i + 1] = (float)s1 * a.d[i];
+            } else {
+                a.xs[i] = (float)(s0 + s1) * a.d[i];
+            }
+        }
         _mm256_storeu_si256((__m256i *)(a.h + at), pack8x4(h[0], h[1], h[2], h[3]));
         if (two) _mm256_storeu_si256((__m256i *)(a.l + at), pack8x4(l[0], l[1], l[2], l[3]));
     }
