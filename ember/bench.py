@@ -64,6 +64,7 @@ def _ember(model: Path, ids: list[int], gen: int, trials: int) -> Result:
 
     import ember
     from ember import SamplingParams
+    from ember.quant.packed import act_bits_in
 
     quantize = os.environ.get("EMBER_BENCH_QUANTIZE") or None
     t0 = time.perf_counter()
@@ -83,8 +84,10 @@ def _ember(model: Path, ids: list[int], gen: int, trials: int) -> Result:
         if i:
             prefill.append(p)
             decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    bits = act_bits_in(llm.engine.model)
     return Result("ember", load, statistics.median(prefill), statistics.median(decode), _peak_rss_mb(),
-                  f"{llm.dtype}".removeprefix("torch.") + (f", {quantize} on load" if quantize else ""))
+                  f"{llm.dtype}".removeprefix("torch.") + (f", {quantize} on load" if quantize else "")
+                  + (f", act_bits={bits}" if bits else ""))
 
 
 def _transformers(model: Path, ids: list[int], gen: int, trials: int) -> Result:

@@ -218,15 +218,16 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
     max_num_seqs: requests decoding at once (more wait their turn). max_num_batched_tokens: tokens one
     engine step computes, prompt chunks included (default 256 on a CPU, 512 on an accelerator, at least
     max_num_seqs): smaller bounds how long running streams wait behind a long prompt.
-    act_bits: how ember's packed-weight kernel quantizes activations, per block of 32: 16 (two int8 parts,
-    ~16 bits: the exact default) or 8 (int8, llama.cpp's numerics: half the integer work, ~1.5x prefill on
-    a 1B shape, perplexity ~2 % higher on 135M-270M models). Not given: $EMBER_ACT_BITS, else 16.
+    act_bits: how ember's packed-weight kernel quantizes activations, per block of 32: 8 (int8, llama.cpp's
+    numerics: ~1.5x prefill, faster decode) or 16 (two int8 parts, ~16 bits: the exact mode, twice the
+    integer work, closer to an fp32 reference token for token). Not given: $EMBER_ACT_BITS, else 8 for
+    models with 1B+ weights in packed linears and 16 below (see packed.INT8_FROM_WEIGHTS for why).
     attention: "auto" (ember's Triton kernels on a CUDA GPU when triton is installed, else "torch": ember's
     CPU kernels / PyTorch SDPA), "torch" or "triton".
     """
     from ember.hub import DEFAULT_MODEL, resolve_model
     from ember.models.loader import build_model
-    from ember.quant.packed import act_bits_of, set_act_bits
+    from ember.quant.packed import act_bits_of, default_act_bits, set_act_bits
 
     spec = _quant_spec(quantize, double_quant, compute_dtype)
     bits = act_bits_of(act_bits)
@@ -260,7 +261,7 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", d
         engine_cfg.prefix_caching = False
     else:
         net = build_model(cfg, tensors, dt, dev, spec)
-        set_act_bits(net, bits)
+        set_act_bits(net, bits or default_act_bits(net))
         if auto_kv and dev.type == "cuda":  # sized once the weights are in: most of the GPU's free memory
             engine_cfg.kv_cache_memory = gpu_kv_bytes(dev, cfg, dt, engine_cfg)
     kv = KVCache(cfg, engine_cfg.kv_cache_memory, engine_cfg.block_size, dt, dev,  # type: ignore[arg-type]

@@ -5,12 +5,13 @@ Rows go in tiles of 16; per (tile, block of 32) the 16 rows' codes sit in the op
 int8 dot-product instructions: 4-bit codes as nibbles (256 bytes, 16 bytes per row-block as Q4_1 itself),
 5-6 bit codes as nibbles + a 2-bit plane (384 bytes), 8-bit codes as bytes; fp16 scale and offset per
 row-block (two per row-block, one per 16, for Q6_K and any layer fused with it), no offsets for the
-symmetric kinds (Q4_0, Q5_0, Q8_0, Q6_K: o = -2^zexp s, computed by the kernels). Activations are split
-per block of 32 into two int8 parts (~16 bits kept: act_bits=16, the default) or quantized once to int8 (llama.cpp's Q8_0 numerics, half the integer work:
-act_bits=8, opt-in: +50 % prefill, +6-10 % decode on a 1B shape, but perplexity +1.7-1.8 % on SmolLM2 and
-Gemma 3 270M, past the 0.5 % ember allows a default); every block sum is an exact integer and one float
-epilogue follows, so the gemv (few rows) and the AMX-INT8 kernel (many rows) give the same bits, and a
-sequence's output never depends on how many others share its step.
+symmetric kinds (Q4_0, Q5_0, Q8_0, Q6_K: o = -2^zexp s, computed by the kernels). Activations are quantized
+per block of 32 to int8 (act_bits=8: llama.cpp's numerics, the result is W x^ for the quantized x^;
+perplexity within 0.4 % of the exact mode on SmolLM2 and Gemma 3 270M) or split into two int8 parts (~16 bits
+kept: act_bits=16, the exact mode, twice the integer work); by default 8 from ~1B weights, 16 below (see
+INT8_FROM_WEIGHTS). Every block sum is an exact integer and one float epilogue follows, so the gemv (few rows)
+and the AMX-INT8 kernel (many rows) give the same bits, and a sequence's output never depends on how many
+others share its step.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _attach(layer: nn.Module, codes: torch.Tensor, s16: torch.Tensor, o16: torch
     layer.o16 = nn.Parameter(o16 if not zexp else torch.empty(0, dtype=torch.float16), requires_grad=False)
     layer.zexp = zexp
     layer.n_out, layer.bits8, layer.sub16, layer.narrow = n, bits > 4, sub16, 4 < bits <= 6
-    layer.act16 = True  # the exact two-part activations unless set_act_bits says otherwise
+    layer.act16 = True  # the exact two-part activations until set_act_bits (ember.load: 8 by default) says
     layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
 
 
@@ -147,22 +148,39 @@ def mode(layer: nn.Module) -> int:
 
 
 ACT_BITS = (8, 16)
+# Below this many weights in packed linears the exact mode is the default: there ember is ahead of llama.cpp
+# with it already, and small models' narrow logit margins make int8's ~4x larger logit error flip greedy
+# tokens (SmolLM2: 12 of 320 teacher-forced positions against 1; its first chat answer to "What is the
+# capital of France?" turns into French repetition, as llama.cpp's does). At 1B+ the matmul is the bottleneck.
+INT8_FROM_WEIGHTS = 900_000_000  # Gemma 3 1B holds 1.0e9 (its tied head included), Llama-3.2-1B 1.24e9
 
 
-def act_bits_of(value: int | None) -> int:
-    """ember.load(act_bits=...) or, when not given, $EMBER_ACT_BITS (default 16); anything else is an error."""
+def act_bits_of(value: int | None) -> int | None:
+    """ember.load(act_bits=...) or, when not given, $EMBER_ACT_BITS; None: neither (default_act_bits decides).
+    Anything but 8 or 16 is an error."""
     from ember.errors import ParameterError
 
     if value is None:
-        env = os.environ.get("EMBER_ACT_BITS", "16")
-        if env not in ("8", "16"):
-            raise ParameterError(f"EMBER_ACT_BITS={env!r} is invalid: 16 (two int8 parts, ~16 bits: the exact "
-                                 "default) or 8 (int8 activations, llama.cpp's numerics: faster)")
-        return int(env)
+        env = os.environ.get("EMBER_ACT_BITS")
+        if env is not None and env not in ("8", "16"):
+            raise ParameterError(f"EMBER_ACT_BITS={env!r} is invalid: 8 (int8 activations per block of 32, "
+                                 "llama.cpp's numerics: faster) or 16 (two int8 parts, ~16 bits: exact); unset, "
+                                 "8 for models of 1B+ weights and 16 below")
+        return None if env is None else int(env)
     if value not in ACT_BITS or isinstance(value, bool):
-        raise ParameterError(f"act_bits={value!r} is invalid: 16 (two int8 parts per block, ~16 bits: the exact "
-                             "default) or 8 (int8 activations, llama.cpp's numerics: faster, less precise)")
+        raise ParameterError(f"act_bits={value!r} is invalid: 8 (int8 activations per block of 32, llama.cpp's "
+                             "numerics: faster) or 16 (two int8 parts per block, ~16 bits: exact); None (the "
+                             "default): 8 for models of 1B+ weights and 16 below")
     return value
+
+
+def packed_weights(model: nn.Module) -> int:
+    """How many weights the model's packed linears hold."""
+    return sum(m.n_out * m.s16.shape[1] * GROUP for m in model.modules() if hasattr(m, "codes") and hasattr(m, "s16"))
+
+
+def default_act_bits(model: nn.Module) -> int:
+    return 8 if packed_weights(model) >= INT8_FROM_WEIGHTS else 16
 
 
 def set_act_bits(model: nn.Module, bits: int) -> None:
@@ -170,6 +188,12 @@ def set_act_bits(model: nn.Module, bits: int) -> None:
     for m in model.modules():
         if hasattr(m, "codes") and hasattr(m, "s16"):
             m.act16 = bits == 16
+
+
+def act_bits_in(model: nn.Module) -> int | None:
+    """The activation mode of the model's packed linears (None: it has none)."""
+    modes = {getattr(m, "act16", True) for m in model.modules() if hasattr(m, "codes") and hasattr(m, "s16")}
+    return None if not modes else 16 if modes == {True} else 8
 
 
 def _w(layer: nn.Module) -> tuple:

@@ -133,7 +133,8 @@ def test_a_question_streams_its_answer_and_the_store_keeps_it(browser, server):
     assert conv["messages"][1]["usage"]["completion_tokens"] > 1
     assert words(seen[-1]) == words(want)  # Markdown rendered, the same words
     meta = replies(d)[-1].find_element(*by(".meta")).text
-    assert re.fullmatch(r"\d+ tokens · [\d.]+ tok/s · prompt \d+( \(\d+ cached\))? · first token \d+ ms", meta), meta
+    assert re.fullmatch(r"(cut at the token limit · )?\d+ tokens · [\d.]+ tok/s · prompt \d+( \(\d+ cached\))? "
+                        r"· first token \d+ ms", meta), meta
 
 
 def test_stop_and_esc_cancel_the_reply_on_the_server(browser, server):
