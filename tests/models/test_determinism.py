@@ -22,8 +22,14 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 MIB = 1 << 20
 
 
-def load(path: Path, **kw) -> ember.LLM:
-    return ember.load(path, kv_cache_memory=64 * MIB, **kw)
+def load(path: Path, bits: int, **kw) -> ember.LLM:
+    return ember.load(path, kv_cache_memory=64 * MIB, act_bits=bits, **kw)
+
+
+@pytest.fixture(scope="module", params=[16, 8], ids=["exact", "int8"])
+def bits(request) -> int:
+    """Both activation modes: the exact one (the default below ~1B weights) and int8 (from ~1B)."""
+    return request.param
 
 
 def run(llm: ember.LLM, prompts: list[list[int]]) -> list[tuple[list[int], torch.Tensor]]:
@@ -54,7 +60,7 @@ def same(got: list[tuple[list[int], torch.Tensor]], want: list[tuple[list[int], 
 def prompts(smollm_gguf) -> list[list[int]]:
     if not packed.available():
         pytest.skip("ember's kernels are not available on this machine")
-    llm = load(smollm_gguf)
+    llm = load(smollm_gguf, 16)
     ids = llm.encode(TEXT)
     # lengths around block (16) and chunk (256) edges, and a chat-formatted one
     cuts = [(0, 5), (40, 71), (10, 150), (7, 300), (200, 533)]
@@ -63,14 +69,14 @@ def prompts(smollm_gguf) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def fresh(smollm_gguf, prompts) -> list[tuple[list[int], torch.Tensor]]:
+def fresh(smollm_gguf, prompts, bits) -> list[tuple[list[int], torch.Tensor]]:
     """Each prompt alone in a new engine with no prefix cache: the reference."""
-    llm = load(smollm_gguf, prefix_caching=False)
+    llm = load(smollm_gguf, bits, prefix_caching=False)
     return [run(llm, [p])[0] for p in prompts]
 
 
-def test_twice_in_one_engine_and_after_cached_prefixes(smollm_gguf, prompts, fresh):
-    llm = load(smollm_gguf)
+def test_twice_in_one_engine_and_after_cached_prefixes(smollm_gguf, bits, prompts, fresh):
+    llm = load(smollm_gguf, bits)
     for _ in range(2):  # the second round reuses every prompt's cached blocks
         assert same([run(llm, [p])[0] for p in prompts], fresh)
     for p, want in zip(prompts, fresh, strict=True):
@@ -81,11 +87,11 @@ def test_twice_in_one_engine_and_after_cached_prefixes(smollm_gguf, prompts, fre
 
 
 @pytest.mark.parametrize("step_tokens", [7, 37, 129])
-def test_chunked_prefill_of_any_size(smollm_gguf, prompts, fresh, step_tokens):
-    llm = load(smollm_gguf, prefix_caching=False, max_num_seqs=4, max_num_batched_tokens=step_tokens)
+def test_chunked_prefill_of_any_size(smollm_gguf, bits, prompts, fresh, step_tokens):
+    llm = load(smollm_gguf, bits, prefix_caching=False, max_num_seqs=4, max_num_batched_tokens=step_tokens)
     assert same([run(llm, [p])[0] for p in prompts], fresh)
 
 
-def test_in_a_batch_of_16(smollm_gguf, prompts, fresh):
-    llm = load(smollm_gguf)
+def test_in_a_batch_of_16(smollm_gguf, bits, prompts, fresh):
+    llm = load(smollm_gguf, bits)
     assert same(run(llm, (prompts * 3)[:16]), (fresh * 3)[:16])
