@@ -174,9 +174,14 @@ def act_bits_of(value: int | None) -> int | None:
     return value
 
 
+def packed_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """The model's linears whose weights this module packed."""
+    return (m for m in model.modules() if hasattr(m, "codes") and hasattr(m, "s16"))
+
+
 def packed_weights(model: nn.Module) -> int:
     """How many weights the model's packed linears hold."""
-    return sum(m.n_out * m.s16.shape[1] * GROUP for m in model.modules() if hasattr(m, "codes") and hasattr(m, "s16"))
+    return sum(m.n_out * m.s16.shape[1] * GROUP for m in packed_layers(model))
 
 
 def default_act_bits(model: nn.Module) -> int:
@@ -185,14 +190,13 @@ def default_act_bits(model: nn.Module) -> int:
 
 def set_act_bits(model: nn.Module, bits: int) -> None:
     """Every packed linear of the model quantizes its activations to `bits` (8 or 16)."""
-    for m in model.modules():
-        if hasattr(m, "codes") and hasattr(m, "s16"):
-            m.act16 = bits == 16
+    for m in packed_layers(model):
+        m.act16 = bits == 16
 
 
 def act_bits_in(model: nn.Module) -> int | None:
     """The activation mode of the model's packed linears (None: it has none)."""
-    modes = {getattr(m, "act16", True) for m in model.modules() if hasattr(m, "codes") and hasattr(m, "s16")}
+    modes = {m.act16 for m in packed_layers(model)}
     return None if not modes else 16 if modes == {True} else 8
 
 

@@ -141,15 +141,6 @@ static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, in
                          : _mm512_castsi512_ps(_mm512_slli_epi32(
                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at + j * 16))), 16));
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-        /* The offset term o * sum(x): exact sums in the exact mode. In the 8-bit mode the sums of the quantized
-         * x^, set below: with exact sums the rounding error e would meet the codes q (0..15, uncentred) instead
-         * of the weights q s + o (centred), which made the error ~4x larger in variance (perplexity +1.5 %) */
-        if (sub16) {  /* v[0], v[1]: the block's two halves */
-            a.xs[2 * i] = _mm512_reduce_add_ps(v[0]);
-            a.xs[2 * i + 1] = _mm512_reduce_add_ps(v[1]);
-        } else {
-            a.xs[i] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
-        }
         a.d[i] = two ? amax / 127.f / 256.f : amax / 127.f;
         const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         int qsum[2];
@@ -166,10 +157,18 @@ static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, in
             l = _mm512_min_epi32(_mm512_max_epi32(l, _mm512_set1_epi32(-128)), _mm512_set1_epi32(127));
             _mm_storeu_si128((__m128i *)(a.l + at + j * 16), _mm512_cvtepi32_epi8(l));
         }
-        if (!two && sub16) {  /* the sums of what the integers stand for: the result is exactly W x^ */
+        /* the offset term's o * sum(x), per block (per half with sub16): exact sums in the exact mode; in the int8
+         * mode the sums of the quantized x^, so the result is exactly W x^ (exact sums there let the rounding
+         * error meet the uncentred codes instead of the centred weights: ~4x its variance, perplexity +1.5 %) */
+        if (two && sub16) {  /* v[0], v[1]: the block's two halves */
+            a.xs[2 * i] = _mm512_reduce_add_ps(v[0]);
+            a.xs[2 * i + 1] = _mm512_reduce_add_ps(v[1]);
+        } else if (two) {
+            a.xs[i] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        } else if (sub16) {
             a.xs[2 * i] = (float)qsum[0] * a.d[i];
             a.xs[2 * i + 1] = (float)qsum[1] * a.d[i];
-        } else if (!two) {
+        } else {
             a.xs[i] = (float)(qsum[0] + qsum[1]) * a.d[i];
         }
     }

@@ -202,12 +202,6 @@ static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t k, int su
         const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
         const float amax = hmax8(_mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
                                                _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs))));
-        if (sub16) {  /* _mm512_reduce_add_ps halves first: the upper 8 lanes plus the lower 8 */
-            a.xs[2 * i] = hsum8(_mm256_add_ps(v[1], v[0]));
-            a.xs[2 * i + 1] = hsum8(_mm256_add_ps(v[3], v[2]));
-        } else {
-            a.xs[i] = hsum8(_mm256_add_ps(_mm256_add_ps(v[1], v[3]), _mm256_add_ps(v[0], v[2])));
-        }
         a.d[i] = two ? amax / 127.f / 256.f : amax / 127.f;
         const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         __m256i h[4], l[4];
@@ -217,7 +211,14 @@ static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t k, int su
             const __m256 r = _mm256_mul_ps(_mm256_sub_ps(tq, _mm256_cvtepi32_ps(h[j])), _mm256_set1_ps(256.f));
             l[j] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(-128)), _mm256_set1_epi32(127));
         }
-        if (!two) {  /* qtile.c's sums of the quantized x^ */
+        /* qtile.c's block sums: exact in the exact mode (_mm512_reduce_add_ps halves first: the upper 8 lanes
+         * plus the lower 8), of the quantized x^ in the int8 mode */
+        if (two && sub16) {
+            a.xs[2 * i] = hsum8(_mm256_add_ps(v[1], v[0]));
+            a.xs[2 * i + 1] = hsum8(_mm256_add_ps(v[3], v[2]));
+        } else if (two) {
+            a.xs[i] = hsum8(_mm256_add_ps(_mm256_add_ps(v[1], v[3]), _mm256_add_ps(v[0], v[2])));
+        } else {
             const int s0 = hsum8i(_mm256_add_epi32(h[0], h[1])), s1 = hsum8i(_mm256_add_epi32(h[2], h[3]));
             if (sub16) {
                 a.xs[2 * i] = (float)s0 * a.d[i];
