@@ -49,6 +49,9 @@ SIGNATURES = {
     "ember_gguf_decode": [_I, _P, _I, _I, _P, _P, _P],
     "ember_qtile_pack": [_P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P],
     "ember_gguf_pack": [_I, _P, _I, _I, _I, _I, _P, _P, _P],
+    "ember_bf16_pack": [_P, _I, _I, _P],
+    "ember_bf16_matmul": [_P, _P, _I, _I, _I, _I, _P, _P],
+    "ember_bf16_rows_f32": [_P, _P, _I, _I, _P],
 }
 
 
@@ -86,7 +89,7 @@ def load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     for name in ("ember_qtile_available", "ember_qtile_amx_built", "ember_amx_available", "ember_topk_rows",
-                 "ember_argmax_rows", "ember_isa"):
+                 "ember_argmax_rows", "ember_isa", "ember_bf16_available"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 

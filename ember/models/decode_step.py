@@ -1,8 +1,8 @@
 """One C call per decode step for Llama-family and Gemma 3 models on ember's packed CPU kernels
 (kernels/csrc/decode_step.c).
 
-Taken when every sequence of the step decodes one token and every linear of the body is packed without a
-bias; anything else (prefill, mixed steps, other formats) runs the per-op path, which computes the same
+Taken when every sequence of the step decodes one token and every linear of the body is packed (GGUF block
+codes, or bf16 tiles for float weights) without a bias; anything else (prefill, mixed steps, other formats) runs the per-op path, which computes the same
 numbers with the same kernels. EMBER_FUSED=0 turns it off.
 """
 
@@ -17,7 +17,7 @@ from torch import nn
 from ember.kernels import cpu_ops
 from ember.kernels.ops import ACTS
 from ember.layers.attention import ForwardContext
-from ember.quant import packed
+from ember.quant import bf16tile, packed
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -38,8 +38,18 @@ class _Dims(ctypes.Structure):
                                   "act")] + [(n, _F) for n in ("eps", "qk_eps", "scale", "softcap")]
 
 
+BF16_TILES = 1 << 12  # decode_step.c's mode flag for bf16 tiles
+
+
 def _lin(m: nn.Module) -> _Linear:
+    if isinstance(m.method, bf16tile.Bf16TileMethod):
+        return _Linear(m.tiles.data_ptr(), None, None, BF16_TILES)
     return _Linear(m.codes.data_ptr(), m.s16.data_ptr(), m.o16.data_ptr(), packed.mode(m))
+
+
+def _kernel_linear(m: nn.Module) -> bool:
+    """A linear the fused step can call: packed block codes or bf16 tiles, without a bias."""
+    return isinstance(m.method, (packed.PackedBlocksMethod, bf16tile.Bf16TileMethod)) and m.bias is None
 
 
 def _ptr(m: nn.Module | None) -> int | None:
@@ -63,13 +73,13 @@ class DecodeStep:
     @staticmethod
     def build(model: nn.Module) -> DecodeStep | None:
         """None unless the model qualifies (see the module docstring)."""
-        if os.environ.get("EMBER_FUSED", "1") == "0" or cpu_ops() is None or not packed.available():
+        if os.environ.get("EMBER_FUSED", "1") == "0" or cpu_ops() is None:
             return None
         eps = {model.norm.eps}
         for layer in model.layers:
             a, mlp = layer.self_attn, layer.mlp
             lins = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if not all(isinstance(m.method, packed.PackedBlocksMethod) and m.bias is None for m in lins):
+            if not all(_kernel_linear(m) for m in lins):
                 return None
             norms = [n for n in _norms(layer) if n is not None]
             if any(n.out_dtype != torch.float32 for n in norms[:2]):
@@ -83,7 +93,7 @@ class DecodeStep:
         """Built once per KV cache (the engine allocates it once: its lists and first tensors identify it) and
         activation mode (set_act_bits may change it)."""
         key = (id(ctx.k_cache), id(ctx.v_cache), ctx.k_cache[0].data_ptr(), ctx.v_cache[0].data_ptr(),
-               packed.mode(self.model.layers[0].mlp.down_proj))
+               _lin(self.model.layers[0].mlp.down_proj).mode)
         if self._tables is None or key != self._cache_key:
             m, a = self.model, self.model.layers[0].self_attn
             dims = _Dims(len(m.layers), m.norm.weight.shape[0], a.h, a.hkv, a.dh, m.layers[0].mlp.inter, half,

@@ -15,6 +15,7 @@ from ember.layers.linear import Linear
 from ember.layers.logits import TopRefiner, canonical_rows
 from ember.layers.norm import RMSNorm
 from ember.models.registry import model_class
+from ember.quant import bf16tile
 from ember.quant.base import QuantSpec
 from ember.quant.gguf_blocks import GROUP32_KINDS, Canonical, decode
 from ember.quant.packed import PackedBlocksMethod, rows_f32
@@ -63,6 +64,9 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
     if embed is not None and embed_raw is not None:
         if cfg.tie_word_embeddings and isinstance(lm_head, Linear) and isinstance(lm_head.method, PackedBlocksMethod):
             embed.read_from(partial(rows_f32, lm_head), dtype)  # the vocabulary table is held once
+        elif cfg.tie_word_embeddings and isinstance(lm_head, Linear) and isinstance(lm_head.method,
+                                                                                  bf16tile.Bf16TileMethod):
+            embed.read_from(partial(bf16tile.rows_f32, lm_head), dtype)
         else:
             embed.load(embed_raw, dtype, device, packed=dtype == torch.bfloat16 and device.type == "cpu")
         embed_raw.release()
@@ -70,9 +74,11 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
             and model.embed_tokens.weight.numel()):
         lm_head.weight = model.embed_tokens.weight  # share, don't hold a second dense copy
     # the residual stream stays fp32; matmul inputs use the compute dtype, or fp32 where every linear is on
-    # ember's int8 kernel (it splits fp32 activations into ~16 bits itself: closer to fp32 than bf16 inputs)
+    # ember's kernels (the int8 one splits fp32 activations into ~16 bits itself: closer to fp32 than bf16
+    # inputs; the bf16 one rounds them as the norm would), which the one-call decode step needs
     body = [m for m in modules.values() if isinstance(m, Linear) and m is not lm_head]
-    norm_out = torch.float32 if body and all(isinstance(m.method, PackedBlocksMethod) for m in body) else dtype
+    kernels = (PackedBlocksMethod, bf16tile.Bf16TileMethod)
+    norm_out = torch.float32 if body and all(isinstance(m.method, kernels) for m in body) else dtype
     for m in modules.values():
         if isinstance(m, RMSNorm):
             m.weight.data = m.weight.data.to(device=device, dtype=torch.float32)  # norms stay fp32: cheap, exact
@@ -86,6 +92,9 @@ def _attach_refiner(model: nn.Module, cfg: ModelConfig, lm_head: Linear | None, 
                     head_raw: RawTensor | None) -> None:
     """A packed head gets exact fp32 top candidates from its block codes (ember's packed head reads them
     itself; otherwise canonical codes, shared with a tied embedding)."""
+    if isinstance(lm_head, Linear) and isinstance(lm_head.method, bf16tile.Bf16TileMethod):
+        lm_head.out_f32 = True  # fp32 logits of the bf16 weights: no bf16 rounding between the near-ties
+        return
     if not isinstance(lm_head, Linear) or lm_head.method is None or lm_head.method.name in ("dense", "int4-gpu"):
         return  # (the GPU head keeps no host codes to refine from: its bf16 logits are final)
     if isinstance(lm_head.method, PackedBlocksMethod):

@@ -102,6 +102,7 @@ def row_chunks(shards: list[RawTensor], max_elems: int = 1 << 24) -> Iterator[to
 def select_method(shards: list[RawTensor], dtype: torch.dtype, device: torch.device,
                   quantize: QuantSpec | None = None) -> QuantMethod:
     """Pick the method for one linear from its stored kinds (and an on-load quantization request)."""
+    from ember.quant.bf16tile import Bf16TileMethod, bf16_ok
     from ember.quant.gptq import GPTQMethod, gptq_ok
     from ember.quant.int4 import Int4Method, int4_ok
     from ember.quant.packed import PackedBlocksMethod, packed_ok
@@ -121,4 +122,6 @@ def select_method(shards: list[RawTensor], dtype: torch.dtype, device: torch.dev
         return PackedBlocksMethod()
     if int4_ok(shards, dtype, device):
         return Int4Method()
+    if bf16_ok(shards, dtype, device):  # F16 / BF16 / F32 weights of a bf16 model: ember's bf16 kernel
+        return Bf16TileMethod()
     return DenseMethod()

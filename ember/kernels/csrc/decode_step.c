@@ -23,11 +23,15 @@ void ember_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t 
 void ember_qtile_matmul(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                         const void *x, int64_t x_f32, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
                         uint16_t *y_bf16, int64_t use_amx);
+void ember_bf16_matmul(const uint16_t *tiles, const void *x, int64_t x_f32, int64_t m_rows, int64_t n, int64_t k,
+                       float *y_f32, uint16_t *y_bf16);
 
-typedef struct {  /* one packed linear (ember/quant/packed.py) */
+enum { BF16_TILES = 1 << 12 };  /* a qlinear's mode flag: bf16 tiles (bf16tile.c) at `codes`, no scales */
+
+typedef struct {  /* one packed linear (ember/quant/packed.py) or bf16 tiles (ember/quant/bf16tile.py) */
     const uint8_t *codes;
     const uint16_t *s16, *o16;
-    int64_t mode;  /* 1: byte codes, 2: a scale per 16 */
+    int64_t mode;  /* qtile's mode flags, or BF16_TILES */
 } qlinear;
 
 typedef struct {  /* mirrored by ember/models/decode_step.py */
@@ -45,7 +49,8 @@ typedef struct {
 
 static void linear(const qlinear *w, const void *x, int x_f32, int64_t t, int64_t n, int64_t k, int64_t amx_rows,
                    uint16_t *y) {
-    ember_qtile_matmul(w->codes, w->mode, w->s16, w->o16, x, x_f32, t, n, k, NULL, y, t > amx_rows);
+    if (w->mode & BF16_TILES) ember_bf16_matmul((const uint16_t *)w->codes, x, x_f32, t, n, k, NULL, y);
+    else ember_qtile_matmul(w->codes, w->mode, w->s16, w->o16, x, x_f32, t, n, k, NULL, y, t > amx_rows);
 }
 
 /* x [T, D] fp32 residual stream (in place) -> out [T, D] fp32 final-normed hidden states. One query per
