@@ -49,6 +49,7 @@ SIGNATURES = {
     "ember_gguf_decode": [_I, _P, _I, _I, _P, _P, _P],
     "ember_qtile_pack": [_P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P],
     "ember_gguf_pack": [_I, _P, _I, _I, _I, _I, _P, _P, _P],
+    "ember_gguf_pack_ks": [_I, _P, _I, _I, _I, _P, _P, _P],
     "ember_bf16_pack": [_P, _I, _I, _P],
     "ember_bf16_matmul": [_P, _P, _I, _I, _I, _I, _P, _P],
     "ember_bf16_rows_f32": [_P, _P, _I, _I, _P],

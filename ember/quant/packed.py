@@ -80,21 +80,25 @@ def _whole_tiles(chunks: Iterable[Canonical]) -> Iterator[Canonical]:
         yield carry
 
 
-def _alloc(n: int, k: int, bits: int, sub16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty tiles for a [n, k] weight: codes [T, K/32, LAYOUT_BYTES] u8, scales and offsets [T, K/32, 16 or 32]."""
+def _alloc(n: int, k: int, bits: int, sub16: bool, ks: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty tiles for a [n, k] weight: codes [T, K/32, LAYOUT_BYTES] u8, scales and offsets [T, K/32, 16 or 32];
+    with K-quant scales (ks) fp16 d, dmin [T, K/256, 32] and int8 scales / mins [T, K/32, 32] (csrc/qtile.h)."""
     t, nb = -(-n // TILE), k // GROUP
     codes = torch.empty(t, nb, LAYOUT_BYTES[layout_of(bits)], dtype=torch.uint8)
+    if ks:
+        return codes, torch.empty(t, nb // 8, 2 * TILE, dtype=torch.float16), torch.empty(t, nb, 2 * TILE, dtype=torch.int8)
     s16, o16 = (torch.empty(t, nb, (2 if sub16 else 1) * TILE, dtype=torch.float16) for _ in range(2))
     return codes, s16, o16
 
 
 def _attach(layer: nn.Module, codes: torch.Tensor, s16: torch.Tensor, o16: torch.Tensor, n: int, bits: int,
-            sub16: bool, bias: torch.Tensor | None, zexp: int = 0) -> None:
-    """zexp > 0: every offset is -2^zexp * its scale, so the offsets are dropped and the kernels compute them."""
+            sub16: bool, bias: torch.Tensor | None, zexp: int = 0, ks: bool = False) -> None:
+    """zexp > 0: every offset is -2^zexp * its scale, so the offsets are dropped and the kernels compute them
+    (with ks, o16 holds the integer scales: kept)."""
     layer.codes = nn.Parameter(codes, requires_grad=False)
     layer.s16 = nn.Parameter(s16, requires_grad=False)
-    layer.o16 = nn.Parameter(o16 if not zexp else torch.empty(0, dtype=torch.float16), requires_grad=False)
-    layer.zexp = zexp
+    layer.o16 = nn.Parameter(o16 if not zexp or ks else torch.empty(0, dtype=torch.float16), requires_grad=False)
+    layer.zexp, layer.ks = zexp, ks
     layer.n_out, layer.bits8, layer.sub16, layer.narrow = n, bits > 4, sub16, 4 < bits <= 6
     layer.act16 = True  # the exact two-part activations until set_act_bits (ember.load: 8 by default) says
     layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
@@ -107,17 +111,31 @@ def pack_raw(layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | Non
         return False
     n, k = sum(s.shape[0] for s in shards), shards[0].shape[1]
     bits, sub16 = max(KIND_BITS[s.kind] for s in shards), any(s.kind in GROUP16 for s in shards)
-    codes, s16, o16 = _alloc(n, k, bits, sub16)
+    ks = k_scales(shards)
+    codes, s16, o16 = _alloc(n, k, bits, sub16, ks)
     row = 0
     for s in shards:
         raw = np.ascontiguousarray(s.data, dtype=np.uint8)
         t = row // TILE
-        cpu_ops().ember_gguf_pack(KIND_ID[s.kind], raw.ctypes.data, s.shape[0], k,  # type: ignore[union-attr]
-                                  layout_of(bits), int(sub16), codes[t].data_ptr(), s16[t].data_ptr(), o16[t].data_ptr())
+        if ks:
+            cpu_ops().ember_gguf_pack_ks(KIND_ID[s.kind], raw.ctypes.data, s.shape[0], k, layout_of(bits),  # type: ignore[union-attr]
+                                         codes[t].data_ptr(), s16[t].data_ptr(), o16[t].data_ptr())
+        else:
+            cpu_ops().ember_gguf_pack(KIND_ID[s.kind], raw.ctypes.data, s.shape[0], k,  # type: ignore[union-attr]
+                                      layout_of(bits), int(sub16), codes[t].data_ptr(), s16[t].data_ptr(),
+                                      o16[t].data_ptr())
         row += s.shape[0]
     zexps = {ZERO_EXP.get(s.kind, 0) for s in shards}  # one symmetric kind (fused shards may mix kinds)
-    _attach(layer, codes, s16, o16, n, bits, sub16, bias, zexps.pop() if len(zexps) == 1 else 0)
+    _attach(layer, codes, s16, o16, n, bits, sub16, bias, zexps.pop() if len(zexps) == 1 else 0, ks)
     return True
+
+
+def k_scales(shards: list[RawTensor]) -> bool:
+    """Whether the layer keeps its K-quant scales as the file has them (csrc/qtile.h's ks: 0.5-0.56 bits a
+    weight, not 1-2 as fp16 per 32 or 16): shards all Q4_K / Q5_K, or all Q6_K. Fused layers that mix Q6_K
+    with others (Q4_K_M's q/k/v on some layers) keep fp16 scales. EMBER_KSCALES=0 turns it off."""
+    kinds = {s.kind for s in shards}
+    return os.environ.get("EMBER_KSCALES", "1") != "0" and (kinds <= {"Q4_K", "Q5_K"} or kinds == {"Q6_K"})
 
 
 def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], n: int, k: int, bits: int,
@@ -142,9 +160,11 @@ def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], n: int, k: int, b
 
 def mode(layer: nn.Module) -> int:
     """The kernel's flags: 1 = codes wider than 4 bits, 2 = a scale per 16, 4 = the exact two-part activations,
-    8 = 5-6 bit codes in the SIX layout (with 1), bits 4-7 = zexp: offsets -2^zexp * scale, not stored."""
+    8 = 5-6 bit codes in the SIX layout (with 1), bits 4-7 = zexp: offsets -2^zexp * scale, not stored, 256 = K-quant
+    scales (k_scales)."""
     return (int(layer.bits8) | 2 * int(layer.sub16) | 4 * int(getattr(layer, "act16", True))
-            | 8 * int(getattr(layer, "narrow", False)) | getattr(layer, "zexp", 0) << 4)
+            | 8 * int(getattr(layer, "narrow", False)) | getattr(layer, "zexp", 0) << 4
+            | int(getattr(layer, "ks", False)) << 8)
 
 
 ACT_BITS = (8, 16)
@@ -181,7 +201,7 @@ def packed_layers(model: nn.Module) -> Iterator[nn.Module]:
 
 def packed_weights(model: nn.Module) -> int:
     """How many weights the model's packed linears hold."""
-    return sum(m.n_out * m.s16.shape[1] * GROUP for m in packed_layers(model))
+    return sum(m.n_out * m.codes.shape[1] * GROUP for m in packed_layers(model))
 
 
 def default_act_bits(model: nn.Module) -> int:
@@ -219,7 +239,7 @@ def rows_f32(layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Weight rows `ids` [n] (any order) in fp32 [n, K], computed q * s + o as gguf-py does (bit for bit for the
     group-32 kinds; for Q6_K gguf-py's (q - 32) * s may differ in the last bit)."""
     ids = ids.to(torch.int64).contiguous()
-    k = layer.s16.shape[1] * GROUP
+    k = layer.codes.shape[1] * GROUP
     out = torch.empty(ids.shape[0], k)
     cpu_ops().ember_qtile_rows_f32(*_w(layer), ids.data_ptr(), ids.shape[0], k, out.data_ptr())  # type: ignore[union-attr]
     return out

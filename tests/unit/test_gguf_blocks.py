@@ -97,11 +97,15 @@ def test_real_tensors_gemma3(gemma_gguf):
 @pytest.mark.skipif(not packed.available(), reason="needs ember's kernels")
 @pytest.mark.parametrize("kinds", [("Q4_K",), ("Q4_0", "Q4_0", "Q8_0"), ("Q4_K", "Q4_K", "Q6_K"), ("Q5_1", "Q6_K"),
                                    ("Q6_K",), ("Q5_K", "Q4_1")])
-def test_raw_tiles_equal_decode_then_pack(kinds):
+def test_raw_tiles_equal_decode_then_pack(kinds, monkeypatch):
     """GGUF rows straight into tiles (one pass, the load's fast path) give the same bytes as decoding to the
     canonical form and packing it: fused shards of mixed kinds (byte codes, scales per 16), a ragged last
-    tile, nan / inf scales from random bytes."""
+    tile, nan / inf scales from random bytes. (K-quant layers alone keep their integer scales by default:
+    test_kernels.py's test_k_quant_scales_as_the_file_has_them; here the fp16 scales they have when fused
+    with other kinds.)"""
     from torch import nn
+
+    monkeypatch.setenv("EMBER_KSCALES", "0")
 
     from ember.quant.int4 import gguf_chunks
     from ember.weights.base import RawTensor
@@ -144,6 +148,7 @@ def test_symmetric_kinds_need_no_offsets(kind, monkeypatch):
 
     from ember.weights.base import RawTensor
 
+    monkeypatch.setenv("EMBER_KSCALES", "0")  # Q6_K alone keeps integer scales: here its fp16 ones (fused layers)
     n, k = 40, 512
     shard = RawTensor("w", kind, (n, k), _random_blocks(kind, n, k, 3), lambda a: a)
     sym, stored = nn.Module(), nn.Module()

@@ -130,6 +130,27 @@ def test_tile_matmul_same_bits_as_avx512(libs, bits8, sub16, two, narrow):
             assert torch.equal(sym, want_sym), (name, m, f32, xdt, "zexp")
 
 
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_scales_same_bits_as_avx512(libs, kind):
+    """Layers with K-quant scales (fp16 d, dmin per 256, integer scales and mins per 32 or 16): the same bits."""
+    from torch import nn
+
+    from ember.weights.base import RawTensor
+    from tests.unit.test_gguf_blocks import _random_blocks
+
+    n, k = 40, 512
+    layer = nn.Module()
+    assert packed.pack_raw(layer, [RawTensor("w", kind, (n, k), _random_blocks(kind, n, k, seed=3), lambda a: a)], None)
+    g = torch.Generator().manual_seed(11)
+    for two, m, f32 in itertools.product((0, 1), (1, 3, 5, 17), (True, False)):
+        layer.act16 = bool(two)
+        x = torch.randn(m, k, generator=g)
+        args = (layer.codes, packed.mode(layer), layer.s16, layer.o16, x, n, f32)
+        want = _run(libs["native"], *args)
+        for name, lib in libs.items():
+            assert torch.equal(_run(lib, *args), want), (name, two, m, f32)
+
+
 @pytest.mark.parametrize("code", [15, 63, 255])
 @pytest.mark.parametrize("two", [0, 1])
 def test_tile_matmul_extremes_do_not_saturate(libs, code, two):

@@ -231,3 +231,39 @@ def test_topk_and_argmax_match_torch(n):
         y[4, at] = float("nan")
         assert torch.equal(ops.argmax(y), y.argmax(dim=-1))
         assert torch.equal(ops.topk_indices(y, k)[4], y.topk(k, dim=-1).indices[4])
+
+
+@pytest.mark.skipif(not packed.available(), reason="needs the tile kernel (AVX2 or AVX512)")
+@pytest.mark.parametrize("kinds", [("Q4_K",), ("Q5_K",), ("Q6_K",), ("Q4_K", "Q5_K")])
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_k_quant_scales_as_the_file_has_them(kinds, act_bits):
+    """Q4_K / Q5_K / Q6_K layers keep fp16 d, dmin per 256 and the integer scales and mins (packed.k_scales): the
+    weights read back bit for bit as gguf-py dequantizes them (fp16 scales per 32 could not hold d sc), and the
+    matmul is W x^ (int8 mode) or close to x W.T (exact mode) for W itself, on 1-40 rows and a ragged last tile."""
+    from gguf import GGMLQuantizationType, quants
+
+    from ember.weights.base import RawTensor
+    from tests.unit.test_gguf_blocks import _random_blocks
+
+    k = 512
+    shards, ws = [], []
+    for i, kind in enumerate(kinds):
+        rows = 32 if i < len(kinds) - 1 else 21
+        raw = _random_blocks(kind, rows, k, seed=i + 5)
+        shards.append(RawTensor(f"w{i}", kind, (rows, k), raw, lambda a: a))
+        ws.append(torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[kind]).reshape(rows, k).copy()))
+    w = torch.cat(ws)  # [N, K] fp32, gguf-py's numbers
+    n = w.shape[0]
+    layer = nn.Module()
+    assert packed.k_scales(shards) and packed.pack_raw(layer, shards, None) and layer.ks
+    assert layer.s16.numel() * 2 + layer.o16.numel() < n * k * 0.6 / 8 + 64 * 33  # ~0.56 bits a weight, not 1-2
+    assert torch.equal(packed.rows_f32(layer, torch.arange(n)), w)
+    layer.act16 = act_bits == 16
+    for m in (1, 3, 8, 13, 40):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        ref = x.double() @ w.double().t()
+        want = (x.double() if act_bits == 16 else _q8(x)) @ w.double().t()
+        y = packed.matmul(layer, x, n, torch.float32)
+        tol = 2e-4 if act_bits == 16 else 2e-6
+        torch.testing.assert_close(y.double(), want, rtol=0, atol=tol * ref.abs().max().item())
+        assert torch.equal(packed.matmul(layer, x[-1:], n, torch.float32)[0], y[-1])  # a row alone: same bits

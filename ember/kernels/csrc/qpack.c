@@ -200,6 +200,54 @@ void ember_gguf_pack(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, int
     }
 }
 
+/* Q4_K / Q5_K: the 6-bit scale and min of sub-block j, as integers (k_scale's bits) */
+static inline void k_ints(const uint8_t *s, int j, int8_t *sc, int8_t *mn) {
+    if (j < 4) { *sc = (int8_t)(s[j] & 63); *mn = (int8_t)(s[j + 4] & 63); return; }
+    *sc = (int8_t)((s[j + 4] & 15) | ((s[j - 4] >> 6) << 4));
+    *mn = (int8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+}
+
+/* raw Q4_K / Q5_K / Q6_K rows [n][row bytes] -> tiles with K-quant scales (qtile.h's ks): the codes as
+ * ember_gguf_pack writes them; d16 [T][k / 256][2][16] fp16 d, dmin; ints [T][k / 32][32] scales and mins */
+void ember_gguf_pack_ks(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, int64_t layout, uint8_t *codes,
+                        uint16_t *d16, int8_t *ints) {
+    const int64_t nb = k / 32, nsb = k / 256, tiles = (n + 15) / 16, row_bytes = nsb * BLOCK_BYTES[kind];
+    const int64_t sub16 = kind == Q6_K, per = sub16 ? 2 : 1, group = 256 / BLOCK_GROUPS[kind], groups = k / group;
+#pragma omp parallel if (n * k > 262144)
+    {
+        uint8_t *q = malloc((size_t)(16 * k));
+        float *s = malloc(sizeof(float) * (size_t)(16 * groups)), *o = malloc(sizeof(float) * (size_t)(16 * groups));
+        uint16_t *scratch = malloc(sizeof(uint16_t) * (size_t)(nb * per * 16));  /* pack_tile's fp16 scales: unused */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t rows = n - t * 16 < 16 ? n - t * 16 : 16;
+            for (int64_t r = 0; r < rows; r++)
+                decode_row((int)kind, raw + (t * 16 + r) * row_bytes, k, q + r * k, s + r * groups, o + r * groups);
+            pack_tile(q, s, o, rows, k, group, layout, sub16, codes + t * nb * layout_bytes(layout), scratch, scratch);
+            uint16_t *dt = d16 + t * nsb * 32;
+            int8_t *it = ints + t * nb * 32;
+            memset(dt, 0, sizeof(uint16_t) * (size_t)(nsb * 32));
+            memset(it, 0, (size_t)(nb * 32));
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t j = 0; j < nsb; j++) {
+                    const uint8_t *b = raw + (t * 16 + r) * row_bytes + j * BLOCK_BYTES[kind];
+                    if (kind == Q6_K) {
+                        dt[j * 32 + r] = (uint16_t)(b[208] | b[209] << 8);
+                        for (int i = 0; i < 16; i++) it[(j * 8 + i / 2) * 32 + (i % 2) * 16 + r] = (int8_t)b[192 + i];
+                        continue;
+                    }
+                    dt[j * 32 + r] = (uint16_t)(b[0] | b[1] << 8);
+                    dt[j * 32 + 16 + r] = (uint16_t)(b[2] | b[3] << 8);
+                    for (int i = 0; i < 8; i++) k_ints(b + 4, i, &it[(j * 8 + i) * 32 + r], &it[(j * 8 + i) * 32 + 16 + r]);
+                }
+        }
+        free(q);
+        free(s);
+        free(o);
+        free(scratch);
+    }
+}
+
 /* Rows `rows[i]` (any order) in fp32 [n, K], q * s + o in gguf-py's two roundings (Q6_K, which gguf-py
  * computes as (q - 32) * s, may differ in the last bit): token embeddings and the head's exact
  * top-candidate recompute read the packed head itself. */
@@ -223,7 +271,17 @@ void ember_qtile_rows_f32(const uint8_t *codes, int64_t mode, const uint16_t *s1
             float *dst = out + i * k + b * 32;
             for (int hh = 0; hh < 2; hh++) {  /* one scale per 32, or one per 16 */
                 const int64_t si = (at * halves + (halves == 2 ? hh : 0)) * 16 + r;
-                const float s = half(s16[si]), o = zexp ? -(float)(1 << zexp) * s : half(o16[si]);
+                float s, o;
+                if (w.ks) {  /* qtile.h: d sc and -(dmin m) */
+                    const uint16_t *d = ks_d(&w, t, b);
+                    const int8_t *q8 = ks_ints(&w, t, b);
+                    s = half(d[r]) * (float)q8[(halves == 2 ? hh : 0) * 16 + r];
+                    o = zexp ? 0.f : -(half(d[16 + r]) * (float)q8[16 + r]);
+                } else {
+                    s = half(s16[si]);
+                    o = zexp ? 0.f : half(o16[si]);
+                }
+                if (zexp) o = -(float)(1 << zexp) * s;
                 for (int j = 0; j < 16; j++) dst[hh * 16 + j] = (float)q[hh * 16 + j] * s + o;
             }
         }

@@ -55,10 +55,25 @@ static inline __attribute__((always_inline)) __m512 epilogue(__m512 acc, __m512i
     return _mm512_fmadd_ps(ov, _mm512_set1_ps(xs), acc);
 }
 
-/* the 16 rows' offsets at `at`: stored, or -2^zexp s (exact: a power of two times an fp16 value) */
-static inline __attribute__((always_inline)) __m512 offsets16(const tiled_w *w, int64_t at, __m512 sv) {
-    if (w->zexp) return _mm512_mul_ps(sv, _mm512_set1_ps(-(float)(1 << w->zexp)));
-    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + at)));
+static inline __m512 ints16(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+
+/* the 16 rows' scales and offsets for (tile t, block b, half hf of `halves`): stored fp16, or d sc and
+ * -(dmin m) (ks); offsets -2^zexp s where the kind is symmetric (exact: a power of two times s) */
+static inline __attribute__((always_inline)) void scales16(const tiled_w *w, int64_t t, int64_t b, int hf,
+                                                           int halves, __m512 *sv, __m512 *ov) {
+    if (w->ks) {
+        const uint16_t *d = ks_d(w, t, b);
+        const int8_t *q = ks_ints(w, t, b);
+        *sv = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d)), ints16(q + hf * 16));
+        if (!w->zexp) {  /* -(dmin m): a sign flip of the product, as the decoder negates it */
+            const __m512 dm = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + 16))), ints16(q + 16));
+            *ov = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(dm), _mm512_set1_epi32((int)0x80000000u)));
+        }
+    } else {
+        *sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->s16 + ((t * w->nb + b) * halves + hf) * 16)));
+        if (!w->zexp) *ov = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->o16 + ((t * w->nb + b) * halves + hf) * 16)));
+    }
+    if (w->zexp) *ov = _mm512_mul_ps(*sv, _mm512_set1_ps(-(float)(1 << w->zexp)));
 }
 
 static inline void store_out(__m512 v, int64_t m, int64_t n, int64_t r0, float *y_f32, uint16_t *y_bf16) {
@@ -101,9 +116,8 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
         for (int64_t o = 0; o < cb; o += 64) _mm_prefetch((const char *)(ahead + o), _MM_HINT_T0);
         load_codes(w, t, b, u);
         for (int hf = 0; hf < halves; hf++) {
-            const int64_t at = ((t * w->nb + b) * halves + hf) * 16;
-            const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->s16 + at)));
-            const __m512 ov = offsets16(w, at, sv);
+            __m512 sv, ov;
+            scales16(w, t, b, hf, halves, &sv, &ov);
             for (int m = 0; m < MR; m++) {
                 const int64_t q = (m0 + m) * k + b * 32 + hf * gpart * 4;
                 const __m512i hs = dots16(gpart, CH, u, hf * gpart, (const int32_t *)(a->h + q));
@@ -252,9 +266,8 @@ static void amx(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int6
                         }
                         _tile_stored(0, c[0], 64);
                         _tile_stored(1, c[1], 64);
-                        const int64_t at = ((t * nb + b) * halves + hf) * 16;
-                        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->s16 + at)));
-                        const __m512 ov = offsets16(w, at, sv);
+                        __m512 sv, ov;
+                        scales16(w, t, b, hf, halves, &sv, &ov);
                         for (int i = 0; i < 16 && mt * 16 + i < m_rows; i++) {
                             const int64_t m = mt * 16 + i;
                             acc[i] = epilogue(acc[i], _mm512_load_si512((const void *)(c[0] + i * 16)),

@@ -23,14 +23,27 @@ typedef struct {
     int64_t nb;
     int narrow;                /* codes of 5-6 bits in the SIX layout (mode flag 8) */
     int zexp;                  /* 0, or offsets o = -2^zexp s (Q4_0, Q5_0, Q8_0, Q6_K): o16 is never read */
+    int ks;                    /* K-quant scales (mode bit 8), see below */
 } tiled_w;
 
 /* mode bits 4-7: zexp (symmetric kinds store no offsets, which a decode step would stream for nothing) */
 static inline tiled_w tiled(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                             int64_t k) {
     const tiled_w w = {codes, s16, o16, (int)(mode & 1), (int)(mode >> 1 & 1), k / 32, (int)(mode >> 3 & 1),
-                       (int)(mode >> 4 & 15)};
+                       (int)(mode >> 4 & 15), (int)(mode >> 8 & 1)};
     return w;
+}
+
+/* K-quant scales (Q4_K, Q5_K, Q6_K, as the file stores them: 0.5-0.56 bits a weight, not fp16 per 32 or 16 at
+ * 1-2): s16 holds fp16 d and dmin per row and super-block of 256, [ntiles][nb / 8][2][16]; o16, as int8,
+ * the integer scale and min per row and block of 32 ([ntiles][nb][sc 16 | min 16]), or per 16 for Q6_K
+ * ([ntiles][nb][half 0 | half 1], no mins: zexp). s = d sc, o = -(dmin m): exact fp32 products of an fp16
+ * and an integer below 2^8, the numbers gguf-py's dequantizer computes. */
+static inline const uint16_t *ks_d(const tiled_w *w, int64_t t, int64_t b) {
+    return w->s16 + (t * (w->nb / 8) + b / 8) * 32;
+}
+static inline const int8_t *ks_ints(const tiled_w *w, int64_t t, int64_t b) {
+    return (const int8_t *)w->o16 + (t * w->nb + b) * 32;
 }
 
 static inline int layout_of(const tiled_w *w) { return w->bits8 ? (w->narrow ? SIX : BYTES) : NIBBLES; }

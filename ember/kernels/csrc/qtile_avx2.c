@@ -115,6 +115,27 @@ static inline __attribute__((always_inline)) void sums(const int MR, const int T
 #endif
 }
 
+static inline __m256 ints8(const int8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
+
+/* qtile.c's scales16 for the 8 rows of tile half r8 */
+static inline __attribute__((always_inline)) void scales8(const tiled_w *w, int64_t t, int64_t b, int hf, int halves,
+                                                          int r8, __m256 *sv, __m256 *ov) {
+    if (w->ks) {
+        const uint16_t *d = ks_d(w, t, b) + r8 * 8;
+        const int8_t *q = ks_ints(w, t, b) + r8 * 8;
+        *sv = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d)), ints8(q + hf * 16));
+        if (!w->zexp) {
+            const __m256 dm = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + 16))), ints8(q + 16));
+            *ov = _mm256_xor_ps(dm, _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u)));
+        }
+    } else {
+        const int64_t at = ((t * w->nb + b) * halves + hf) * 16 + r8 * 8;
+        *sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->s16 + at)));
+        if (!w->zexp) *ov = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->o16 + at)));
+    }
+    if (w->zexp) *ov = _mm256_mul_ps(*sv, _mm256_set1_ps(-(float)(1 << w->zexp)));
+}
+
 static inline void store_out8(__m256 v, int64_t m, int64_t n, int64_t r0, float *y_f32, uint16_t *y_bf16) {
     float tmp[8];
     _mm256_storeu_ps(tmp, v);
@@ -146,10 +167,8 @@ static inline __attribute__((always_inline)) void tile_kernel(const int MR, cons
                 __m256i s[2][2][4];
                 sums(MR, TWO, CODE, NH, 8 / halves, blk, r0, hf * 4, qh, ql, k, s);
                 for (int r = 0; r < NH; r++) {
-                    const int64_t at = ((t * w->nb + b) * halves + hf) * 16 + (r0 + r) * 8;
-                    const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->s16 + at)));
-                    const __m256 ov = w->zexp ? _mm256_mul_ps(sv, _mm256_set1_ps(-(float)(1 << w->zexp)))
-                                              : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->o16 + at)));
+                    __m256 sv, ov;
+                    scales8(w, t, b, hf, halves, r0 + r, &sv, &ov);
                     for (int m = 0; m < MR; m++) {  /* qtile.c's epilogue, 8 lanes */
                         const __m256i hs = s[0][r][m];
                         const __m256 f = _mm256_cvtepi32_ps(TWO ? _mm256_add_epi32(_mm256_slli_epi32(hs, 8), s[1][r][m]) : hs);
