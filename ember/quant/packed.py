@@ -32,12 +32,13 @@ from ember.weights.base import RawTensor
 
 TILE = 16  # weight rows per tile
 MAX_GEMV_ROWS = 4  # more activation rows take AMX where the CPU has it (same result, faster)
-LAYOUT_BYTES = [256, 512, 384]  # bytes per (tile, block) of csrc/qtile.h's layouts NIBBLES, BYTES, SIX
+LAYOUT_BYTES = [256, 512, 384, 320]  # bytes per (tile, block) of csrc/qtile.h's layouts NIBBLES, BYTES, SIX, FIVE
 
 
 def layout_of(bits: int) -> int:
-    """The code layout for codes of `bits`: 4-bit nibbles, 5-6 bits as nibbles + a 2-bit plane, else bytes."""
-    return 0 if bits <= 4 else 2 if bits <= 6 else 1
+    """The code layout for codes of `bits`: 4-bit nibbles, 5 bits as nibbles + a bit plane, 6 bits as nibbles + a
+    2-bit plane, else bytes."""
+    return 0 if bits <= 4 else 3 if bits == 5 else 2 if bits == 6 else 1
 
 
 def available() -> bool:
@@ -99,7 +100,7 @@ def _attach(layer: nn.Module, codes: torch.Tensor, s16: torch.Tensor, o16: torch
     layer.s16 = nn.Parameter(s16, requires_grad=False)
     layer.o16 = nn.Parameter(o16 if not zexp or ks else torch.empty(0, dtype=torch.float16), requires_grad=False)
     layer.zexp, layer.ks = zexp, ks
-    layer.n_out, layer.bits8, layer.sub16, layer.narrow = n, bits > 4, sub16, 4 < bits <= 6
+    layer.n_out, layer.bits8, layer.sub16, layer.narrow, layer.five = n, bits > 4, sub16, 4 < bits <= 6, bits == 5
     layer.act16 = True  # the exact two-part activations until set_act_bits (ember.load: 8 by default) says
     layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
 
@@ -161,10 +162,10 @@ def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], n: int, k: int, b
 def mode(layer: nn.Module) -> int:
     """The kernel's flags: 1 = codes wider than 4 bits, 2 = a scale per 16, 4 = the exact two-part activations,
     8 = 5-6 bit codes in the SIX layout (with 1), bits 4-7 = zexp: offsets -2^zexp * scale, not stored, 256 = K-quant
-    scales (k_scales)."""
+    scales (k_scales), 512 = 5-bit codes in the FIVE layout (with 1 and 8)."""
     return (int(layer.bits8) | 2 * int(layer.sub16) | 4 * int(getattr(layer, "act16", True))
             | 8 * int(getattr(layer, "narrow", False)) | getattr(layer, "zexp", 0) << 4
-            | int(getattr(layer, "ks", False)) << 8)
+            | int(getattr(layer, "ks", False)) << 8 | int(getattr(layer, "five", False)) << 9)
 
 
 ACT_BITS = (8, 16)

@@ -98,7 +98,7 @@ def _run(lib, codes, mode, s16, o16, x, n, f32):
 
 def _weights(n, k, bits8, sub16, g, high=None, narrow=0):
     tiles, nb = -(-n // packed.TILE), k // 32
-    width = packed.LAYOUT_BYTES[packed.layout_of(6 if narrow else 8 if bits8 else 4)]
+    width = packed.LAYOUT_BYTES[packed.layout_of(5 if narrow == 2 else 6 if narrow else 8 if bits8 else 4)]
     codes = torch.randint(0, 256, (tiles, nb, width), dtype=torch.uint8, generator=g)
     if high is not None:
         codes.fill_(high)
@@ -109,16 +109,16 @@ def _weights(n, k, bits8, sub16, g, high=None, narrow=0):
 
 
 @pytest.mark.parametrize("bits8,sub16,two,narrow", [(*c, 0) for c in itertools.product([0, 1], repeat=3)]
-                         + [(1, sub16, two, 1) for sub16, two in itertools.product([0, 1], repeat=2)])
+                         + [(1, sub16, two, nar) for sub16, two, nar in itertools.product([0, 1], [0, 1], [1, 2])])
 def test_tile_matmul_same_bits_as_avx512(libs, bits8, sub16, two, narrow):
     """Every weight layout (nibbles / bytes / bytes below 64, a scale per 32 / 16) and activation mode, 1-17
     rows (the gemv's 4-row groups and their remainders, one or both tile halves at once), a ragged last tile,
     bf16 and fp32 in and out: the same bits."""
     g = torch.Generator().manual_seed(bits8 + 2 * sub16 + 4 * two + 8 * narrow)
     n, k = 40, 256
-    codes, s16, o16 = _weights(n, k, bits8, sub16, g, narrow=narrow)  # narrow: 6-bit codes, as Q6_K's
-    mode = bits8 | sub16 << 1 | two << 2 | narrow << 3
-    zexp = 5 if narrow else 3  # Q6_K's and Q4_0's: offsets -2^zexp s, computed instead of read
+    codes, s16, o16 = _weights(n, k, bits8, sub16, g, narrow=narrow)  # narrow: 6-bit codes (Q6_K's), 2: 5-bit
+    mode = bits8 | sub16 << 1 | two << 2 | (narrow > 0) << 3 | (narrow == 2) << 9
+    zexp = {0: 3, 1: 5, 2: 4}[narrow]  # Q4_0's, Q6_K's and Q5_0's: offsets -2^zexp s, computed instead of read
     o_sym = (-(2.0**zexp) * s16.float()).half()
     for m, f32, xdt in itertools.product((1, 3, 5, 17), (True, False), (torch.bfloat16, torch.float32)):
         x = torch.randn(m, k, generator=g).to(xdt)
@@ -151,20 +151,20 @@ def test_k_quant_scales_same_bits_as_avx512(libs, kind):
             assert torch.equal(_run(lib, *args), want), (name, two, m, f32)
 
 
-@pytest.mark.parametrize("code", [15, 63, 255])
+@pytest.mark.parametrize("code", [15, 31, 63, 255])
 @pytest.mark.parametrize("two", [0, 1])
 def test_tile_matmul_extremes_do_not_saturate(libs, code, two):
-    """The largest codes (4, 6, 8 bits) times the most negative activation (-127 in every lane): AVX2 without
+    """The largest codes (4, 5, 6, 8 bits) times the most negative activation (-127 in every lane): AVX2 without
     VNNI sums byte products in int16 lanes, which would saturate at 255 * 127 * 2 (or 63 * 127 * 2 summed over
     3 groups); the kernel must not."""
     g = torch.Generator().manual_seed(7)
     n, k = 16, 64
-    bits8, narrow = int(code > 15), int(code == 63)
+    bits8, narrow = int(code > 15), {31: 2, 63: 1}.get(code, 0)
     codes, s16, o16 = _weights(n, k, bits8, 0, g, high=255, narrow=narrow)  # every code 2^bits - 1
     x = -torch.ones(2, k)  # every block's h = -127 (and its low part 0)
     s = s16.float()[0].repeat_interleave(32, 0)  # [K, N]: the scale per (k, row)
     o = o16.float()[0].repeat_interleave(32, 0)
     ref = (x.double() @ (code * s + o).double())  # [2, N]: exact, the activations are exactly -127 * d
     for name, lib in libs.items():
-        y = _run(lib, codes, bits8 | two << 2 | narrow << 3, s16, o16, x, n, True)
+        y = _run(lib, codes, bits8 | two << 2 | (narrow > 0) << 3 | (narrow == 2) << 9, s16, o16, x, n, True)
         torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6, msg=name)

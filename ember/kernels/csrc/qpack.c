@@ -153,6 +153,12 @@ static void pack_tile(const uint8_t *q, const float *s, const float *o, int64_t 
             for (int j = 0; j < 4; j++)  /* chunk j: group 2j in the low nibbles, 2j + 1 in the high */
                 for (int i = 0; i < 4; i++)
                     c[j * 64 + r * 4 + i] = (uint8_t)((u[8 * j + i] & 15) | (u[8 * j + 4 + i] & 15) << 4);
+            if (layout == FIVE)  /* chunk 4: bit 4 of group g at bit g */
+                for (int i = 0; i < 4; i++) {
+                    uint8_t top = 0;
+                    for (int g = 0; g < 8; g++) top |= (uint8_t)((u[g * 4 + i] >> 4 & 1) << g);
+                    c[256 + r * 4 + i] = top;
+                }
             if (layout == SIX)  /* chunk 4 + h: bits 4-5 of group 4h + g at bits 2g */
                 for (int h = 0; h < 2; h++)
                     for (int i = 0; i < 4; i++) {
@@ -267,7 +273,8 @@ void ember_qtile_rows_f32(const uint8_t *codes, int64_t mode, const uint16_t *s1
                     q[g * 4 + kk] = layout == BYTES ? codes[at * cb + g * 64 + r * 4 + kk]
                                    : (uint8_t)((codes[at * cb + (g / 2) * 64 + r * 4 + kk] >> (4 * (g % 2)) & 15)
                                                | (layout == SIX ? (codes[at * cb + 256 + (g / 4) * 64 + r * 4 + kk]
-                                                                   >> (2 * (g % 4)) & 3) << 4 : 0));
+                                                                   >> (2 * (g % 4)) & 3) << 4 : 0)
+                                               | (layout == FIVE ? (codes[at * cb + 256 + r * 4 + kk] >> g & 1) << 4 : 0));
             float *dst = out + i * k + b * 32;
             for (int hh = 0; hh < 2; hh++) {  /* one scale per 32, or one per 16 */
                 const int64_t si = (at * halves + (halves == 2 ? hh : 0)) * 16 + r;

@@ -38,6 +38,14 @@ static inline __attribute__((always_inline)) void load_codes(const tiled_w *w, i
         u[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo);
     }
     if (!w->bits8) return;
+    if (w->five) {  /* bit g of chunk 4 to bit 4 of group g: u | (v' & 0x10) (16-bit shifts: no bit crosses into bit 4) */
+        const __m512i v = _mm512_loadu_si512((const void *)(p + 256)), b4 = _mm512_set1_epi8(0x10);
+        const __m512i at[8] = {_mm512_slli_epi16(v, 4), _mm512_slli_epi16(v, 3), _mm512_slli_epi16(v, 2),
+                               _mm512_slli_epi16(v, 1), v, _mm512_srli_epi16(v, 1), _mm512_srli_epi16(v, 2),
+                               _mm512_srli_epi16(v, 3)};
+        for (int g = 0; g < 8; g++) u[g] = _mm512_ternarylogic_epi32(u[g], at[g], b4, 0xF8);
+        return;
+    }
     const __m512i top = _mm512_set1_epi8(0x30);
     for (int h = 0; h < 2; h++) {  /* bits 2g, 2g + 1 of chunk 4 + h to bits 4, 5 of group 4h + g: u | (v' & 0x30) */
         const __m512i v = _mm512_loadu_si512((const void *)(p + 256 + h * 64));
@@ -226,7 +234,7 @@ static void amx(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int6
 #pragma omp parallel if (n * k > 65536)
     {
         configure_tiles();
-        uint8_t *slab = w->bits8 && !w->narrow ? NULL : aligned_alloc(64, (size_t)nb * 512);  /* codes as bytes */
+        uint8_t *slab = layout_of(w) == BYTES ? NULL : aligned_alloc(64, (size_t)nb * 512);  /* codes as bytes */
         int32_t c[2][256] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < ntiles; t++) {

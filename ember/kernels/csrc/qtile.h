@@ -9,28 +9,33 @@
 
 /* Code layouts of a (tile, block): 16 rows x 32 k in 8 groups of 4 k, group g = 64 bytes [row][4] as bytes.
  *   NIBBLES (4-bit codes), 256 bytes: chunk j of 64 holds group 2j in its low nibbles, 2j + 1 in the high;
- *   SIX (5-6 bit codes), 384 bytes: the low 4 bits as NIBBLES, then 2 chunks of the top 2 bits, chunk h
+ *   FIVE (5-bit codes), 320 bytes: the low 4 bits as NIBBLES, then one chunk of the fifth bits, group g's at
+ *     bit g (the same byte position as the group's code);
+ *   SIX (6-bit codes), 384 bytes: the low 4 bits as NIBBLES, then 2 chunks of the top 2 bits, chunk h
  *     holding group 4h + i in bits 2i, 2i + 1 (the same byte position as the group's code);
  *   BYTES (7-8 bit codes), 512 bytes: group g at 64 g. */
-enum { NIBBLES = 0, BYTES = 1, SIX = 2 };
-static inline int64_t layout_bytes(int64_t layout) { return layout == NIBBLES ? 256 : layout == SIX ? 384 : 512; }
+enum { NIBBLES = 0, BYTES = 1, SIX = 2, FIVE = 3 };
+static inline int64_t layout_bytes(int64_t layout) {
+    return layout == NIBBLES ? 256 : layout == SIX ? 384 : layout == FIVE ? 320 : 512;
+}
 
 typedef struct {
     const uint8_t *codes;      /* [ntiles][nb][256, 384 or 512] */
     const uint16_t *s16, *o16; /* [ntiles][nb][16] or [ntiles][nb][2][16] */
-    int bits8;                 /* codes wider than 4 bits (the SIX or BYTES layout) */
+    int bits8;                 /* codes wider than 4 bits (the FIVE, SIX or BYTES layout) */
     int sub16;                 /* a scale and offset per 16 k (two halves of 4 groups each) */
     int64_t nb;
-    int narrow;                /* codes of 5-6 bits in the SIX layout (mode flag 8) */
+    int narrow;                /* codes of 5-6 bits in the SIX layout (mode flag 8), or FIVE with `five` */
     int zexp;                  /* 0, or offsets o = -2^zexp s (Q4_0, Q5_0, Q8_0, Q6_K): o16 is never read */
     int ks;                    /* K-quant scales (mode bit 8), see below */
+    int five;                  /* 5-bit codes in the FIVE layout (mode bit 9, with bits 0 and 3) */
 } tiled_w;
 
 /* mode bits 4-7: zexp (symmetric kinds store no offsets, which a decode step would stream for nothing) */
 static inline tiled_w tiled(const uint8_t *codes, int64_t mode, const uint16_t *s16, const uint16_t *o16,
                             int64_t k) {
     const tiled_w w = {codes, s16, o16, (int)(mode & 1), (int)(mode >> 1 & 1), k / 32, (int)(mode >> 3 & 1),
-                       (int)(mode >> 4 & 15), (int)(mode >> 8 & 1)};
+                       (int)(mode >> 4 & 15), (int)(mode >> 8 & 1), (int)(mode >> 9 & 1)};
     return w;
 }
 
@@ -46,7 +51,9 @@ static inline const int8_t *ks_ints(const tiled_w *w, int64_t t, int64_t b) {
     return (const int8_t *)w->o16 + (t * w->nb + b) * 32;
 }
 
-static inline int layout_of(const tiled_w *w) { return w->bits8 ? (w->narrow ? SIX : BYTES) : NIBBLES; }
+static inline int layout_of(const tiled_w *w) {
+    return w->bits8 ? (w->narrow ? (w->five ? FIVE : SIX) : BYTES) : NIBBLES;
+}
 static inline int64_t block_bytes(const tiled_w *w) { return layout_bytes(layout_of(w)); }
 
 typedef struct {  /* quantized activations */

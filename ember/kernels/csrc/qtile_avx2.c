@@ -31,6 +31,11 @@ static inline __attribute__((always_inline)) __m256i group_codes(const int CODE,
     const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + (g >> 1) * 64 + r8 * 32));
     const __m256i lo = _mm256_and_si256(g & 1 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
     if (CODE == NIBBLES) return lo;
+    if (CODE == FIVE) {  /* bit g to bit 4 */
+        const __m256i t = _mm256_loadu_si256((const __m256i *)(blk + 256 + r8 * 32));
+        const __m256i at = g < 4 ? _mm256_slli_epi16(t, 4 - g) : g > 4 ? _mm256_srli_epi16(t, g - 4) : t;
+        return _mm256_or_si256(lo, _mm256_and_si256(at, _mm256_set1_epi8(0x10)));
+    }
     const __m256i t = _mm256_loadu_si256((const __m256i *)(blk + 256 + (g >> 2) * 64 + r8 * 32));
     const int sh = 2 * (g & 3);  /* bits sh, sh + 1 to bits 4, 5 */
     const __m256i at = sh < 4 ? _mm256_slli_epi16(t, 4 - sh) : sh > 4 ? _mm256_srli_epi16(t, sh - 4) : t;
@@ -97,7 +102,7 @@ static inline __attribute__((always_inline)) void sums(const int MR, const int T
                 for (int r = 0; r < NH; r++) {
                     lo[p][r][m] = _mm256_add_epi16(lo[p][r][m], _mm256_maddubs_epi16(u[r], a));
                     if (CODE == BYTES) hi[p][r][m] = _mm256_add_epi16(hi[p][r][m], _mm256_maddubs_epi16(uh[r], a));
-                    if (CODE == SIX && g % 2) {  /* two groups summed: widen to int32 */
+                    if ((CODE == SIX || CODE == FIVE) && g % 2) {  /* two groups summed: widen to int32 */
                         s[p][r][m] = _mm256_add_epi32(s[p][r][m], _mm256_madd_epi16(lo[p][r][m], one));
                         lo[p][r][m] = _mm256_setzero_si256();
                     }
@@ -193,6 +198,8 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
         case NIBBLES * 2 + 1: EMBER_TILE(NIBBLES, 1); break;
         case SIX * 2: EMBER_TILE(SIX, 0); break;
         case SIX * 2 + 1: EMBER_TILE(SIX, 1); break;
+        case FIVE * 2: EMBER_TILE(FIVE, 0); break;
+        case FIVE * 2 + 1: EMBER_TILE(FIVE, 1); break;
         case BYTES * 2: EMBER_TILE(BYTES, 0); break;
         default: EMBER_TILE(BYTES, 1); break;
     }
