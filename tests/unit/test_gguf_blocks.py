@@ -166,3 +166,21 @@ def test_symmetric_kinds_need_no_offsets(kind, monkeypatch):
         for act16 in (True, False):
             sym.act16 = stored.act16 = act16
             assert torch.equal(packed.matmul(sym, x, n, torch.float32), packed.matmul(stored, x, n, torch.float32))
+
+
+@pytest.mark.skipif(not packed.available(), reason="needs ember's kernels")
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+def test_k_scale_tiles_hold_the_same_codes(kind, monkeypatch):
+    """The K-quant packer (codes straight from the raw words, the load's fast path) writes the same code bytes as
+    decoding to the canonical form and packing: whole tiles and a ragged last one."""
+    from torch import nn
+
+    from ember.weights.base import RawTensor
+
+    n, k = 37, 512
+    shard = RawTensor("w", kind, (n, k), _random_blocks(kind, n, k, 4), lambda a: a)
+    ks, plain = nn.Module(), nn.Module()
+    assert packed.pack_raw(ks, [shard], None) and ks.ks
+    monkeypatch.setenv("EMBER_KSCALES", "0")
+    assert packed.pack_raw(plain, [shard], None) and not plain.ks
+    assert torch.equal(ks.codes, plain.codes)

@@ -170,6 +170,56 @@ static void pack_tile(const uint8_t *q, const float *s, const float *o, int64_t 
     }
 }
 
+/* The load's fast path for the commonest kinds: raw rows straight to a tile's code bytes, 32-bit words at a
+ * time, without the canonical form in between (a byte per weight written, then read back per nibble: ~3 ns a
+ * weight, 11 s of an 8B Q4_K_M load). A word holds a code group (4 codes of one row, one per byte); nibbles
+ * chunk j = group 2j | group 2j + 1 << 4, the 2-bit planes of SIX 4 groups << 0, 2, 4, 6 (no carries:
+ * each byte's value fits). Same bytes as pack_tile. */
+static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline void wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+
+static int fast_kind(int64_t kind, int64_t layout) {
+    return ((kind == Q4_0 || kind == Q4_1 || kind == Q4_K) && layout == NIBBLES) || (kind == Q6_K && layout == SIX);
+}
+
+/* row r of a tile: its raw row -> the code bytes of every block (codes: the tile's [nb][layout bytes]) */
+static void fast_codes(int kind, const uint8_t *raw, int64_t k, int r, uint8_t *codes) {
+    const int64_t nb = k / 32, cb = kind == Q6_K ? 384 : 256;
+    const uint32_t m4 = 0x0F0F0F0Fu, m2 = 0x03030303u;
+    for (int64_t b = 0; b < nb; b++) {
+        uint32_t w[8], t[8];
+        uint8_t *c = codes + b * cb + r * 4;
+        if (kind == Q4_0 || kind == Q4_1) {  /* q[l] = qs[l] & 15, q[l + 16] = qs[l] >> 4 */
+            const uint8_t *qs = raw + b * BLOCK_BYTES[kind] + (kind == Q4_0 ? 2 : 4);
+            for (int g = 0; g < 4; g++) { const uint32_t x = rd32(qs + 4 * g); w[g] = x & m4; w[g + 4] = x >> 4 & m4; }
+        } else if (kind == Q4_K) {  /* sub-block b % 8: the low (even) or high (odd) nibbles of its pair's 32 bytes */
+            const uint8_t *qs = raw + (b / 8) * 144 + 16 + (b % 8 / 2) * 32;
+            const int sh = 4 * (b & 1);
+            for (int g = 0; g < 8; g++) w[g] = rd32(qs + 4 * g) >> sh & m4;
+        } else {  /* Q6_K: block b % 8 = half h, run j: low nibbles of ql, 2 bits of qh (decode_block's indexing) */
+            const uint8_t *blk = raw + (b / 8) * 210;
+            const int h = (int)(b % 8 / 4), j = (int)(b % 4);
+            for (int g = 0; g < 8; g++) {
+                w[g] = rd32(blk + h * 64 + (j & 1) * 32 + 4 * g) >> (4 * (j >> 1)) & m4;
+                t[g] = rd32(blk + 128 + h * 32 + 4 * g) >> (2 * j) & m2;
+            }
+            for (int hh = 0; hh < 2; hh++)
+                wr32(c + 256 + hh * 64, t[4 * hh] | t[4 * hh + 1] << 2 | t[4 * hh + 2] << 4 | t[4 * hh + 3] << 6);
+        }
+        for (int j = 0; j < 4; j++) wr32(c + j * 64, w[2 * j] | w[2 * j + 1] << 4);
+    }
+}
+
+/* the fast path's scales for Q4_0 / Q4_1 (fp16 s, o per block, as pack_tile rounds decode_block's floats) */
+static void fast_scales(int kind, const uint8_t *raw, int64_t k, int r, uint16_t *s16, uint16_t *o16) {
+    for (int64_t b = 0; b < k / 32; b++) {
+        const uint8_t *blk = raw + b * BLOCK_BYTES[kind];
+        const float s = h2f(blk), o = kind == Q4_0 ? -8.0f * s : h2f(blk + 2);
+        s16[b * 16 + r] = f2h(s);
+        o16[b * 16 + r] = f2h(o);
+    }
+}
+
 /* canonical q [n, k], s, o [n, k / group] (group 32 or 16) -> codes [T][nb][layout_bytes], s16, o16
  * [T][nb][per][16]; rows past n of the last tile are zeros */
 void ember_qtile_pack(const uint8_t *q, const float *s, const float *o, int64_t n, int64_t k, int64_t group,
@@ -195,6 +245,13 @@ void ember_gguf_pack(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, int
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t rows = n - t * 16 < 16 ? n - t * 16 : 16;
+            if (fast_kind(kind, layout) && kind != Q4_K && kind != Q6_K && !sub16 && rows == 16) {
+                for (int r = 0; r < 16; r++) {
+                    fast_codes((int)kind, raw + (t * 16 + r) * row_bytes, k, r, codes + t * nb * layout_bytes(layout));
+                    fast_scales((int)kind, raw + (t * 16 + r) * row_bytes, k, r, s16 + t * nb * 16, o16 + t * nb * 16);
+                }
+                continue;
+            }
             for (int64_t r = 0; r < rows; r++)
                 decode_row((int)kind, raw + (t * 16 + r) * row_bytes, k, q + r * k, s + r * groups, o + r * groups);
             pack_tile(q, s, o, rows, k, group, layout, sub16, codes + t * nb * layout_bytes(layout),
@@ -227,9 +284,14 @@ void ember_gguf_pack_ks(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, 
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t rows = n - t * 16 < 16 ? n - t * 16 : 16;
-            for (int64_t r = 0; r < rows; r++)
-                decode_row((int)kind, raw + (t * 16 + r) * row_bytes, k, q + r * k, s + r * groups, o + r * groups);
-            pack_tile(q, s, o, rows, k, group, layout, sub16, codes + t * nb * layout_bytes(layout), scratch, scratch);
+            if (fast_kind(kind, layout) && rows == 16) {
+                for (int r = 0; r < 16; r++)
+                    fast_codes((int)kind, raw + (t * 16 + r) * row_bytes, k, r, codes + t * nb * layout_bytes(layout));
+            } else {
+                for (int64_t r = 0; r < rows; r++)
+                    decode_row((int)kind, raw + (t * 16 + r) * row_bytes, k, q + r * k, s + r * groups, o + r * groups);
+                pack_tile(q, s, o, rows, k, group, layout, sub16, codes + t * nb * layout_bytes(layout), scratch, scratch);
+            }
             uint16_t *dt = d16 + t * nsb * 32;
             int8_t *it = ints + t * nb * 32;
             memset(dt, 0, sizeof(uint16_t) * (size_t)(nsb * 32));
