@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +31,27 @@ class Embedding(nn.Module):
     def load(self, raw: RawTensor, dtype: torch.dtype, device: torch.device, packed: bool) -> None:
         """packed: keep block codes (1 byte per weight + per-group scale/offset) instead of a dense table."""
         self.out_dtype = dtype
+        if packed and self._load_tiles(raw, device):
+            return
         if packed and raw.kind in GROUP32_KINDS and self.dim % GROUP == 0:
             c = decode(raw.kind, raw.data, (self.num_embeddings, self.dim))
             self.codes, self.scale, self.offset = c.q.to(device), c.scale.to(device), c.offset.to(device)
             self.weight = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
         else:
             self.weight = nn.Parameter(raw.dequantize(torch.float32).to(dtype).to(device), requires_grad=False)
+
+    def _load_tiles(self, raw: RawTensor, device: torch.device) -> bool:
+        """The table in ember's packed tiles (as a packed linear holds it: ~4.6 bits a weight for Q4_K, not a byte
+        per code), rows read back exactly as gguf-py dequantizes them; False where the kernels cannot."""
+        from ember.quant import packed
+
+        table = nn.Module()
+        if not packed.packed_ok([raw], torch.bfloat16, device) or not packed.pack_raw(table, [raw], None):
+            return False
+        self.table = table  # a submodule: its tensors count as the model's
+        self.rows = partial(packed.rows_f32, table)
+        self.weight = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
+        return True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.rows is not None:

@@ -184,3 +184,22 @@ def test_k_scale_tiles_hold_the_same_codes(kind, monkeypatch):
     monkeypatch.setenv("EMBER_KSCALES", "0")
     assert packed.pack_raw(plain, [shard], None) and not plain.ks
     assert torch.equal(ks.codes, plain.codes)
+
+
+@pytest.mark.skipif(not packed.available(), reason="needs ember's kernels")
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0", "Q6_K"])
+def test_packed_embedding_rows_are_gguf_py_rows(kind):
+    """An untied token embedding is kept in the matmul's tiles (not a byte per code): looked-up rows are
+    gguf-py's dequantized rows, bit for bit."""
+    from ember.layers.embedding import Embedding
+    from ember.weights.base import RawTensor
+
+    v, d = 40, 512
+    raw = _random_blocks(kind, v, d, 6)
+    emb = Embedding(v, d)
+    emb.load(RawTensor("token_embd.weight", kind, (v, d), raw, lambda a: a), torch.bfloat16, torch.device("cpu"),
+             packed=True)
+    assert emb.codes is None and emb.table.codes.shape[0] == -(-v // 16)  # tiles, not canonical codes
+    ids = torch.tensor([39, 0, 17, 17, 5])
+    want = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[kind]).reshape(v, d).copy())[ids]
+    assert torch.equal(emb(ids), want)
