@@ -28,10 +28,12 @@ class Embedding(nn.Module):
         """Instead of `load`: look rows up through `rows` (a tied head's packed weights), no table of its own."""
         self.rows, self.out_dtype = rows, dtype
 
-    def load(self, raw: RawTensor, dtype: torch.dtype, device: torch.device, packed: bool) -> None:
-        """packed: keep block codes (1 byte per weight + per-group scale/offset) instead of a dense table."""
+    def load(self, raw: RawTensor, dtype: torch.dtype, device: torch.device, packed: bool,
+             compact: bool = True) -> None:
+        """packed: keep block codes (the matmul's tiles, with its `compact` layouts, or 1 byte per weight +
+        per-group scale/offset) instead of a dense table."""
         self.out_dtype = dtype
-        if packed and self._load_tiles(raw, device):
+        if packed and self._load_tiles(raw, device, compact):
             return
         if packed and raw.kind in GROUP32_KINDS and self.dim % GROUP == 0:
             c = decode(raw.kind, raw.data, (self.num_embeddings, self.dim))
@@ -40,13 +42,13 @@ class Embedding(nn.Module):
         else:
             self.weight = nn.Parameter(raw.dequantize(torch.float32).to(dtype).to(device), requires_grad=False)
 
-    def _load_tiles(self, raw: RawTensor, device: torch.device) -> bool:
+    def _load_tiles(self, raw: RawTensor, device: torch.device, compact: bool) -> bool:
         """The table in ember's packed tiles (as a packed linear holds it: ~4.6 bits a weight for Q4_K, not a byte
         per code), rows read back exactly as gguf-py dequantizes them; False where the kernels cannot."""
         from ember.quant import packed
 
         table = nn.Module()
-        if not packed.packed_ok([raw], torch.bfloat16, device) or not packed.pack_raw(table, [raw], None):
+        if not packed.packed_ok([raw], torch.bfloat16, device) or not packed.pack_raw(table, [raw], None, compact):
             return False
         self.table = table  # a submodule: its tensors count as the model's
         self.rows = partial(packed.rows_f32, table)

@@ -40,18 +40,27 @@ class Linear(nn.Module):
         (self._pending_bias if is_bias else self._pending)[shard] = tensor
 
     @property
+    def block_weights(self) -> int:
+        """How many of the pending weights are GGUF blocks (for the loader's layout rule)."""
+        from ember.quant.gguf_blocks import DECODERS
+
+        return sum(int(t.shape[0]) * int(t.shape[1]) for t in self._pending.values()
+                   if t.kind in DECODERS and len(t.shape) == 2)
+
+    @property
     def missing(self) -> list[str]:
         miss = [s for s in self.shard_names if s not in self._pending]
         if self.has_bias:
             miss += [f"{s} (bias)" for s in self.shard_names if s not in self._pending_bias]
         return miss
 
-    def finalize(self, dtype: torch.dtype, device: torch.device, quantize: QuantSpec | None = None) -> None:
+    def finalize(self, dtype: torch.dtype, device: torch.device, quantize: QuantSpec | None = None,
+                 compact: bool = True) -> None:
         shards = [self._pending[s] for s in self.shard_names]
         bias = None
         if self.has_bias:
             bias = torch.cat([self._pending_bias[s].dequantize() for s in self.shard_names])
-        self.method = select_method(shards, dtype, device, quantize)
+        self.method = select_method(shards, dtype, device, quantize, compact)
         self.method.pack(self, shards, bias, dtype, device)
         for t in shards:
             t.release()

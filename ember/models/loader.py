@@ -18,7 +18,7 @@ from ember.models.registry import model_class
 from ember.quant import bf16tile
 from ember.quant.base import QuantSpec
 from ember.quant.gguf_blocks import GROUP32_KINDS, Canonical, decode
-from ember.quant.packed import PackedBlocksMethod, rows_f32
+from ember.quant.packed import PackedBlocksMethod, compact_layouts, rows_f32
 from ember.weights.base import RawTensor
 
 
@@ -58,9 +58,10 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
     missing = [f"{n}: {m.missing}" for n, m in modules.items() if isinstance(m, Linear) and m.missing]
     if missing:
         raise ModelFormatError(f"the checkpoint lacks weights for: {'; '.join(missing[:5])}")
-    for m in modules.values():
-        if isinstance(m, Linear):
-            m.finalize(dtype, device, None if m is lm_head else quantize)  # the head keeps its usual method
+    linears = [m for m in modules.values() if isinstance(m, Linear)]
+    compact = compact_layouts(sum(m.block_weights for m in linears))  # packed layouts by the model's size
+    for m in linears:
+        m.finalize(dtype, device, None if m is lm_head else quantize, compact)  # the head keeps its usual method
     if embed is not None and embed_raw is not None:
         if cfg.tie_word_embeddings and isinstance(lm_head, Linear) and isinstance(lm_head.method, PackedBlocksMethod):
             embed.read_from(partial(rows_f32, lm_head), dtype)  # the vocabulary table is held once
@@ -68,7 +69,8 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
                                                                                   bf16tile.Bf16TileMethod):
             embed.read_from(partial(bf16tile.rows_f32, lm_head), dtype)
         else:
-            embed.load(embed_raw, dtype, device, packed=dtype == torch.bfloat16 and device.type == "cpu")
+            embed.load(embed_raw, dtype, device, packed=dtype == torch.bfloat16 and device.type == "cpu",
+                       compact=compact)
         embed_raw.release()
     if (cfg.tie_word_embeddings and isinstance(lm_head, Linear) and lm_head.method.name == "dense"
             and model.embed_tokens.weight.numel()):

@@ -100,8 +100,9 @@ def row_chunks(shards: list[RawTensor], max_elems: int = 1 << 24) -> Iterator[to
 
 
 def select_method(shards: list[RawTensor], dtype: torch.dtype, device: torch.device,
-                  quantize: QuantSpec | None = None) -> QuantMethod:
-    """Pick the method for one linear from its stored kinds (and an on-load quantization request)."""
+                  quantize: QuantSpec | None = None, compact: bool = True) -> QuantMethod:
+    """Pick the method for one linear from its stored kinds (and an on-load quantization request); compact: the
+    packed method's layouts (packed.compact_layouts)."""
     from ember.quant.bf16tile import Bf16TileMethod, bf16_ok
     from ember.quant.gptq import GPTQMethod, gptq_ok
     from ember.quant.int4 import Int4Method, int4_ok
@@ -119,7 +120,7 @@ def select_method(shards: list[RawTensor], dtype: torch.dtype, device: torch.dev
     if gptq_ok(shards, dtype, device):  # GPTQ / AWQ that fit group 32 on the CPU kernel; the rest run dense
         return GPTQMethod()
     if packed_ok(shards, dtype, device):  # ember's own kernel (AVX512 or AVX2); else PyTorch's int4 kernel
-        return PackedBlocksMethod()
+        return PackedBlocksMethod(compact)
     if int4_ok(shards, dtype, device):
         return Int4Method()
     if bf16_ok(shards, dtype, device):  # F16 / BF16 / F32 weights of a bf16 model: ember's bf16 kernel

@@ -35,10 +35,10 @@ MAX_GEMV_ROWS = 4  # more activation rows take AMX where the CPU has it (same re
 LAYOUT_BYTES = [256, 512, 384, 320]  # bytes per (tile, block) of csrc/qtile.h's layouts NIBBLES, BYTES, SIX, FIVE
 
 
-def layout_of(bits: int) -> int:
-    """The code layout for codes of `bits`: 4-bit nibbles, 5 bits as nibbles + a bit plane, 6 bits as nibbles + a
-    2-bit plane, else bytes."""
-    return 0 if bits <= 4 else 3 if bits == 5 else 2 if bits == 6 else 1
+def layout_of(bits: int, compact: bool = True) -> int:
+    """The code layout for codes of `bits`: 4-bit nibbles, 5 bits as nibbles + a bit plane (compact; else the 6-bit
+    layout), 6 bits as nibbles + a 2-bit plane, else bytes."""
+    return 0 if bits <= 4 else 3 if bits == 5 and compact else 2 if bits <= 6 else 1
 
 
 def available() -> bool:
@@ -81,11 +81,12 @@ def _whole_tiles(chunks: Iterable[Canonical]) -> Iterator[Canonical]:
         yield carry
 
 
-def _alloc(n: int, k: int, bits: int, sub16: bool, ks: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _alloc(n: int, k: int, bits: int, sub16: bool, ks: bool = False,
+           compact: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty tiles for a [n, k] weight: codes [T, K/32, LAYOUT_BYTES] u8, scales and offsets [T, K/32, 16 or 32];
     with K-quant scales (ks) fp16 d, dmin [T, K/256, 32] and int8 scales / mins [T, K/32, 32] (csrc/qtile.h)."""
     t, nb = -(-n // TILE), k // GROUP
-    codes = torch.empty(t, nb, LAYOUT_BYTES[layout_of(bits)], dtype=torch.uint8)
+    codes = torch.empty(t, nb, LAYOUT_BYTES[layout_of(bits, compact)], dtype=torch.uint8)
     if ks:
         return codes, torch.empty(t, nb // 8, 2 * TILE, dtype=torch.float16), torch.empty(t, nb, 2 * TILE, dtype=torch.int8)
     s16, o16 = (torch.empty(t, nb, (2 if sub16 else 1) * TILE, dtype=torch.float16) for _ in range(2))
@@ -100,30 +101,31 @@ def _attach(layer: nn.Module, codes: torch.Tensor, s16: torch.Tensor, o16: torch
     layer.s16 = nn.Parameter(s16, requires_grad=False)
     layer.o16 = nn.Parameter(o16 if not zexp or ks else torch.empty(0, dtype=torch.float16), requires_grad=False)
     layer.zexp, layer.ks = zexp, ks
-    layer.n_out, layer.bits8, layer.sub16, layer.narrow, layer.five = n, bits > 4, sub16, 4 < bits <= 6, bits == 5
+    layer.n_out, layer.bits8, layer.sub16, layer.narrow = n, bits > 4, sub16, 4 < bits <= 6
+    layer.five = codes.shape[2] == LAYOUT_BYTES[3]
     layer.act16 = True  # the exact two-part activations until set_act_bits (ember.load: 8 by default) says
     layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
 
 
-def pack_raw(layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | None) -> bool:
+def pack_raw(layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | None, compact: bool = True) -> bool:
     """GGUF shards straight into tiles (ember_gguf_pack: decoded and packed a tile at a time, never a byte per
     weight in between). False, packing nothing, where a shard but the last ends inside a tile."""
     if any(s.shape[0] % TILE for s in shards[:-1]):
         return False
     n, k = sum(s.shape[0] for s in shards), shards[0].shape[1]
     bits, sub16 = max(KIND_BITS[s.kind] for s in shards), any(s.kind in GROUP16 for s in shards)
-    ks = k_scales(shards)
-    codes, s16, o16 = _alloc(n, k, bits, sub16, ks)
+    ks, layout = compact and k_scales(shards), layout_of(bits, compact)
+    codes, s16, o16 = _alloc(n, k, bits, sub16, ks, compact)
     row = 0
     for s in shards:
         raw = np.ascontiguousarray(s.data, dtype=np.uint8)
         t = row // TILE
         if ks:
-            cpu_ops().ember_gguf_pack_ks(KIND_ID[s.kind], raw.ctypes.data, s.shape[0], k, layout_of(bits),  # type: ignore[union-attr]
+            cpu_ops().ember_gguf_pack_ks(KIND_ID[s.kind], raw.ctypes.data, s.shape[0], k, layout,  # type: ignore[union-attr]
                                          codes[t].data_ptr(), s16[t].data_ptr(), o16[t].data_ptr())
         else:
             cpu_ops().ember_gguf_pack(KIND_ID[s.kind], raw.ctypes.data, s.shape[0], k,  # type: ignore[union-attr]
-                                      layout_of(bits), int(sub16), codes[t].data_ptr(), s16[t].data_ptr(),
+                                      layout, int(sub16), codes[t].data_ptr(), s16[t].data_ptr(),
                                       o16[t].data_ptr())
         row += s.shape[0]
     zexps = {ZERO_EXP.get(s.kind, 0) for s in shards}  # one symmetric kind (fused shards may mix kinds)
@@ -132,19 +134,19 @@ def pack_raw(layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | Non
 
 
 def k_scales(shards: list[RawTensor]) -> bool:
-    """Whether the layer keeps its K-quant scales as the file has them (csrc/qtile.h's ks: 0.5-0.56 bits a
+    """Whether the layer can keep its K-quant scales as the file has them (csrc/qtile.h's ks: 0.5-0.56 bits a
     weight, not 1-2 as fp16 per 32 or 16): shards all Q4_K / Q5_K, or all Q6_K. Fused layers that mix Q6_K
-    with others (Q4_K_M's q/k/v on some layers) keep fp16 scales. EMBER_KSCALES=0 turns it off."""
+    with others (Q4_K_M's q/k/v on some layers) keep fp16 scales."""
     kinds = {s.kind for s in shards}
-    return os.environ.get("EMBER_KSCALES", "1") != "0" and (kinds <= {"Q4_K", "Q5_K"} or kinds == {"Q6_K"})
+    return kinds <= {"Q4_K", "Q5_K"} or kinds == {"Q6_K"}
 
 
 def pack_chunks(layer: nn.Module, chunks: Iterable[Canonical], n: int, k: int, bits: int,
-                bias: torch.Tensor | None, sub16: bool = False) -> None:
+                bias: torch.Tensor | None, sub16: bool = False, compact: bool = True) -> None:
     """Row chunks of a [n, k] weight, packed one at a time into tensors allocated once (bounded load memory:
     one chunk's canonical codes beside the packed layer). bits: the widest code among the layer's shards
     (4: nibbles; more: a byte per code); sub16: some shard has a scale per 16 (Q6_K), so all scales go per 16."""
-    codes, s16, o16 = _alloc(n, k, bits, sub16)
+    codes, s16, o16 = _alloc(n, k, bits, sub16, compact=compact)
     row = 0
     chunks = (c.to_group16() if sub16 else c for c in chunks)  # one scale width, so carried rows concatenate
     for c in _whole_tiles(chunks):  # every chunk but the last holds whole tiles
@@ -174,6 +176,21 @@ ACT_BITS = (8, 16)
 # tokens (SmolLM2: 12 of 320 teacher-forced positions against 1; its first chat answer to "What is the
 # capital of France?" turns into French repetition, as llama.cpp's does). At 1B+ the matmul is the bottleneck.
 INT8_FROM_WEIGHTS = 900_000_000  # Gemma 3 1B holds 1.0e9 (its tied head included), Llama-3.2-1B 1.24e9
+
+# The compact layouts (the file's K-quant scales; 5-bit codes in 5 bits) stream fewer bytes but take more
+# instructions per block: from ~1B weights, where decode is bound by memory, they win (1B Q5_K_M decode
+# +25 %, Q4_K_M +16 %, Q6_K +13 %, in-process A/B); below, a model's layers sit in cache and the extra
+# unpacking costs (Gemma 3 270M decode -6 % each). Same threshold as the int8 activations.
+COMPACT_FROM_WEIGHTS = INT8_FROM_WEIGHTS
+
+
+def compact_layouts(weights: int) -> bool:
+    """Whether a model with `weights` block-quantized weights packs them compactly; EMBER_COMPACT=0|1 decides
+    instead where set."""
+    env = os.environ.get("EMBER_COMPACT")
+    if env in ("0", "1"):
+        return env == "1"
+    return weights >= COMPACT_FROM_WEIGHTS
 
 
 def act_bits_of(value: int | None) -> int | None:
@@ -251,12 +268,16 @@ class PackedBlocksMethod(QuantMethod):
 
     name = "packed"
 
+    def __init__(self, compact: bool = True) -> None:
+        self.compact = compact  # see compact_layouts
+
     def pack(self, layer: nn.Module, shards: list[RawTensor], bias: torch.Tensor | None,
              dtype: torch.dtype, device: torch.device) -> None:
-        if pack_raw(layer, shards, bias):
+        if pack_raw(layer, shards, bias, self.compact):
             return
         pack_chunks(layer, gguf_chunks(shards), sum(s.shape[0] for s in shards), shards[0].shape[1],
-                    max(KIND_BITS[s.kind] for s in shards), bias, any(s.kind in GROUP16 for s in shards))
+                    max(KIND_BITS[s.kind] for s in shards), bias, any(s.kind in GROUP16 for s in shards),
+                    self.compact)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

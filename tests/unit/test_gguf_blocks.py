@@ -97,15 +97,14 @@ def test_real_tensors_gemma3(gemma_gguf):
 @pytest.mark.skipif(not packed.available(), reason="needs ember's kernels")
 @pytest.mark.parametrize("kinds", [("Q4_K",), ("Q4_0", "Q4_0", "Q8_0"), ("Q4_K", "Q4_K", "Q6_K"), ("Q5_1", "Q6_K"),
                                    ("Q6_K",), ("Q5_K", "Q4_1")])
-def test_raw_tiles_equal_decode_then_pack(kinds, monkeypatch):
+@pytest.mark.parametrize("compact", [False, True])
+def test_raw_tiles_equal_decode_then_pack(kinds, compact):
     """GGUF rows straight into tiles (one pass, the load's fast path) give the same bytes as decoding to the
     canonical form and packing it: fused shards of mixed kinds (byte codes, scales per 16), a ragged last
-    tile, nan / inf scales from random bytes. (K-quant layers alone keep their integer scales by default:
-    test_kernels.py's test_k_quant_scales_as_the_file_has_them; here the fp16 scales they have when fused
-    with other kinds.)"""
+    tile, nan / inf scales from random bytes; both layout sets (packed.compact_layouts). (Compact K-quant layers
+    keep their integer scales, which the canonical form has not: their codes are compared here, their weights
+    in test_kernels.py's test_k_quant_scales_as_the_file_has_them.)"""
     from torch import nn
-
-    monkeypatch.setenv("EMBER_KSCALES", "0")
 
     from ember.quant.int4 import gguf_chunks
     from ember.weights.base import RawTensor
@@ -119,11 +118,13 @@ def test_raw_tiles_equal_decode_then_pack(kinds, monkeypatch):
         raw = rng.integers(0, 256, (rows, k // block * size), dtype=np.uint8)
         shards.append(RawTensor(f"w{i}", kind, (rows, k), raw, lambda a: a))
     fast, slow = nn.Module(), nn.Module()
-    assert packed.pack_raw(fast, shards, None)
+    assert packed.pack_raw(fast, shards, None, compact)
     n = sum(s.shape[0] for s in shards)
     bits = max(gguf_blocks.KIND_BITS[s.kind] for s in shards)
-    packed.pack_chunks(slow, gguf_chunks(shards), n, k, bits, None, any(s.kind in gguf_blocks.GROUP16 for s in shards))
-    for name in ("codes", "s16", "o16") if not fast.zexp else ("codes", "s16"):
+    packed.pack_chunks(slow, gguf_chunks(shards), n, k, bits, None, any(s.kind in gguf_blocks.GROUP16 for s in shards),
+                       compact)
+    assert fast.ks == (compact and packed.k_scales(shards))
+    for name in ("codes",) if fast.ks else ("codes", "s16", "o16") if not fast.zexp else ("codes", "s16"):
         a, b = getattr(fast, name), getattr(slow, name)
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
     assert (fast.bits8, fast.sub16, fast.n_out) == (slow.bits8, slow.sub16, slow.n_out)
@@ -148,13 +149,12 @@ def test_symmetric_kinds_need_no_offsets(kind, monkeypatch):
 
     from ember.weights.base import RawTensor
 
-    monkeypatch.setenv("EMBER_KSCALES", "0")  # Q6_K alone keeps integer scales: here its fp16 ones (fused layers)
     n, k = 40, 512
     shard = RawTensor("w", kind, (n, k), _random_blocks(kind, n, k, 3), lambda a: a)
     sym, stored = nn.Module(), nn.Module()
-    assert packed.pack_raw(sym, [shard], None)
+    assert packed.pack_raw(sym, [shard], None, compact=False)  # fp16 scales (Q6_K's integer ones: compact)
     monkeypatch.setattr(packed, "ZERO_EXP", {})
-    assert packed.pack_raw(stored, [shard], None)
+    assert packed.pack_raw(stored, [shard], None, compact=False)
     assert sym.zexp == gguf_blocks.ZERO_EXP[kind] and sym.o16.numel() == 0 and stored.zexp == 0
     assert stored.o16.numel() == stored.s16.numel()
     ids = torch.arange(n).flip(0)
@@ -170,7 +170,7 @@ def test_symmetric_kinds_need_no_offsets(kind, monkeypatch):
 
 @pytest.mark.skipif(not packed.available(), reason="needs ember's kernels")
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
-def test_k_scale_tiles_hold_the_same_codes(kind, monkeypatch):
+def test_k_scale_tiles_hold_the_same_codes(kind):
     """The K-quant packer (codes straight from the raw words, the load's fast path) writes the same code bytes as
     decoding to the canonical form and packing: whole tiles and a ragged last one."""
     from torch import nn
@@ -181,8 +181,7 @@ def test_k_scale_tiles_hold_the_same_codes(kind, monkeypatch):
     shard = RawTensor("w", kind, (n, k), _random_blocks(kind, n, k, 4), lambda a: a)
     ks, plain = nn.Module(), nn.Module()
     assert packed.pack_raw(ks, [shard], None) and ks.ks
-    monkeypatch.setenv("EMBER_KSCALES", "0")
-    assert packed.pack_raw(plain, [shard], None) and not plain.ks
+    assert packed.pack_raw(plain, [shard], None, compact=False) and not plain.ks
     assert torch.equal(ks.codes, plain.codes)
 
 
