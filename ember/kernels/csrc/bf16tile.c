@@ -18,7 +18,8 @@
 
 int ember_bf16_available(void) { return 1; }
 
-/* w bf16 [n, k] (k a multiple of 4: CH chains of k pairs) -> tiles [ceil(n / 16)][k / 2][16][2]; the last tile's missing rows are zeros */
+/* w bf16 [n, k] (k a multiple of 4: CH chains of k pairs) -> tiles [ceil(n / 16)][k / 2][16][2]; the last
+ * tile's missing rows are zeros */
 void ember_bf16_pack(const uint16_t *w, int64_t n, int64_t k, uint16_t *tiles) {
     const int64_t kp = k / 2, ntiles = (n + 15) / 16;
 #pragma omp parallel for schedule(static) if (n * k > 262144)
