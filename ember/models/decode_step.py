@@ -2,8 +2,8 @@
 (kernels/csrc/decode_step.c).
 
 Taken when every sequence of the step decodes one token and every linear of the body is packed (GGUF block
-codes, or bf16 tiles for float weights) without a bias; anything else (prefill, mixed steps, other formats) runs the per-op path, which computes the same
-numbers with the same kernels. EMBER_FUSED=0 turns it off.
+codes, or bf16 tiles for float weights) without a bias; anything else (prefill, mixed steps, other formats)
+runs the per-op path, which computes the same numbers with the same kernels. EMBER_FUSED=0 turns it off.
 """
 
 from __future__ import annotations

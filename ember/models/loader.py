@@ -63,11 +63,9 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
     for m in linears:
         m.finalize(dtype, device, None if m is lm_head else quantize, compact)  # the head keeps its usual method
     if embed is not None and embed_raw is not None:
-        if cfg.tie_word_embeddings and isinstance(lm_head, Linear) and isinstance(lm_head.method, PackedBlocksMethod):
-            embed.read_from(partial(rows_f32, lm_head), dtype)  # the vocabulary table is held once
-        elif cfg.tie_word_embeddings and isinstance(lm_head, Linear) and isinstance(lm_head.method,
-                                                                                  bf16tile.Bf16TileMethod):
-            embed.read_from(partial(bf16tile.rows_f32, lm_head), dtype)
+        head_rows = getattr(lm_head.method, "rows_f32", None) if isinstance(lm_head, Linear) else None
+        if cfg.tie_word_embeddings and head_rows is not None:  # a head on ember's kernels reads its own rows
+            embed.read_from(partial(head_rows, lm_head), dtype)  # the vocabulary table is held once
         else:
             embed.load(embed_raw, dtype, device, packed=dtype == torch.bfloat16 and device.type == "cpu",
                        compact=compact)
@@ -78,7 +76,7 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, RawTensor]], dtyp
     # the residual stream stays fp32; matmul inputs use the compute dtype, or fp32 where every linear is on
     # ember's kernels (the int8 one splits fp32 activations into ~16 bits itself: closer to fp32 than bf16
     # inputs; the bf16 one rounds them as the norm would), which the one-call decode step needs
-    body = [m for m in modules.values() if isinstance(m, Linear) and m is not lm_head]
+    body = [m for m in linears if m is not lm_head]
     kernels = (PackedBlocksMethod, bf16tile.Bf16TileMethod)
     norm_out = torch.float32 if body and all(isinstance(m.method, kernels) for m in body) else dtype
     for m in modules.values():

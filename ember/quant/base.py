@@ -8,7 +8,7 @@ never changes per format.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -85,18 +85,35 @@ class QuantSpec:
         object.__setattr__(self, "compute_dtype", dt)
 
 
-def row_chunks(shards: list[RawTensor], max_elems: int = 1 << 24) -> Iterator[torch.Tensor]:
-    """The fused weight's rows in fp32, a bounded chunk [rows, in] at a time: quantizing on load never
-    holds an fp32 copy of more than this (shards' data rows are output rows, see RawTensor)."""
+def row_chunks(shards: list[RawTensor], max_elems: int = 1 << 24, dtype: torch.dtype = torch.float32,
+               multiple: int = 1) -> Iterator[torch.Tensor]:
+    """The fused weight's rows in `dtype`, a bounded chunk [rows, in] at a time: quantizing on load never
+    holds a dequantized copy of more than this (shards' data rows are output rows, see RawTensor). Chunks
+    hold a multiple of `multiple` rows, but a shard's last one."""
     for s in shards:
         n, k = s.shape[0], s.shape[1]
         if s.data.ndim != 2 or s.data.shape[0] != n:  # not row-addressable: dequantize it whole
-            yield s.dequantize(torch.float32).reshape(n, k)
+            yield s.dequantize(dtype).reshape(n, k)
             continue
-        step = max(1, max_elems // k)
+        step = max(multiple, max_elems // k // multiple * multiple)
         for r in range(0, n, step):
             part = replace(s, shape=(min(step, n - r), k), data=s.data[r : r + step])
-            yield part.dequantize(torch.float32)  # [rows, K]
+            yield part.dequantize(dtype)  # [rows, K]
+
+
+def kernel_apply(layer: nn.Module, x: torch.Tensor,
+                 matmul: Callable[[torch.Tensor, torch.dtype], torch.Tensor]) -> torch.Tensor:
+    """x [..., K] -> [..., layer.n_out] through one of ember's CPU kernels, `matmul(rows, out_dtype)` with rows
+    contiguous bf16 or fp32 [T, K]: fp32 out where the layer asks for it (`out_f32`: the head), else bf16;
+    the layer's bias added."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
+        x = x.to(torch.bfloat16).contiguous()  # [T, K]
+    y = matmul(x, torch.float32 if getattr(layer, "out_f32", False) else torch.bfloat16)
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y.view(*shape[:-1], layer.n_out)
 
 
 def select_method(shards: list[RawTensor], dtype: torch.dtype, device: torch.device,

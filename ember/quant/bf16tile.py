@@ -11,13 +11,12 @@ CPUs without AVX512-BF16 keep the dense method (torch).
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import torch
 from torch import nn
 
 from ember.kernels import cpu_ops
-from ember.quant.base import QuantMethod
+from ember.quant.base import QuantMethod, kernel_apply, row_chunks
 from ember.weights.base import RawTensor
 
 TILE = 16
@@ -77,27 +76,15 @@ class Bf16TileMethod(QuantMethod):
         else:  # a bounded chunk of rows in bf16 at a time beside the tiles (a 128k-vocabulary head: 64 MiB, not 0.5 GB)
             tiles = torch.empty(-(-n // TILE), k // 2, TILE, 2, dtype=torch.bfloat16)
             row = 0
-            for s in shards:
-                step = max(TILE, CHUNK // k // TILE * TILE)
-                for r in range(0, s.shape[0], step):
-                    part = s if s.data.ndim != 2 or s.data.shape[0] != s.shape[0] else \
-                        replace(s, shape=(min(step, s.shape[0] - r), k), data=s.data[r: r + step])
-                    w = part.dequantize(torch.bfloat16).contiguous()  # [rows, K]
-                    at = (row + r) // TILE
-                    cpu_ops().ember_bf16_pack(w.data_ptr(), w.shape[0], k, tiles[at].data_ptr())  # type: ignore[union-attr]
-                    if part is s:
-                        break
-                row += s.shape[0]
+            for w in row_chunks(shards, CHUNK, torch.bfloat16, TILE):  # [rows, K], each from a tile's first row
+                w = w.contiguous()
+                cpu_ops().ember_bf16_pack(w.data_ptr(), w.shape[0], k, tiles[row // TILE].data_ptr())  # type: ignore[union-attr]
+                row += w.shape[0]
         layer.tiles = nn.Parameter(tiles, requires_grad=False)
         layer.n_out = n
         layer.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
 
+    rows_f32 = staticmethod(rows_f32)  # a tied embedding reads the head's tiles
+
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
-            x = x.to(torch.bfloat16).contiguous()  # [T, K]
-        y = matmul(layer.tiles, x, layer.n_out, torch.float32 if getattr(layer, "out_f32", False) else torch.bfloat16)
-        if layer.bias is not None:
-            y = y + layer.bias
-        return y.view(*shape[:-1], layer.n_out)
+        return kernel_apply(layer, x, lambda rows, out_dtype: matmul(layer.tiles, rows, layer.n_out, out_dtype))

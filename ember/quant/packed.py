@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ember.kernels import cpu_ops
-from ember.quant.base import QuantMethod
+from ember.quant.base import QuantMethod, kernel_apply
 from ember.quant.gguf_blocks import DECODERS, GROUP, GROUP16, KIND_BITS, KIND_ID, ZERO_EXP, Canonical
 from ember.quant.int4 import gguf_chunks
 from ember.weights.base import RawTensor
@@ -279,15 +279,10 @@ class PackedBlocksMethod(QuantMethod):
                     max(KIND_BITS[s.kind] for s in shards), bias, any(s.kind in GROUP16 for s in shards),
                     self.compact)
 
+    rows_f32 = staticmethod(rows_f32)  # a tied embedding and the head's exact top candidates read the tiles
+
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
-            x = x.to(torch.bfloat16).contiguous()  # [T, K]
-        y = matmul(layer, x, layer.n_out, torch.float32 if getattr(layer, "out_f32", False) else torch.bfloat16)
-        if layer.bias is not None:
-            y = y + layer.bias
-        return y.view(*shape[:-1], layer.n_out)
+        return kernel_apply(layer, x, lambda rows, out_dtype: matmul(layer, rows, layer.n_out, out_dtype))
 
 
 def packed_ok(shards: list[RawTensor], dtype: torch.dtype, device: torch.device) -> bool:

@@ -61,3 +61,17 @@ def test_zero_padding_rows_do_not_leak():
     w = _weight(17, 64, 9)
     tiles = bf16tile.pack_weight(w)
     assert tiles.shape == (2, 32, 16, 2) and tiles[1, :, 1:].abs().sum() == 0
+
+
+def test_packing_in_row_chunks_equals_packing_whole(monkeypatch):
+    """The method packs a bounded chunk of rows at a time (a 128k-vocabulary head: 64 MiB, not 0.5 GB), fused
+    shards included: the same tiles as packing the whole weight at once."""
+    from ember.weights.base import RawTensor, float_to_f32
+
+    monkeypatch.setattr(bf16tile, "CHUNK", 256 * 40)  # 32 rows a chunk: several, a ragged last one per shard
+    parts = [(torch.randn(n, 256, generator=torch.Generator().manual_seed(n)) * 0.1).half() for n in (96, 1000)]
+    shards = [RawTensor(f"w{i}", "F16", tuple(p.shape), p.numpy(), float_to_f32(torch.float16))
+              for i, p in enumerate(parts)]
+    layer = torch.nn.Module()
+    bf16tile.Bf16TileMethod().pack(layer, shards, None, torch.bfloat16, torch.device("cpu"))
+    assert torch.equal(layer.tiles, bf16tile.pack_weight(torch.cat(parts).bfloat16()))

@@ -41,10 +41,10 @@ static inline void nibbles_hi(const uint8_t *qs, const uint8_t *qh, uint8_t *q) 
 }
 
 /* Q4_K / Q5_K: 12 bytes -> the 6-bit scale and min of sub-block j */
-static inline void k_scale(const uint8_t *s, int j, float *sc, float *mn) {
-    if (j < 4) { *sc = (float)(s[j] & 63); *mn = (float)(s[j + 4] & 63); return; }
-    *sc = (float)((s[j + 4] & 15) | ((s[j - 4] >> 6) << 4));
-    *mn = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+static inline void k_ints(const uint8_t *s, int j, int8_t *sc, int8_t *mn) {
+    if (j < 4) { *sc = (int8_t)(s[j] & 63); *mn = (int8_t)(s[j + 4] & 63); return; }
+    *sc = (int8_t)((s[j + 4] & 15) | ((s[j - 4] >> 6) << 4));
+    *mn = (int8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
 }
 
 /* one block of `kind` -> its codes q, scales s and offsets o (per 32, per 16 for Q6_K) */
@@ -62,9 +62,9 @@ static void decode_block(int kind, const uint8_t *b, uint8_t *q, float *s, float
         const float d = h2f(b), dmin = h2f(b + 2);
         const uint8_t *qs = b + (kind == Q4_K ? 16 : 48), *qh = b + 16;
         for (int j = 0; j < 8; j++) {
-            float sc, mn;
-            k_scale(b + 4, j, &sc, &mn);
-            s[j] = d * sc; o[j] = -(dmin * mn);
+            int8_t sc, mn;
+            k_ints(b + 4, j, &sc, &mn);
+            s[j] = d * (float)sc; o[j] = -(dmin * (float)mn);
             const int shift = (j & 1) * 4;
             for (int l = 0; l < 32; l++) {
                 uint8_t v = (qs[(j >> 1) * 32 + l] >> shift) & 15;
@@ -245,7 +245,7 @@ void ember_gguf_pack(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, int
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t rows = n - t * 16 < 16 ? n - t * 16 : 16;
-            if (fast_kind(kind, layout) && kind != Q4_K && kind != Q6_K && !sub16 && rows == 16) {
+            if ((kind == Q4_0 || kind == Q4_1) && layout == NIBBLES && rows == 16) {  /* fast_codes + fast_scales */
                 for (int r = 0; r < 16; r++) {
                     fast_codes((int)kind, raw + (t * 16 + r) * row_bytes, k, r, codes + t * nb * layout_bytes(layout));
                     fast_scales((int)kind, raw + (t * 16 + r) * row_bytes, k, r, s16 + t * nb * 16, o16 + t * nb * 16);
@@ -261,13 +261,6 @@ void ember_gguf_pack(int64_t kind, const uint8_t *raw, int64_t n, int64_t k, int
         free(s);
         free(o);
     }
-}
-
-/* Q4_K / Q5_K: the 6-bit scale and min of sub-block j, as integers (k_scale's bits) */
-static inline void k_ints(const uint8_t *s, int j, int8_t *sc, int8_t *mn) {
-    if (j < 4) { *sc = (int8_t)(s[j] & 63); *mn = (int8_t)(s[j + 4] & 63); return; }
-    *sc = (int8_t)((s[j + 4] & 15) | ((s[j - 4] >> 6) << 4));
-    *mn = (int8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
 }
 
 /* raw Q4_K / Q5_K / Q6_K rows [n][row bytes] -> tiles with K-quant scales (qtile.h's ks): the codes as
