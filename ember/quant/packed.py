@@ -186,11 +186,17 @@ COMPACT_FROM_WEIGHTS = INT8_FROM_WEIGHTS
 
 def compact_layouts(weights: int) -> bool:
     """Whether a model with `weights` block-quantized weights packs them compactly; EMBER_COMPACT=0|1 decides
-    instead where set."""
+    instead where set (anything else is an error, not ignored)."""
+    from ember.errors import ParameterError
+
     env = os.environ.get("EMBER_COMPACT")
-    if env in ("0", "1"):
-        return env == "1"
-    return weights >= COMPACT_FROM_WEIGHTS
+    if env is None:
+        return weights >= COMPACT_FROM_WEIGHTS
+    if env not in ("0", "1"):
+        raise ParameterError(f"EMBER_COMPACT={env!r} is invalid: 1 (the file's K-quant scales, 5-bit codes in 5 "
+                             "bits: fewer bytes per decode step) or 0 (the wider layouts); unset, 1 for models of "
+                             "1B+ weights and 0 below")
+    return env == "1"
 
 
 def act_bits_of(value: int | None) -> int | None:

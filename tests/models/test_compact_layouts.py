@@ -9,6 +9,7 @@ import torch
 
 import ember
 from ember import SamplingParams
+from ember.errors import ParameterError
 from ember.quant import packed
 
 
@@ -34,3 +35,9 @@ def test_compact_from_1b_weights_same_numbers(gemma_gguf, monkeypatch):
     assert (a - b).abs().max().item() < 1e-2 * a.abs().max().item() and not torch.equal(a, b)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     assert wide.generate(ids, params)[0].token_ids == compact.generate(ids, params)[0].token_ids
+
+
+def test_a_bad_compact_setting_is_refused(monkeypatch):
+    monkeypatch.setenv("EMBER_COMPACT", "yes")
+    with pytest.raises(ParameterError, match="EMBER_COMPACT='yes' is invalid"):
+        packed.compact_layouts(10**10)
