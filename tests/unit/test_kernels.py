@@ -116,9 +116,10 @@ def _canonical(n: int, k: int, bits: int, seed: int, group: int = 32) -> Canonic
     return Canonical(q, scale, offset, bits)
 
 
-def _q8(x: torch.Tensor) -> torch.Tensor:
-    """Activations as the int8 mode sees them: per block of 32, round(x / d) * d with d = max|x| / 127."""
-    b = x.double().view(x.shape[0], -1, 32)
+def _q8(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Activations as the int8 mode sees them: per block of 32 (256 for Q6_K's file scales, llama.cpp's Q8_K),
+    round(x / d) * d with d = max|x| / 127."""
+    b = x.double().view(x.shape[0], -1, block)
     d = b.abs().amax(-1, keepdim=True) / 127
     return (torch.round(b / torch.where(d > 0, d, 1)) * d).view(x.shape)
 
@@ -262,7 +263,7 @@ def test_k_quant_scales_as_the_file_has_them(kinds, act_bits):
     for m in (1, 3, 8, 13, 40):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         ref = x.double() @ w.double().t()
-        want = (x.double() if act_bits == 16 else _q8(x)) @ w.double().t()
+        want = (x.double() if act_bits == 16 else _q8(x, 256 if kinds == ("Q6_K",) else 32)) @ w.double().t()
         y = packed.matmul(layer, x, n, torch.float32)
         tol = 2e-4 if act_bits == 16 else 2e-6
         torch.testing.assert_close(y.double(), want, rtol=0, atol=tol * ref.abs().max().item())

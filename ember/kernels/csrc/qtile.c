@@ -139,6 +139,52 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
     for (int m = 0; m < MR; m++) store_out(acc[m], m0 + m, n, t * 16, y_f32, y_bf16);
 }
 
+/* a Q6_K tile (ks, sub16, zexp) against rows m0 .. m0 + MR in the int8 mode, activations per 256 (qtile.h's q8k):
+ * per super-block the exact integer sum of sc (u - 32) h, begun at hz = -32 sum h, then acc += (d dx) float(sum).
+ * The unroll pragmas matter: without them gcc keeps the row loops rolled and the sums in memory (-15 %). */
+static inline __attribute__((always_inline)) void gemv_q8k(const int MR, const tiled_w *w, const qact *a, int64_t t,
+                                                           int64_t m0, int64_t n, int64_t k, float *y_f32,
+                                                           uint16_t *y_bf16) {
+    __m512 acc[8];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps();
+    const int CH = MR < 4 ? 2 : 1;
+    const int64_t cb = block_bytes(w), nsb = w->nb / 8;
+    const int8_t *h = a->h + m0 * k;
+    const int32_t *hz = a->hz + m0 * w->nb * 2;
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        __m512i isum[8];
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; m++) isum[m] = _mm512_setzero_si512();
+        for (int64_t b = sb * 8; b < sb * 8 + 8; b++) {
+            __m512i u[8];
+            const uint8_t *ahead = w->codes + (t * w->nb + b) * cb + 4096;  /* as gemv_tile */
+            for (int64_t o = 0; o < cb; o += 64) _mm_prefetch((const char *)(ahead + o), _MM_HINT_T0);
+            load_codes(w, t, b, u);
+#pragma GCC unroll 2
+            for (int hf = 0; hf < 2; hf++) {
+                const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(ks_ints(w, t, b) + hf * 16)));
+#pragma GCC unroll 8
+                for (int m = 0; m < MR; m++) {
+                    const int32_t *q = (const int32_t *)(h + m * k + b * 32 + hf * 16);
+                    __m512i c[2] = {_mm512_set1_epi32(hz[(m * w->nb + b) * 2 + hf]), _mm512_setzero_si512()};
+#pragma GCC unroll 4
+                    for (int g = 0; g < 4; g++)
+                        c[g % CH] = _mm512_dpbusd_epi32(c[g % CH], u[hf * 4 + g], _mm512_set1_epi32(q[g]));
+                    isum[m] = _mm512_add_epi32(isum[m], _mm512_mullo_epi32(CH == 2 ? _mm512_add_epi32(c[0], c[1]) : c[0], sc));
+                }
+            }
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ks_d(w, t, sb * 8)));
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; m++)
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_mul_ps(dw, _mm512_set1_ps(a->d[(m0 + m) * nsb + sb])),
+                                     acc[m]);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; m++) store_out(acc[m], m0 + m, n, t * 16, y_f32, y_bf16);
+}
+
 static inline __attribute__((always_inline)) void gemv_rows(const int MR, const int TWO, const tiled_w *w,
                                                             const qact *a, int64_t t, int64_t m0, int64_t n,
                                                             int64_t k, float *y_f32, uint16_t *y_bf16) {
@@ -146,22 +192,55 @@ static inline __attribute__((always_inline)) void gemv_rows(const int MR, const 
     else gemv_tile(MR, TWO, 0, w, a, t, m0, n, k, y_f32, y_bf16);
 }
 
-EMBER_DEFINE_GEMV(gemv_rows, 8)
+EMBER_DEFINE_GEMV(gemv, gemv_rows, 8)
+
+static inline __attribute__((always_inline)) void q8k_rows(const int MR, const int TWO, const tiled_w *w, const qact *a,
+                                                           int64_t t, int64_t m0, int64_t n, int64_t k, float *y_f32,
+                                                           uint16_t *y_bf16) {
+    (void)TWO;  /* the int8 mode only */
+    gemv_q8k(MR, w, a, t, m0, n, k, y_f32, y_bf16);
+}
+
+EMBER_DEFINE_GEMV(gemv_q8k_all, q8k_rows, 8)
+
+static inline __m512 load16(const void *x, int x_f32, int64_t at) {  /* 16 activations, bf16 or fp32, as fp32 */
+    return x_f32 ? _mm512_loadu_ps((const float *)x + at) : bf16x16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at)));
+}
+
+/* qtile.h's q8k: per row and super-block d = max|x| / 127, h = round(x / d); hz = -2^zexp sum h per 16 */
+static void quantize_q8k(const void *x, int x_f32, int64_t m_rows, int64_t k, int zexp, qact *a) {
+    const int64_t nb = k / 32, nsb = k / 256;
+#pragma omp parallel for schedule(static) if (m_rows * k > 65536)
+    for (int64_t i = 0; i < m_rows * nsb; i++) {
+        const int64_t at = i / nsb * k + i % nsb * 256;
+        __m512 v[16], mx = _mm512_setzero_ps();
+        for (int j = 0; j < 16; j++) mx = _mm512_max_ps(mx, _mm512_abs_ps(v[j] = load16(x, x_f32, at + j * 16)));
+        const float amax = _mm512_reduce_max_ps(mx);
+        a->d[i] = amax / 127.f;
+        const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        for (int j = 0; j < 16; j++) {
+            const __m512i h = _mm512_cvtps_epi32(_mm512_mul_ps(v[j], inv));  /* round to nearest even */
+            _mm_storeu_si128((__m128i *)(a->h + at + j * 16), _mm512_cvtepi32_epi8(h));
+            a->hz[(i / nsb * nb + i % nsb * 8) * 2 + j] = -_mm512_reduce_add_epi32(h) * (1 << zexp);
+        }
+    }
+}
 
 /* x [M, K] (bf16 or fp32) -> h (and l in the exact mode), d, block sums; rows padded with zeros up to m_pad */
-static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, int64_t k, int sub16, int two) {
+static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, int64_t k, const tiled_w *w, int two) {
     const int64_t nb = k / 32;
-    qact a = qact_alloc(m_pad, k, two);
+    const int sub16 = w->sub16;
+    qact a = qact_alloc(m_pad, k, two, q8k(w, two));
     memset(a.h + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
+    if (q8k(w, two)) {
+        quantize_q8k(x, x_f32, m_rows, k, w->zexp, &a);
+        return a;
+    }
     if (two) memset(a.l + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
 #pragma omp parallel for schedule(static) if (m_rows * k > 65536)
     for (int64_t i = 0; i < m_rows * nb; i++) {
         const int64_t m = i / nb, b = i % nb, at = m * k + b * 32;
-        __m512 v[2];
-        for (int j = 0; j < 2; j++)
-            v[j] = x_f32 ? _mm512_loadu_ps((const float *)x + at + j * 16)
-                         : _mm512_castsi512_ps(_mm512_slli_epi32(
-                               _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at + j * 16))), 16));
+        const __m512 v[2] = {load16(x, x_f32, at), load16(x, x_f32, at + 16)};
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
         a.d[i] = two ? amax / 127.f / 256.f : amax / 127.f;
         const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
@@ -228,6 +307,37 @@ static void configure_tiles(void) {
     _tile_loadconfig(&c);
 }
 
+/* gemv_q8k's numbers on AMX: the same integer sums per super-block, the same float step (tiles 5, 7 configured) */
+static void amx_q8k(const tiled_w *w, const qact *a, const uint8_t *codes, int64_t t, int64_t mt, int64_t m_rows,
+                    int64_t n, int64_t k, int32_t *c, float *y_f32, uint16_t *y_bf16) {
+    const int64_t nb = w->nb, nsb = nb / 8, rows = m_rows - mt * 16 < 16 ? m_rows - mt * 16 : 16;
+    __m512 acc[16];
+    __m512i isum[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        for (int i = 0; i < 16; i++) isum[i] = _mm512_setzero_si512();
+        for (int64_t b = sb * 8; b < sb * 8 + 8; b++)
+            for (int hf = 0; hf < 2; hf++) {
+                _tile_zero(0);
+                _tile_loadd(7, codes + b * 512 + hf * 256, 64);
+                _tile_loadd(5, a->h + mt * 16 * k + b * 32 + hf * 16, k);
+                _tile_dpbsud(0, 5, 7);
+                _tile_stored(0, c, 64);
+                const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(ks_ints(w, t, b) + hf * 16)));
+                for (int i = 0; i < rows; i++) {
+                    const __m512i dot = _mm512_add_epi32(_mm512_load_si512((const void *)(c + i * 16)),
+                                                         _mm512_set1_epi32(a->hz[((mt * 16 + i) * nb + b) * 2 + hf]));
+                    isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(dot, sc));
+                }
+            }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ks_d(w, t, sb * 8)));
+        for (int i = 0; i < rows; i++)
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(dw, _mm512_set1_ps(a->d[(mt * 16 + i) * nsb + sb])),
+                                     acc[i]);
+    }
+    for (int i = 0; i < rows; i++) store_out(acc[i], mt * 16 + i, n, t * 16, y_f32, y_bf16);
+}
+
 static void amx(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int64_t k, float *y_f32,
                 uint16_t *y_bf16) {
     const int64_t ntiles = (n + 15) / 16, mtiles = (m_rows + 15) / 16, nb = w->nb;
@@ -248,6 +358,10 @@ static void amx(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int6
                 codes = slab;
             }
             for (int64_t mt = 0; mt < mtiles; mt++) {
+                if (q8k(w, a->l != NULL)) {
+                    amx_q8k(w, a, codes, t, mt, m_rows, n, k, c[0], y_f32, y_bf16);
+                    continue;
+                }
                 __m512 acc[16];
                 for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
                 const int halves = w->sub16 ? 2 : 1, two = a->l != NULL;
@@ -302,15 +416,15 @@ void ember_qtile_matmul(const uint8_t *codes, int64_t mode, const uint16_t *s16,
     const int two = (int)(mode >> 2 & 1);  /* the exact two-part activations */
 #ifdef HAVE_AMX_INT8
     if (use_amx) {
-        qact a = quantize(x, (int)x_f32, m_rows, (m_rows + 15) / 16 * 16, k, w.sub16, two);
+        qact a = quantize(x, (int)x_f32, m_rows, (m_rows + 15) / 16 * 16, k, &w, two);
         amx(&w, &a, m_rows, n, k, y_f32, y_bf16);
         release(&a);
         return;
     }
 #endif
     (void)use_amx;
-    qact a = quantize(x, (int)x_f32, m_rows, m_rows, k, w.sub16, two);
-    gemv(&w, &a, m_rows, n, k, y_f32, y_bf16);
+    qact a = quantize(x, (int)x_f32, m_rows, m_rows, k, &w, two);
+    (q8k(&w, two) ? gemv_q8k_all : gemv)(&w, &a, m_rows, n, k, y_f32, y_bf16);
     release(&a);
 }
 

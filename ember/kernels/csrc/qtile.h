@@ -56,18 +56,25 @@ static inline int layout_of(const tiled_w *w) {
 }
 static inline int64_t block_bytes(const tiled_w *w) { return layout_bytes(layout_of(w)); }
 
+/* Q6_K layers with the file's scales (ks, sub16) in the int8 mode take activations per 256, as llama.cpp's
+ * Q8_K: a super-block's sum of sc (u - 32) h is then an exact integer (|.| < 2^28), and only one float step
+ * per super-block remains, where a scale per 16 otherwise costs two float epilogues per block (prefill 1.6x) */
+static inline int q8k(const tiled_w *w, int two) { return !two && w->ks && w->sub16; }
+
 typedef struct {  /* quantized activations */
     int8_t *h, *l;  /* [M, K]; l only in the exact mode (NULL otherwise) */
     float *d, *xs;  /* [M, nb]: d (d / 256 in the exact mode); sum of x per block ([M, nb, 2]: per half with sub16) */
+    int32_t *hz;    /* q8k: d is [M, K / 256]; hz [M, nb, 2] = -2^zexp sum h per half (the dot products' start) */
 } qact;
 
 /* C11 aligned_alloc wants a size that is a multiple of the alignment (macOS returns NULL otherwise) */
 static inline void *alloc64(size_t n) { return aligned_alloc(64, (n + 127) & ~(size_t)63); }
 
-static inline qact qact_alloc(int64_t m_pad, int64_t k, int two) {
+static inline qact qact_alloc(int64_t m_pad, int64_t k, int two, int q8k) {
     const int64_t nb = k / 32;
     qact a = {alloc64((size_t)(m_pad * k)), two ? alloc64((size_t)(m_pad * k)) : NULL,
-              alloc64((size_t)(m_pad * nb) * 4), alloc64((size_t)(m_pad * nb) * 8)};
+              alloc64((size_t)(m_pad * nb) * 4), q8k ? NULL : alloc64((size_t)(m_pad * nb) * 8),
+              q8k ? alloc64((size_t)(m_pad * nb) * 8) : NULL};
     return a;
 }
 
@@ -76,6 +83,7 @@ static inline void release(qact *a) {
     free(a->l);  /* NULL outside the exact mode: free(NULL) is a no-op */
     free(a->d);
     free(a->xs);
+    free(a->hz);
 }
 
 /* gemv(): every tile against the activation rows in groups of <= 4 (<= 8 on AVX512: 32 vector registers
@@ -92,9 +100,9 @@ static inline void release(qact *a) {
     EMBER_GEMV_CASES_4(ROWS) EMBER_GEMV_CASE(ROWS, 5) EMBER_GEMV_CASE(ROWS, 6) EMBER_GEMV_CASE(ROWS, 7) \
     EMBER_GEMV_CASE(ROWS, 8)
 
-/* GROUP: 4 or 8 rows per register block */
-#define EMBER_DEFINE_GEMV(ROWS, GROUP)                                                                         \
-    static void gemv(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int64_t k, float *y_f32,      \
+/* NAME(...): ROWS on every tile, GROUP (4 or 8) rows per register block */
+#define EMBER_DEFINE_GEMV(NAME, ROWS, GROUP)                                                                   \
+    static void NAME(const tiled_w *w, const qact *a, int64_t m_rows, int64_t n, int64_t k, float *y_f32,      \
                      uint16_t *y_bf16) {                                                                       \
         const int64_t ntiles = (n + 15) / 16;                                                                  \
         const int two = a->l != NULL;                                                                          \
