@@ -126,7 +126,7 @@ def _q8(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 
 @pytest.mark.skipif(not packed.available(), reason="needs the tile kernel (AVX2 or AVX512)")
 @pytest.mark.parametrize("bits,group", [(4, 32), (5, 32), (6, 32), (8, 32), (6, 16), (4, 16)])
-@pytest.mark.parametrize("k", [576, 96])
+@pytest.mark.parametrize("k", [576, 96, 512])
 @pytest.mark.parametrize("act_bits", [8, 16])
 def test_tile_matmul(bits, group, k, act_bits):
     """Against float64 references with a ragged last tile of weight rows (N = 70). act_bits=8: exactly the
@@ -146,8 +146,9 @@ def test_tile_matmul(bits, group, k, act_bits):
     assert torch.equal(w.double(), c.q.double() * c.scale.double().repeat_interleave(g, 1)
                        + c.offset.double().repeat_interleave(g, 1))  # W = u s + o, exact in fp32
 
-    def want(x: torch.Tensor) -> torch.Tensor:
-        return (x.double() if act_bits == 16 else _q8(x)) @ w.double().t()
+    def want(x: torch.Tensor) -> torch.Tensor:  # Q6_K's codes with a scale per 16: activations per 256 (Q8_K)
+        q8k = group == 16 and k % 256 == 0 and bits > 5
+        return (x.double() if act_bits == 16 else _q8(x, 256 if q8k else 32)) @ w.double().t()
 
     for m in (1, 3, 8, 13, 40):  # the gemv (<= 4 rows at a time) and, with AMX, the tile kernel
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
@@ -169,11 +170,11 @@ def test_tile_matmul(bits, group, k, act_bits):
 def test_batched_rows_equal_single_rows(bits, group, m, act_bits, monkeypatch):
     """Each row's result is the same bits whatever else is in the batch and whichever kernel runs it
     (the gemv for a few rows, AMX-INT8 for many): batched output equals single output."""
-    c = _canonical(50, 160, bits, bits + m, group)
+    c = _canonical(50, 256, bits, bits + m, group)  # K = 256: a scale per 16 takes activations per 256 (Q8_K)
     layer = nn.Module()
     packed.pack_chunks(layer, [c], *c.q.shape, bits, None, sub16=group == 16)
     layer.act16 = act_bits == 16
-    x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).to(BF)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(BF)
     batched = packed.matmul(layer, x, 50, torch.float32)
     for i in (0, m // 2, m - 1):
         assert torch.equal(packed.matmul(layer, x[i : i + 1], 50, torch.float32)[0], batched[i])

@@ -139,12 +139,14 @@ static inline __attribute__((always_inline)) void gemv_tile(const int MR, const 
     for (int m = 0; m < MR; m++) store_out(acc[m], m0 + m, n, t * 16, y_f32, y_bf16);
 }
 
-/* a Q6_K tile (ks, sub16, zexp) against rows m0 .. m0 + MR in the int8 mode, activations per 256 (qtile.h's q8k):
- * per super-block the exact integer sum of sc (u - 32) h, begun at hz = -32 sum h, then acc += (d dx) float(sum).
+/* a tile with a scale per 16 (Q6_K, alone or fused) against rows m0 .. m0 + MR in the int8 mode, activations per
+ * 256 (qtile.h's q8k). KS (Q6_K's own scales): per super-block the exact integer sum of sc (u - 32) h, begun at
+ * hz = -32 sum h, then acc += (d dx) float(sum). Otherwise (fp16 scales) per super-block the float sum of
+ * s float(sum u h) + o sum h per 16 (o = -2^zexp s where not stored: the same bits), then acc += dx sum.
  * The unroll pragmas matter: without them gcc keeps the row loops rolled and the sums in memory (-15 %). */
-static inline __attribute__((always_inline)) void gemv_q8k(const int MR, const tiled_w *w, const qact *a, int64_t t,
-                                                           int64_t m0, int64_t n, int64_t k, float *y_f32,
-                                                           uint16_t *y_bf16) {
+static inline __attribute__((always_inline)) void gemv_q8k(const int MR, const int KS, const tiled_w *w,
+                                                           const qact *a, int64_t t, int64_t m0, int64_t n, int64_t k,
+                                                           float *y_f32, uint16_t *y_bf16) {
     __m512 acc[8];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps();
@@ -152,10 +154,12 @@ static inline __attribute__((always_inline)) void gemv_q8k(const int MR, const t
     const int64_t cb = block_bytes(w), nsb = w->nb / 8;
     const int8_t *h = a->h + m0 * k;
     const int32_t *hz = a->hz + m0 * w->nb * 2;
+    const float *xs = a->xs + m0 * w->nb * 2;
     for (int64_t sb = 0; sb < nsb; sb++) {
         __m512i isum[8];
+        __m512 fsum[8];
 #pragma GCC unroll 8
-        for (int m = 0; m < MR; m++) isum[m] = _mm512_setzero_si512();
+        for (int m = 0; m < MR; m++) isum[m] = _mm512_setzero_si512(), fsum[m] = _mm512_setzero_ps();
         for (int64_t b = sb * 8; b < sb * 8 + 8; b++) {
             __m512i u[8];
             const uint8_t *ahead = w->codes + (t * w->nb + b) * cb + 4096;  /* as gemv_tile */
@@ -163,23 +167,35 @@ static inline __attribute__((always_inline)) void gemv_q8k(const int MR, const t
             load_codes(w, t, b, u);
 #pragma GCC unroll 2
             for (int hf = 0; hf < 2; hf++) {
-                const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(ks_ints(w, t, b) + hf * 16)));
+                __m512i sc = _mm512_setzero_si512();
+                __m512 sv = _mm512_setzero_ps(), ov = _mm512_setzero_ps();
+                if (KS) sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(ks_ints(w, t, b) + hf * 16)));
+                else scales16(w, t, b, hf, 2, &sv, &ov);
 #pragma GCC unroll 8
                 for (int m = 0; m < MR; m++) {
                     const int32_t *q = (const int32_t *)(h + m * k + b * 32 + hf * 16);
-                    __m512i c[2] = {_mm512_set1_epi32(hz[(m * w->nb + b) * 2 + hf]), _mm512_setzero_si512()};
+                    const int64_t ab = (m * w->nb + b) * 2 + hf;
+                    __m512i c[2] = {KS ? _mm512_set1_epi32(hz[ab]) : _mm512_setzero_si512(), _mm512_setzero_si512()};
 #pragma GCC unroll 4
                     for (int g = 0; g < 4; g++)
                         c[g % CH] = _mm512_dpbusd_epi32(c[g % CH], u[hf * 4 + g], _mm512_set1_epi32(q[g]));
-                    isum[m] = _mm512_add_epi32(isum[m], _mm512_mullo_epi32(CH == 2 ? _mm512_add_epi32(c[0], c[1]) : c[0], sc));
+                    const __m512i dot = CH == 2 ? _mm512_add_epi32(c[0], c[1]) : c[0];
+                    if (KS) {
+                        isum[m] = _mm512_add_epi32(isum[m], _mm512_mullo_epi32(dot, sc));
+                    } else {
+                        fsum[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, fsum[m]);
+                        fsum[m] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xs[ab]), fsum[m]);
+                    }
                 }
             }
         }
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ks_d(w, t, sb * 8)));
+        const __m512 dw = KS ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ks_d(w, t, sb * 8))) : _mm512_setzero_ps();
 #pragma GCC unroll 8
-        for (int m = 0; m < MR; m++)
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_mul_ps(dw, _mm512_set1_ps(a->d[(m0 + m) * nsb + sb])),
-                                     acc[m]);
+        for (int m = 0; m < MR; m++) {
+            const __m512 dx = _mm512_set1_ps(a->d[(m0 + m) * nsb + sb]);
+            acc[m] = KS ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_mul_ps(dw, dx), acc[m])
+                        : _mm512_fmadd_ps(fsum[m], dx, acc[m]);
+        }
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; m++) store_out(acc[m], m0 + m, n, t * 16, y_f32, y_bf16);
@@ -198,7 +214,8 @@ static inline __attribute__((always_inline)) void q8k_rows(const int MR, const i
                                                            int64_t t, int64_t m0, int64_t n, int64_t k, float *y_f32,
                                                            uint16_t *y_bf16) {
     (void)TWO;  /* the int8 mode only */
-    gemv_q8k(MR, w, a, t, m0, n, k, y_f32, y_bf16);
+    if (w->ks) gemv_q8k(MR, 1, w, a, t, m0, n, k, y_f32, y_bf16);
+    else gemv_q8k(MR, 0, w, a, t, m0, n, k, y_f32, y_bf16);
 }
 
 EMBER_DEFINE_GEMV(gemv_q8k_all, q8k_rows, 8)
@@ -207,7 +224,8 @@ static inline __m512 load16(const void *x, int x_f32, int64_t at) {  /* 16 activ
     return x_f32 ? _mm512_loadu_ps((const float *)x + at) : bf16x16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at)));
 }
 
-/* qtile.h's q8k: per row and super-block d = max|x| / 127, h = round(x / d); hz = -2^zexp sum h per 16 */
+/* qtile.h's q8k: per row and super-block d = max|x| / 127, h = round(x / d); per 16, hz = -2^zexp sum h (Q6_K's
+ * own scales: the dot products' start) and xs = sum h (fp16 scales: the offsets') */
 static void quantize_q8k(const void *x, int x_f32, int64_t m_rows, int64_t k, int zexp, qact *a) {
     const int64_t nb = k / 32, nsb = k / 256;
 #pragma omp parallel for schedule(static) if (m_rows * k > 65536)
@@ -221,7 +239,9 @@ static void quantize_q8k(const void *x, int x_f32, int64_t m_rows, int64_t k, in
         for (int j = 0; j < 16; j++) {
             const __m512i h = _mm512_cvtps_epi32(_mm512_mul_ps(v[j], inv));  /* round to nearest even */
             _mm_storeu_si128((__m128i *)(a->h + at + j * 16), _mm512_cvtepi32_epi8(h));
-            a->hz[(i / nsb * nb + i % nsb * 8) * 2 + j] = -_mm512_reduce_add_epi32(h) * (1 << zexp);
+            const int hs = _mm512_reduce_add_epi32(h), at16 = (i / nsb * nb + i % nsb * 8) * 2 + j;
+            a->hz[at16] = -hs * (1 << zexp);
+            a->xs[at16] = (float)hs;
         }
     }
 }
@@ -307,15 +327,15 @@ static void configure_tiles(void) {
     _tile_loadconfig(&c);
 }
 
-/* gemv_q8k's numbers on AMX: the same integer sums per super-block, the same float step (tiles 5, 7 configured) */
+/* gemv_q8k's numbers on AMX: the same sums per super-block in the same order, the same float step (tiles 5, 7) */
 static void amx_q8k(const tiled_w *w, const qact *a, const uint8_t *codes, int64_t t, int64_t mt, int64_t m_rows,
                     int64_t n, int64_t k, int32_t *c, float *y_f32, uint16_t *y_bf16) {
     const int64_t nb = w->nb, nsb = nb / 8, rows = m_rows - mt * 16 < 16 ? m_rows - mt * 16 : 16;
-    __m512 acc[16];
+    __m512 acc[16], fsum[16];
     __m512i isum[16];
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
-        for (int i = 0; i < 16; i++) isum[i] = _mm512_setzero_si512();
+        for (int i = 0; i < 16; i++) isum[i] = _mm512_setzero_si512(), fsum[i] = _mm512_setzero_ps();
         for (int64_t b = sb * 8; b < sb * 8 + 8; b++)
             for (int hf = 0; hf < 2; hf++) {
                 _tile_zero(0);
@@ -323,17 +343,28 @@ static void amx_q8k(const tiled_w *w, const qact *a, const uint8_t *codes, int64
                 _tile_loadd(5, a->h + mt * 16 * k + b * 32 + hf * 16, k);
                 _tile_dpbsud(0, 5, 7);
                 _tile_stored(0, c, 64);
-                const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(ks_ints(w, t, b) + hf * 16)));
+                __m512i sc = _mm512_setzero_si512();
+                __m512 sv = _mm512_setzero_ps(), ov = _mm512_setzero_ps();
+                if (w->ks) sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(ks_ints(w, t, b) + hf * 16)));
+                else scales16(w, t, b, hf, 2, &sv, &ov);
                 for (int i = 0; i < rows; i++) {
-                    const __m512i dot = _mm512_add_epi32(_mm512_load_si512((const void *)(c + i * 16)),
-                                                         _mm512_set1_epi32(a->hz[((mt * 16 + i) * nb + b) * 2 + hf]));
-                    isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(dot, sc));
+                    const int64_t ab = ((mt * 16 + i) * nb + b) * 2 + hf;
+                    __m512i dot = _mm512_load_si512((const void *)(c + i * 16));
+                    if (w->ks) {
+                        dot = _mm512_add_epi32(dot, _mm512_set1_epi32(a->hz[ab]));
+                        isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(dot, sc));
+                    } else {
+                        fsum[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, fsum[i]);
+                        fsum[i] = _mm512_fmadd_ps(ov, _mm512_set1_ps(a->xs[ab]), fsum[i]);
+                    }
                 }
             }
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ks_d(w, t, sb * 8)));
-        for (int i = 0; i < rows; i++)
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(dw, _mm512_set1_ps(a->d[(mt * 16 + i) * nsb + sb])),
-                                     acc[i]);
+        const __m512 dw = w->ks ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ks_d(w, t, sb * 8))) : _mm512_setzero_ps();
+        for (int i = 0; i < rows; i++) {
+            const __m512 dx = _mm512_set1_ps(a->d[(mt * 16 + i) * nsb + sb]);
+            acc[i] = w->ks ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(dw, dx), acc[i])
+                           : _mm512_fmadd_ps(fsum[i], dx, acc[i]);
+        }
     }
     for (int i = 0; i < rows; i++) store_out(acc[i], mt * 16 + i, n, t * 16, y_f32, y_bf16);
 }

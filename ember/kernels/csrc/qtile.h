@@ -56,15 +56,19 @@ static inline int layout_of(const tiled_w *w) {
 }
 static inline int64_t block_bytes(const tiled_w *w) { return layout_bytes(layout_of(w)); }
 
-/* Q6_K layers with the file's scales (ks, sub16) in the int8 mode take activations per 256, as llama.cpp's
- * Q8_K: a super-block's sum of sc (u - 32) h is then an exact integer (|.| < 2^28), and only one float step
- * per super-block remains, where a scale per 16 otherwise costs two float epilogues per block (prefill 1.6x) */
-static inline int q8k(const tiled_w *w, int two) { return !two && w->ks && w->sub16; }
+/* Layers with a scale per 16 (Q6_K, alone or fused with other kinds) in the int8 mode take activations per 256,
+ * as llama.cpp's Q8_K, where a scale per 16 would cost two float epilogues per block: with Q6_K's own integer
+ * scales (ks) a super-block's sum of sc (u - 32) h is an exact integer (|.| < 2^28) and one float step per
+ * super-block remains (prefill 1.4-1.6x); with fp16 scales the activation scale leaves the per-16 step. */
+static inline int q8k(const tiled_w *w, int two) {  /* Q6_K's codes: SIX, or BYTES when fused with 8-bit ones */
+    return !two && w->sub16 && w->nb % 8 == 0 && w->bits8 && !w->five;
+}
 
 typedef struct {  /* quantized activations */
     int8_t *h, *l;  /* [M, K]; l only in the exact mode (NULL otherwise) */
     float *d, *xs;  /* [M, nb]: d (d / 256 in the exact mode); sum of x per block ([M, nb, 2]: per half with sub16) */
-    int32_t *hz;    /* q8k: d is [M, K / 256]; hz [M, nb, 2] = -2^zexp sum h per half (the dot products' start) */
+    int32_t *hz;    /* q8k: d is [M, K / 256]; per half [M, nb, 2], hz = -2^zexp sum h (the dot products' start) or
+                     * xs = sum h (no d: it is applied per super-block) */
 } qact;
 
 /* C11 aligned_alloc wants a size that is a multiple of the alignment (macOS returns NULL otherwise) */
@@ -73,7 +77,7 @@ static inline void *alloc64(size_t n) { return aligned_alloc(64, (n + 127) & ~(s
 static inline qact qact_alloc(int64_t m_pad, int64_t k, int two, int q8k) {
     const int64_t nb = k / 32;
     qact a = {alloc64((size_t)(m_pad * k)), two ? alloc64((size_t)(m_pad * k)) : NULL,
-              alloc64((size_t)(m_pad * nb) * 4), q8k ? NULL : alloc64((size_t)(m_pad * nb) * 8),
+              alloc64((size_t)(m_pad * nb) * 4), alloc64((size_t)(m_pad * nb) * 8),
               q8k ? alloc64((size_t)(m_pad * nb) * 8) : NULL};
     return a;
 }

@@ -189,11 +189,11 @@ static inline __attribute__((always_inline)) void tile_kernel(const int MR, cons
     }
 }
 
-/* qtile.c's gemv_q8k (a Q6_K tile in the int8 mode, activations per 256) on 8-lane halves: the same integer sums
- * per super-block, the same float step */
-static inline __attribute__((always_inline)) void tile_q8k(const int MR, const int CODE, const tiled_w *w,
-                                                           const qact *a, int64_t t, int64_t m0, int64_t n,
-                                                           int64_t k, float *y_f32, uint16_t *y_bf16) {
+/* qtile.c's gemv_q8k (a scale per 16 in the int8 mode, activations per 256; KS: Q6_K's own scales) on 8-lane
+ * halves: the same sums per super-block in the same order, the same float step */
+static inline __attribute__((always_inline)) void tile_q8k(const int MR, const int CODE, const int KS,
+                                                           const tiled_w *w, const qact *a, int64_t t, int64_t m0,
+                                                           int64_t n, int64_t k, float *y_f32, uint16_t *y_bf16) {
     const int NH = 2;  /* both tile halves on one pass at every row count: 1.2x (4 rows) - 1.4x (64) over one */
     const int64_t cb = layout_bytes(CODE), nb = w->nb, nsb = nb / 8;
     for (int r0 = 0; r0 < 2; r0 += NH) {
@@ -202,8 +202,9 @@ static inline __attribute__((always_inline)) void tile_q8k(const int MR, const i
             for (int m = 0; m < MR; m++) acc[r][m] = _mm256_setzero_ps();
         for (int64_t sb = 0; sb < nsb; sb++) {
             __m256i isum[2][4];
+            __m256 fsum[2][4];
             for (int r = 0; r < NH; r++)
-                for (int m = 0; m < MR; m++) isum[r][m] = _mm256_setzero_si256();
+                for (int m = 0; m < MR; m++) isum[r][m] = _mm256_setzero_si256(), fsum[r][m] = _mm256_setzero_ps();
             for (int64_t b = sb * 8; b < sb * 8 + 8; b++) {
                 const uint8_t *blk = w->codes + (t * nb + b) * cb;
                 if (r0 == 0)
@@ -212,19 +213,31 @@ static inline __attribute__((always_inline)) void tile_q8k(const int MR, const i
                     __m256i s[2][2][4];
                     sums(MR, 0, CODE, NH, 4, blk, r0, hf * 4, a->h + m0 * k + b * 32, NULL, k, s);
                     for (int r = 0; r < NH; r++) {
-                        const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(ks_ints(w, t, b) + hf * 16 + (r0 + r) * 8)));
+                        __m256i sc = _mm256_setzero_si256();
+                        __m256 sv = _mm256_setzero_ps(), ov = _mm256_setzero_ps();
+                        if (KS) sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(ks_ints(w, t, b) + hf * 16 + (r0 + r) * 8)));
+                        else scales8(w, t, b, hf, 2, r0 + r, &sv, &ov);
                         for (int m = 0; m < MR; m++) {
-                            const __m256i dot = _mm256_add_epi32(s[0][r][m], _mm256_set1_epi32(a->hz[((m0 + m) * nb + b) * 2 + hf]));
-                            isum[r][m] = _mm256_add_epi32(isum[r][m], _mm256_mullo_epi32(dot, sc));
+                            const int64_t ab = ((m0 + m) * nb + b) * 2 + hf;
+                            if (KS) {
+                                const __m256i dot = _mm256_add_epi32(s[0][r][m], _mm256_set1_epi32(a->hz[ab]));
+                                isum[r][m] = _mm256_add_epi32(isum[r][m], _mm256_mullo_epi32(dot, sc));
+                            } else {
+                                fsum[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0][r][m]), sv, fsum[r][m]);
+                                fsum[r][m] = _mm256_fmadd_ps(ov, _mm256_set1_ps(a->xs[ab]), fsum[r][m]);
+                            }
                         }
                     }
                 }
             }
             for (int r = 0; r < NH; r++) {
-                const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ks_d(w, t, sb * 8) + (r0 + r) * 8)));
-                for (int m = 0; m < MR; m++)
-                    acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][m]),
-                                                _mm256_mul_ps(dw, _mm256_set1_ps(a->d[(m0 + m) * nsb + sb])), acc[r][m]);
+                const __m256 dw = KS ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ks_d(w, t, sb * 8) + (r0 + r) * 8)))
+                                     : _mm256_setzero_ps();
+                for (int m = 0; m < MR; m++) {
+                    const __m256 dx = _mm256_set1_ps(a->d[(m0 + m) * nsb + sb]);
+                    acc[r][m] = KS ? _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][m]), _mm256_mul_ps(dw, dx), acc[r][m])
+                                   : _mm256_fmadd_ps(fsum[r][m], dx, acc[r][m]);
+                }
             }
         }
         for (int r = 0; r < NH; r++)
@@ -254,9 +267,12 @@ EMBER_DEFINE_GEMV(gemv, gemv_tile, 4)
 static inline __attribute__((always_inline)) void q8k_tile(const int MR, const int TWO, const tiled_w *w,
                                                            const qact *a, int64_t t, int64_t m0, int64_t n,
                                                            int64_t k, float *y_f32, uint16_t *y_bf16) {
-    (void)TWO;  /* the int8 mode only; Q6_K codes are in the SIX layout (packed.layout_of), BYTES where not compact */
-    if (layout_of(w) == SIX) tile_q8k(MR, SIX, w, a, t, m0, n, k, y_f32, y_bf16);
-    else tile_q8k(MR, BYTES, w, a, t, m0, n, k, y_f32, y_bf16);
+    (void)TWO;  /* the int8 mode only */
+#define EMBER_Q8K(C) \
+    (w->ks ? tile_q8k(MR, C, 1, w, a, t, m0, n, k, y_f32, y_bf16) : tile_q8k(MR, C, 0, w, a, t, m0, n, k, y_f32, y_bf16))
+    if (layout_of(w) == SIX) EMBER_Q8K(SIX);  /* or BYTES: qtile.h's q8k */
+    else EMBER_Q8K(BYTES);
+#undef EMBER_Q8K
 }
 
 EMBER_DEFINE_GEMV(gemv_q8k, q8k_tile, 4)
@@ -271,7 +287,7 @@ static inline __m256 load8(const void *x, int x_f32, int64_t at) {  /* 8 activat
     return x_f32 ? _mm256_loadu_ps((const float *)x + at) : bf16x8(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + at)));
 }
 
-/* qtile.c's quantize_q8k, bit for bit: per row and super-block d = max|x| / 127; hz = -2^zexp sum h per 16 */
+/* qtile.c's quantize_q8k, bit for bit: per row and super-block d = max|x| / 127; per 16 hz or xs */
 static void quantize_q8k(const void *x, int x_f32, int64_t m_rows, int64_t k, int zexp, qact *a) {
     const int64_t nb = k / 32, nsb = k / 256;
     const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -287,8 +303,12 @@ static void quantize_q8k(const void *x, int x_f32, int64_t m_rows, int64_t k, in
             __m256i h[4];
             for (int e = 0; e < 4; e++) h[e] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j + e], inv));  /* nearest even */
             _mm256_storeu_si256((__m256i *)(a->h + at + j * 8), pack8x4(h[0], h[1], h[2], h[3]));
-            for (int e = 0; e < 2; e++)
-                a->hz[(i / nsb * nb + i % nsb * 8) * 2 + j / 2 + e] = -hsum8i(_mm256_add_epi32(h[2 * e], h[2 * e + 1])) * (1 << zexp);
+            for (int e = 0; e < 2; e++) {
+                const int hs = hsum8i(_mm256_add_epi32(h[2 * e], h[2 * e + 1]));
+                const int64_t at16 = (i / nsb * nb + i % nsb * 8) * 2 + j / 2 + e;
+                a->hz[at16] = -hs * (1 << zexp);
+                a->xs[at16] = (float)hs;
+            }
         }
     }
 }
