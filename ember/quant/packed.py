@@ -7,8 +7,9 @@ int8 dot-product instructions: 4-bit codes as nibbles (256 bytes, 16 bytes per r
 row-block (two per row-block, one per 16, for Q6_K and any layer fused with it), no offsets for the
 symmetric kinds (Q4_0, Q5_0, Q8_0, Q6_K: o = -2^zexp s, computed by the kernels). Activations are quantized
 per block of 32 to int8 (act_bits=8: llama.cpp's numerics, the result is W x^ for the quantized x^;
-perplexity within 0.4 % of the exact mode on SmolLM2 and Gemma 3 270M; per 256 for Q6_K layers that keep the
-file's scales, as llama.cpp's Q8_K, so a super-block sums in integers) or split into two int8 parts (~16 bits
+perplexity within 0.4 % of the exact mode on SmolLM2 and Gemma 3 270M; per 256 for layers with a scale per 16,
+Q6_K's and those fused with it, as llama.cpp's Q8_K: with Q6_K's own scales a super-block sums in integers) or
+split into two int8 parts (~16 bits
 kept: act_bits=16, the exact mode, twice the integer work); by default 8 from ~1B weights, 16 below (see
 INT8_FROM_WEIGHTS). Every block sum is an exact integer and one float epilogue follows, so the gemv (few rows)
 and the AMX-INT8 kernel (many rows) give the same bits, and a sequence's output never depends on how many
