@@ -166,7 +166,7 @@ static inline __attribute__((always_inline)) void tile_kernel(const int MR, cons
         for (int64_t b = 0; b < w->nb; b++) {
             const uint8_t *blk = w->codes + (t * w->nb + b) * cb;
             if (r0 == 0)
-                for (int64_t o = 0; o < cb; o += 64) _mm_prefetch((const char *)(blk + 4096 + o), _MM_HINT_T0);
+                prefetch_ahead(blk, cb);
             const int8_t *qh = a->h + m0 * k + b * 32, *ql = TWO ? a->l + m0 * k + b * 32 : NULL;
             for (int hf = 0; hf < halves; hf++) {
                 __m256i s[2][2][4];
@@ -208,7 +208,7 @@ static inline __attribute__((always_inline)) void tile_q8k(const int MR, const i
             for (int64_t b = sb * 8; b < sb * 8 + 8; b++) {
                 const uint8_t *blk = w->codes + (t * nb + b) * cb;
                 if (r0 == 0)
-                    for (int64_t o = 0; o < cb; o += 64) _mm_prefetch((const char *)(blk + 4096 + o), _MM_HINT_T0);
+                    prefetch_ahead(blk, cb);
                 for (int hf = 0; hf < 2; hf++) {
                     __m256i s[2][2][4];
                     sums(MR, 0, CODE, NH, 4, blk, r0, hf * 4, a->h + m0 * k + b * 32, NULL, k, s);
