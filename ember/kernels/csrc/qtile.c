@@ -246,7 +246,7 @@ static void quantize_q8k(const void *x, int x_f32, int64_t m_rows, int64_t k, in
 static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t m_pad, int64_t k, const tiled_w *w, int two) {
     const int64_t nb = k / 32;
     const int sub16 = w->sub16;
-    qact a = qact_alloc(m_pad, k, two, q8k(w, two));
+    qact a = qact_alloc(m_pad, k, two, q8k(w, two), 0);
     memset(a.h + m_rows * k, 0, (size_t)((m_pad - m_rows) * k));
     if (q8k(w, two)) {
         quantize_q8k(x, x_f32, m_rows, k, w->zexp, &a);

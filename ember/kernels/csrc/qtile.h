@@ -77,16 +77,17 @@ typedef struct {  /* quantized activations */
     float *d, *xs;  /* [M, nb]: d (d / 256 in the exact mode); sum of x per block ([M, nb, 2]: per half with sub16) */
     int32_t *hz;    /* q8k: d is [M, K / 256]; per half [M, nb, 2], hz = -2^zexp sum h (the dot products' start) or
                      * xs = sum h (no d: it is applied per super-block) */
+    int32_t *hs;    /* the AVX2 build without VNNI, int8 mode: sum h per half [M, nb, 2] (8-bit codes' sign trick) */
 } qact;
 
 /* C11 aligned_alloc wants a size that is a multiple of the alignment (macOS returns NULL otherwise) */
 static inline void *alloc64(size_t n) { return aligned_alloc(64, (n + 127) & ~(size_t)63); }
 
-static inline qact qact_alloc(int64_t m_pad, int64_t k, int two, int q8k) {
+static inline qact qact_alloc(int64_t m_pad, int64_t k, int two, int q8k, int hs) {
     const int64_t nb = k / 32;
     qact a = {alloc64((size_t)(m_pad * k)), two ? alloc64((size_t)(m_pad * k)) : NULL,
               alloc64((size_t)(m_pad * nb) * 4), alloc64((size_t)(m_pad * nb) * 8),
-              q8k ? alloc64((size_t)(m_pad * nb) * 8) : NULL};
+              q8k ? alloc64((size_t)(m_pad * nb) * 8) : NULL, hs ? alloc64((size_t)(m_pad * nb) * 8) : NULL};
     return a;
 }
 
@@ -96,6 +97,7 @@ static inline void release(qact *a) {
     free(a->d);
     free(a->xs);
     free(a->hz);
+    free(a->hs);
 }
 
 /* gemv(): every tile against the activation rows in groups of <= 4 (<= 8 on AVX512: 32 vector registers

@@ -19,6 +19,9 @@
 #define VNNI256(acc, u, h) _mm256_dpbusd_avx_epi32(acc, u, h)
 #elif defined(__AVX512VNNI__) && defined(__AVX512VL__)  /* the EVEX form: lets an AVX512 CPU test this path */
 #define VNNI256(acc, u, h) _mm256_dpbusd_epi32(acc, u, h)
+#define SIGN8 0
+#else
+#define SIGN8 1  /* 8-bit codes take the sign trick (sums), which wants sum h per half block */
 #endif
 
 int ember_qtile_available(void) { return 1; }
@@ -54,7 +57,7 @@ static inline __attribute__((always_inline)) __m256i bcast4(const int8_t *q) {  
 static inline __attribute__((always_inline)) void sums(const int MR, const int TWO, const int CODE, const int NH,
                                                        const int NG, const uint8_t *blk, int r0, int g0,
                                                        const int8_t *qh, const int8_t *ql, int64_t k,
-                                                       __m256i s[2][2][4]) {
+                                                       const int32_t *hs, int64_t nb, __m256i s[2][2][4]) {
     const int P = 1 + TWO;
 #ifdef VNNI256
     /* two chains per sum where there are few sums: vpdpbusd's latency, not its throughput, bounds one chain */
@@ -82,6 +85,33 @@ static inline __attribute__((always_inline)) void sums(const int MR, const int T
     /* vpmaddubsw adds two u8 x s8 products into an int16 lane, saturating: |a| <= 128, so nibbles (<= 3840 a
      * lane) sum over 8 groups in int16, bytes < 64 (<= 16128) over 2, and wider bytes split into nibbles */
     const __m256i one = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(15);
+    if (CODE == BYTES && !TWO) {
+        /* the int8 mode's |h| <= 127 allows llama.cpp's sign trick for 8-bit codes: q = u - 128 as int8, |q| times
+         * h with q's sign in vpmaddubsw (a lane <= 2 * 128 * 127, no saturation), widened every group: one
+         * multiply per group where nibbles take two (1.2x); sum u h = sum q h + 128 sum h, the same integers */
+        __m256i c[2][4];
+        for (int r = 0; r < NH; r++)
+            for (int m = 0; m < MR; m++) c[r][m] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int g = g0; g < g0 + NG; g++) {
+            __m256i q[2], aq[2];
+            for (int r = 0; r < NH; r++) {
+                q[r] = _mm256_xor_si256(group_codes(CODE, blk, g, r0 + r), _mm256_set1_epi8((char)0x80));
+                aq[r] = _mm256_abs_epi8(q[r]);
+            }
+            for (int m = 0; m < MR; m++) {
+                const __m256i a = bcast4(qh + m * k + g * 4);
+                for (int r = 0; r < NH; r++)
+                    c[r][m] = _mm256_add_epi32(c[r][m], _mm256_madd_epi16(_mm256_maddubs_epi16(aq[r], _mm256_sign_epi8(a, q[r])), one));
+            }
+        }
+        for (int m = 0; m < MR; m++) {
+            const int32_t *hm = hs + m * nb * 2;  /* sum h per half block of row m */
+            const __m256i hz = _mm256_set1_epi32((NG == 8 ? hm[0] + hm[1] : hm[g0 / 4]) * 128);
+            for (int r = 0; r < NH; r++) s[0][r][m] = _mm256_add_epi32(c[r][m], hz);
+        }
+        return;
+    }
     __m256i lo[2][2][4], hi[2][2][4];
     for (int p = 0; p < P; p++)
         for (int r = 0; r < NH; r++)
@@ -156,7 +186,9 @@ static inline __attribute__((always_inline)) void tile_kernel(const int MR, cons
                                                               const int SUB16, const tiled_w *w, const qact *a,
                                                               int64_t t, int64_t m0, int64_t n, int64_t k,
                                                               float *y_f32, uint16_t *y_bf16) {
-    const int NH = MR * (1 + TWO) * (CODE == BYTES ? 2 : 1) <= 4 ? 2 : 1;  /* halves at once, as registers allow */
+    /* both tile halves on one pass over the blocks, except where the exact mode's two activation parts leave too
+     * few registers (8-bit codes, 4 rows, int8 mode: 1.35x over one half, on 16 registers, despite spills) */
+    const int NH = !TWO || MR * (CODE == BYTES ? 4 : 2) <= 4 ? 2 : 1;
     const int halves = SUB16 ? 2 : 1;
     const int64_t cb = layout_bytes(CODE);
     for (int r0 = 0; r0 < 2; r0 += NH) {  /* with NH = 1 the second half re-reads the tile from cache */
@@ -168,9 +200,10 @@ static inline __attribute__((always_inline)) void tile_kernel(const int MR, cons
             if (r0 == 0)
                 prefetch_ahead(blk, cb);
             const int8_t *qh = a->h + m0 * k + b * 32, *ql = TWO ? a->l + m0 * k + b * 32 : NULL;
+            const int32_t *hs = a->hs ? a->hs + (m0 * w->nb + b) * 2 : NULL;
             for (int hf = 0; hf < halves; hf++) {
                 __m256i s[2][2][4];
-                sums(MR, TWO, CODE, NH, 8 / halves, blk, r0, hf * 4, qh, ql, k, s);
+                sums(MR, TWO, CODE, NH, 8 / halves, blk, r0, hf * 4, qh, ql, k, hs, w->nb, s);
                 for (int r = 0; r < NH; r++) {
                     __m256 sv, ov;
                     scales8(w, t, b, hf, halves, r0 + r, &sv, &ov);
@@ -211,7 +244,8 @@ static inline __attribute__((always_inline)) void tile_q8k(const int MR, const i
                     prefetch_ahead(blk, cb);
                 for (int hf = 0; hf < 2; hf++) {
                     __m256i s[2][2][4];
-                    sums(MR, 0, CODE, NH, 4, blk, r0, hf * 4, a->h + m0 * k + b * 32, NULL, k, s);
+                    sums(MR, 0, CODE, NH, 4, blk, r0, hf * 4, a->h + m0 * k + b * 32, NULL, k,
+                         a->hs ? a->hs + (m0 * nb + b) * 2 : NULL, nb, s);
                     for (int r = 0; r < NH; r++) {
                         __m256i sc = _mm256_setzero_si256();
                         __m256 sv = _mm256_setzero_ps(), ov = _mm256_setzero_ps();
@@ -307,6 +341,7 @@ static void quantize_q8k(const void *x, int x_f32, int64_t m_rows, int64_t k, in
                 const int hs = hsum8i(_mm256_add_epi32(h[2 * e], h[2 * e + 1]));
                 const int64_t at16 = (i / nsb * nb + i % nsb * 8) * 2 + j / 2 + e;
                 a->hz[at16] = -hs * (1 << zexp);
+                if (a->hs) a->hs[at16] = hs;
                 a->xs[at16] = (float)hs;
             }
         }
@@ -317,7 +352,7 @@ static void quantize_q8k(const void *x, int x_f32, int64_t m_rows, int64_t k, in
 static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t k, const tiled_w *w, int two) {
     const int64_t nb = k / 32;
     const int sub16 = w->sub16;
-    qact a = qact_alloc(m_rows, k, two, q8k(w, two));
+    qact a = qact_alloc(m_rows, k, two, q8k(w, two), SIGN8 && !two && w->bits8);
     if (q8k(w, two)) {
         quantize_q8k(x, x_f32, m_rows, k, w->zexp, &a);
         return a;
@@ -348,6 +383,7 @@ static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t k, const 
             a.xs[i] = hsum8(_mm256_add_ps(_mm256_add_ps(v[1], v[3]), _mm256_add_ps(v[0], v[2])));
         } else {
             const int s0 = hsum8i(_mm256_add_epi32(h[0], h[1])), s1 = hsum8i(_mm256_add_epi32(h[2], h[3]));
+            if (a.hs) a.hs[2 * i] = s0, a.hs[2 * i + 1] = s1;
             if (sub16) {
                 a.xs[2 * i] = (float)s0 * a.d[i];
                 a.xs[2 * i + 1] = (float)s1 * a.d[i];
