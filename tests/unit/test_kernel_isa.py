@@ -151,16 +151,16 @@ def test_k_quant_scales_same_bits_as_avx512(libs, kind):
             assert torch.equal(_run(lib, *args), want), (name, two, m, f32)
 
 
-@pytest.mark.parametrize("code", [15, 31, 63, 255])
+@pytest.mark.parametrize("code,bits", [(15, 4), (31, 5), (63, 6), (255, 8), (0, 8)])
 @pytest.mark.parametrize("two", [0, 1])
-def test_tile_matmul_extremes_do_not_saturate(libs, code, two):
+def test_tile_matmul_extremes_do_not_saturate(libs, code, bits, two):
     """The largest codes (4, 5, 6, 8 bits) times the most negative activation (-127 in every lane): AVX2 without
     VNNI sums byte products in int16 lanes, which would saturate at 255 * 127 * 2 (or 63 * 127 * 2 summed over
-    3 groups); the kernel must not."""
+    3 groups); the kernel must not. 8-bit code 0 is the sign trick's extreme: |0 - 128| * 127 * 2 = 32512."""
     g = torch.Generator().manual_seed(7)
     n, k = 16, 64
-    bits8, narrow = int(code > 15), {31: 2, 63: 1}.get(code, 0)
-    codes, s16, o16 = _weights(n, k, bits8, 0, g, high=255, narrow=narrow)  # every code 2^bits - 1
+    bits8, narrow = int(bits > 4), {5: 2, 6: 1}.get(bits, 0)
+    codes, s16, o16 = _weights(n, k, bits8, 0, g, high=code and 255, narrow=narrow)  # every code 0 or 2^bits - 1
     x = -torch.ones(2, k)  # every block's h = -127 (and its low part 0)
     s = s16.float()[0].repeat_interleave(32, 0)  # [K, N]: the scale per (k, row)
     o = o16.float()[0].repeat_interleave(32, 0)
