@@ -96,12 +96,20 @@ static inline void store_out(__m512 v, int64_t m, int64_t n, int64_t r0, float *
     for (int64_t i = 0; i < rows; i++) y_bf16[m * n + r0 + i] = f2bf(tmp[i]);
 }
 
+/* acc + u . (4 int8 at q, to every lane), the activations read by vpdpbusd's own {1to16} broadcast: gcc 12 does
+ * not fold _mm512_set1_epi32(*q) into it, and the separate vpbroadcastd costs a vector op per dot product
+ * (prefill kernels 1.07-1.14x) */
+static inline __attribute__((always_inline)) __m512i dpbusd_bcast(__m512i acc, __m512i u, const int32_t *q) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*q));
+    return acc;
+}
+
 /* sum over groups g0 .. g0 + NG of u[g] . q[g] (4 int8 each), exact: in two chains where the caller has few
  * sums going, since one chain waits on vpdpbusd's latency */
 static inline __attribute__((always_inline)) __m512i dots16(const int NG, const int CH, const __m512i *u, int g0,
                                                             const int32_t *q) {
     __m512i c[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-    for (int g = 0; g < NG; g++) c[g % CH] = _mm512_dpbusd_epi32(c[g % CH], u[g0 + g], _mm512_set1_epi32(q[g]));
+    for (int g = 0; g < NG; g++) c[g % CH] = dpbusd_bcast(c[g % CH], u[g0 + g], q + g);
     return CH == 2 ? _mm512_add_epi32(c[0], c[1]) : c[0];
 }
 
@@ -174,7 +182,7 @@ static inline __attribute__((always_inline)) void gemv_q8k(const int MR, const i
                     __m512i c[2] = {KS ? _mm512_set1_epi32(hz[ab]) : _mm512_setzero_si512(), _mm512_setzero_si512()};
 #pragma GCC unroll 4
                     for (int g = 0; g < 4; g++)
-                        c[g % CH] = _mm512_dpbusd_epi32(c[g % CH], u[hf * 4 + g], _mm512_set1_epi32(q[g]));
+                        c[g % CH] = dpbusd_bcast(c[g % CH], u[hf * 4 + g], q + g);
                     const __m512i dot = CH == 2 ? _mm512_add_epi32(c[0], c[1]) : c[0];
                     if (KS) {
                         isum[m] = _mm512_add_epi32(isum[m], _mm512_mullo_epi32(dot, sc));
