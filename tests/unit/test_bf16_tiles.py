@@ -33,7 +33,8 @@ def test_matmul_equals_the_bf16_product(n, k, x_dtype):
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 64, 65, 131])
 def test_rows_do_not_depend_on_the_call(m):
-    """A row gives the same bits alone, in any group of 3 of a call, in any block of 64 rows."""
+    """A row gives the same bits alone, in any register block of a call (3 rows x 4 tiles for <= 3 rows, else
+    6 x 2), in any block of 64 rows."""
     n, k = 100, 256
     tiles = bf16tile.pack_weight(_weight(n, k, 3))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))

@@ -49,11 +49,13 @@ void ember_bf16_rows_f32(const uint16_t *tiles, const int64_t *ids, int64_t n_id
     }
 }
 
-/* Register block: NT tiles (64 weight rows: four streams from DRAM, ~10 % more bandwidth at one row than
- * two) x up to MR_MAX activation rows x CH chains = 24 accumulators; each weight vector meets 3 rows (1B-shape
- * linears, 2 threads, against torch's oneDNN bf16: 2.1x at 1 row, 1.6x at 8, 1.1x at 64, 0.9x at 512). CH: k pairs p, p + 1 go to two chains, fixed for every call (one chain would wait on vdpbf16ps's
- * latency at one row); NT and MR_MAX only decide which sums run side by side, not their order. */
-enum { NT = 4, MR_MAX = 3, CH = 2 };
+/* Register blocks of 24 accumulators (rows x tiles x CH chains), which only decide which sums run side by
+ * side, never their order: up to 3 rows (a decode step) meet NT = 4 tiles (64 weight rows: four streams from
+ * DRAM, ~10 % more bandwidth at one row than two); more rows go up to 6 at a time against 2 tiles, each
+ * weight vector meeting 6 rows (64-512 rows: 1.05x over 3 x 4). 1B-shape linears, 2 threads, against
+ * torch's oneDNN bf16: 2.1x at 1 row, 1.6x at 8, 1.1x at 64, 0.9x at 512. CH: k pairs p, p + 1 go to two
+ * chains, fixed for every call (one chain would wait on vdpbf16ps's latency at one row). */
+enum { NT = 4, MR_FEW = 3, NT_MANY = 2, MR_MANY = 6, MR_MAX = 6, CH = 2 };
 
 /* acc + w . (the bf16 pair at x, to every lane) through vdpbf16ps's own {1to16} broadcast: one broadcast
  * register shared by 4 tiles had cost a vector op per 4 dot products, and gcc 12 does not fold
@@ -96,9 +98,10 @@ static void store(const float *v, int64_t m, int64_t n, int64_t r0, float *y_f32
     }
 }
 
-#define BF16_CASES(MR)                                                      \
-    case MR: tile_rows(MR, (int)nt, tile, kp * 32, xb, m0, kp, acc); break; \
-    case MR + 8: tile_rows(MR, NT, tile, kp * 32, xb, m0, kp, acc); break;
+/* mr rows against nj tiles (nj = NTC, a constant, or fewer in a last partial group) */
+#define BF16_CASES(MR, NTC)                                                 \
+    case MR: tile_rows(MR, (int)nj, tl, kp * 32, xb, m0, kp, acc); break;   \
+    case MR + 8: tile_rows(MR, NTC, tl, kp * 32, xb, m0, kp, acc); break;
 
 /* y [M, N] = x [M, K] @ W.T; x bf16 or fp32 (x_f32), y fp32 or bf16 (whichever pointer is set) */
 void ember_bf16_matmul(const uint16_t *tiles, const void *x, int64_t x_f32, int64_t m_rows, int64_t n, int64_t k,
@@ -115,7 +118,7 @@ void ember_bf16_matmul(const uint16_t *tiles, const void *x, int64_t x_f32, int6
         xb = conv;
     }
     /* rows in blocks of MB (their bf16 activations stay in L2 while every tile passes); within a block each
-     * group of tiles meets the rows MR_MAX at a time, its weights read from L2 after the first */
+     * group of NT tiles meets the rows a register block at a time, its weights read from L2 after the first */
     const int64_t MB = 64;
 #pragma omp parallel if (n * k > 65536)
     for (int64_t mb = 0; mb < m_rows; mb += MB) {
@@ -125,15 +128,29 @@ void ember_bf16_matmul(const uint16_t *tiles, const void *x, int64_t x_f32, int6
             const int64_t t = tt * NT, nt = ntiles - t < NT ? ntiles - t : NT;  /* a last partial group */
             const uint16_t *tile = tiles + t * kp * 32;
             float acc[NT * MR_MAX * 16];
-            for (int64_t m0 = mb; m0 < m_end; m0 += MR_MAX) {
-                const int64_t mr = m_end - m0 < MR_MAX ? m_end - m0 : MR_MAX;
-                switch (mr + 8 * (nt == NT)) {
-                    BF16_CASES(1) BF16_CASES(2) BF16_CASES(3)
-                    default: break;
+            const int few = m_rows <= MR_FEW;
+            const int64_t step = few ? MR_FEW : MR_MANY, width = few ? NT : NT_MANY;
+            for (int64_t m0 = mb; m0 < m_end; m0 += step) {
+                const int64_t mr = m_end - m0 < step ? m_end - m0 : step;
+                for (int64_t j0 = 0; j0 < nt; j0 += width) {
+                    const int64_t nj = nt - j0 < width ? nt - j0 : width;
+                    const uint16_t *tl = tile + j0 * kp * 32;
+                    if (few) {
+                        switch (mr + 8 * (nj == NT)) {
+                            BF16_CASES(1, NT) BF16_CASES(2, NT) BF16_CASES(3, NT)
+                            default: break;
+                        }
+                    } else {
+                        switch (mr + 8 * (nj == NT_MANY)) {
+                            BF16_CASES(1, NT_MANY) BF16_CASES(2, NT_MANY) BF16_CASES(3, NT_MANY)
+                            BF16_CASES(4, NT_MANY) BF16_CASES(5, NT_MANY) BF16_CASES(6, NT_MANY)
+                            default: break;
+                        }
+                    }
+                    for (int64_t j = 0; j < nj; j++)
+                        for (int64_t m = 0; m < mr; m++)
+                            store(acc + (j * MR_MAX + m) * 16, m0 + m, n, (t + j0 + j) * 16, y_f32, y_bf16);
                 }
-                for (int64_t j = 0; j < nt; j++)
-                    for (int64_t m = 0; m < mr; m++)
-                        store(acc + (j * MR_MAX + m) * 16, m0 + m, n, (t + j) * 16, y_f32, y_bf16);
             }
         }
     }
