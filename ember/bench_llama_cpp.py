@@ -2,7 +2,9 @@
 
 `ember bench --vs llama.cpp` with llama-bench on PATH (or $LLAMA_BENCH; preferred to llama-cpp-python):
 llama-bench on the same file, prompt length, generation length, trials and threads (its prompt is its
-own random tokens of that length; it reports no load time).
+own random tokens of that length; it reports no load time). $LLAMA_BENCH may name several builds, separated
+by ':' (say one for this CPU and one for AVX2 only, the faster of which depends on the file): each is
+measured, and ember is compared with the fastest for prefill and for decode.
 
 `ember bench --concurrency N --vs llama.cpp`: llama-server is started on the same GGUF with N slots (`-np N`, each with room for the prompt and the
 generation), the same thread count and a free loopback port; N streaming `/completion` requests with the
@@ -31,8 +33,34 @@ HELP = ("llama.cpp's server was not found: build llama.cpp (cmake --build build 
 
 
 def binary(name: str = "llama-server") -> str | None:
-    """llama-server or llama-bench: $LLAMA_SERVER / $LLAMA_BENCH, else PATH."""
+    """A llama.cpp program: $LLAMA_SERVER for llama-server (one path), else PATH (llama-bench: bench_builds)."""
     return os.environ.get(name.upper().replace("-", "_")) or shutil.which(name)
+
+
+def bench_builds() -> list[tuple[str, str]]:
+    """(label, path) of each llama-bench to measure: $LLAMA_BENCH (':'-separated), else the one on PATH.
+    Several builds are told apart by their directory (`.../avx2/bin/llama-bench`: "llama.cpp avx2")."""
+    paths = [p for p in os.environ.get("LLAMA_BENCH", "").split(os.pathsep) if p]
+    if not paths:
+        found = shutil.which("llama-bench")
+        paths = [found] if found else []
+    if len(paths) < 2:
+        return [("llama.cpp", p) for p in paths]
+    names = [next((d for d in reversed(Path(p).parent.parts) if d not in ("bin", "build", "Release")), p)
+             for p in paths]
+    if len(set(names)) < len(names):  # no telling them apart by directory: their paths
+        names = paths
+    return [(f"llama.cpp {n}", p) for n, p in zip(names, paths, strict=True)]
+
+
+def best_peer_line(results: list[Result]) -> str | None:
+    """With several llama.cpp builds: ember against the fastest of them, per measurement."""
+    peers = [r for r in results if r.engine.startswith("llama.cpp")]
+    if len(peers) < 2:
+        return None
+    ember, pp, tg = results[0], max(peers, key=lambda r: r.prefill_tok_s), max(peers, key=lambda r: r.decode_tok_s)
+    return (f"[bench] ember against the fastest llama.cpp build: prefill {ember.prefill_tok_s / pp.prefill_tok_s:.2f}x "
+            f"({pp.engine}), decode {ember.decode_tok_s / tg.decode_tok_s:.2f}x ({tg.engine})")
 
 
 def _spawn(cmd: list[str], **kw) -> subprocess.Popen:
@@ -42,11 +70,9 @@ def _spawn(cmd: list[str], **kw) -> subprocess.Popen:
         raise RuntimeError(f"cannot run {cmd[0]}: {e.strerror or e}") from None
 
 
-def llama_bench(model: Path, prompt_len: int, gen: int, trials: int, threads: int) -> Result:
+def llama_bench(model: Path, prompt_len: int, gen: int, trials: int, threads: int, exe: str,
+                label: str = "llama.cpp") -> Result:
     """Prefill (pp) and decode (tg) tok/s from llama-bench's JSON report; peak RSS of its process."""
-    exe = binary("llama-bench")
-    if exe is None:
-        raise RuntimeError("llama-bench was not found: put it on PATH or set LLAMA_BENCH=/path/to/llama-bench")
     cmd = [exe, "-m", str(model), "-t", str(threads), "-p", str(prompt_len), "-n", str(gen), "-r", str(trials),
            "-o", "json"]
     with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
@@ -65,7 +91,8 @@ def llama_bench(model: Path, prompt_len: int, gen: int, trials: int, threads: in
         tg = next(r["avg_ts"] for r in rows if r["n_gen"] == gen and r["n_prompt"] == 0)
     except (ValueError, KeyError, StopIteration) as e:
         raise RuntimeError(f"llama-bench printed no pp{prompt_len} / tg{gen} rows ({e}):\n{out[-1000:]}") from None
-    return Result("llama.cpp", float("nan"), pp, tg, usage.ru_maxrss / 1024, "llama-bench (its own random prompt tokens)")
+    note = "llama-bench (its own random prompt tokens)" if label == "llama.cpp" else f"{exe} (its own random prompt tokens)"
+    return Result(label, float("nan"), pp, tg, usage.ru_maxrss / 1024, note)
 
 
 def _free_port() -> int:

@@ -252,7 +252,9 @@ def chat_cmd(
 def bench(
     model: ModelOpt = None,
     vs: Annotated[list[str] | None, typer.Option("--vs", help="Peer to measure in the same run: transformers, llama.cpp (repeatable; llama.cpp's "
-                                                  "llama-bench on PATH or $LLAMA_BENCH, else llama-cpp-python). "
+                                                  "llama-bench on PATH or $LLAMA_BENCH, else llama-cpp-python; "
+                                                  "$LLAMA_BENCH=A:B measures both builds and compares ember "
+                                                  "with the faster). "
                                                   "With --concurrency: llama.cpp's server (llama-server on PATH or "
                                                   "$LLAMA_SERVER) under the same load.")] = None,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens for the prefill measurement.")] = 128,
@@ -275,7 +277,7 @@ def bench(
 
     peers = list(vs or [])
     # llama.cpp's own benchmark program, preferred to the Python binding when both are there
-    llama_bench = bench_llama_cpp.binary("llama-bench") is not None
+    llama_benches = bench_llama_cpp.bench_builds()
     for p in peers:
         if p not in b.ENGINES[1:]:
             raise EmberError(f"--vs {p!r}: unknown peer; choose from {', '.join(b.ENGINES[1:])}")
@@ -284,7 +286,7 @@ def bench(
                 raise EmberError(f"--concurrency runs against llama.cpp's server only, not --vs {p}")
             if bench_llama_cpp.binary() is None:
                 raise EmberError(bench_llama_cpp.HELP)
-        elif not (p == "llama.cpp" and llama_bench) and not b.available(p):
+        elif not (p == "llama.cpp" and llama_benches) and not b.available(p):
             pkg = {"transformers": "pip install transformers accelerate",
                    "llama.cpp": "pip install llama-cpp-python, or llama-bench on PATH / $LLAMA_BENCH"}[p]
             raise EmberError(f"--vs {p}: not installed ({pkg}); ember never requires it")
@@ -317,8 +319,9 @@ def bench(
     for engine in ["ember", *peers]:
         print(f"[bench] running {engine} ...", file=sys.stderr)
         try:
-            if engine == "llama.cpp" and llama_bench:
-                results.append(bench_llama_cpp.llama_bench(path, len(ids), gen_len, trials, n_threads))
+            if engine == "llama.cpp" and llama_benches:
+                for label, exe in llama_benches:
+                    results.append(bench_llama_cpp.llama_bench(path, len(ids), gen_len, trials, n_threads, exe, label))
                 continue
             results.append(b.run_engine(engine, path, ids, gen_len, trials, n_threads,
                                         quant if engine == "ember" else None))
@@ -326,6 +329,8 @@ def bench(
             raise EmberError(str(e)) from None
     size = b.weight_bytes(path)
     print(b.table(results, size))
+    if best := bench_llama_cpp.best_peer_line(results):
+        print(best, file=sys.stderr)
     print(b.bandwidth_line(results, size, b.read_bandwidth(n_threads)), file=sys.stderr)
 
 

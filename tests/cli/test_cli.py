@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -290,23 +291,34 @@ a = sys.argv
 flags = {{a[i]: a[i + 1] for i in range(1, len(a) - 1) if a[i].startswith("-")}}
 assert flags["-m"].endswith(".gguf") and flags["-o"] == "json" and int(flags["-t"]) >= 1, flags
 p, n = int(flags["-p"]), int(flags["-n"])
-print(json.dumps([{{"n_prompt": p, "n_gen": 0, "avg_ts": 123.5}}, {{"n_prompt": 0, "n_gen": n, "avg_ts": 45.25}}]))
+print(json.dumps([{{"n_prompt": p, "n_gen": 0, "avg_ts": {pp}}}, {{"n_prompt": 0, "n_gen": n, "avg_ts": {tg}}}]))
 """
 
 
 def test_bench_vs_llama_bench_binary(smollm_gguf, tmp_path):
-    """Without llama-cpp-python, --vs llama.cpp runs llama.cpp's llama-bench (here a stand-in) and reads
-    its JSON report."""
-    fake = tmp_path / "llama-bench"
-    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
-    fake.chmod(0o755)
+    """Without llama-cpp-python, --vs llama.cpp runs llama.cpp's llama-bench (here stand-ins) and reads its
+    JSON report; $LLAMA_BENCH=A:B measures two builds, and ember is compared with the faster per figure."""
+    fakes = []
+    for build, pp, tg in (("native", 123.5, 45.25), ("avx2", 80.0, 60.0)):
+        fake = tmp_path / build / "bin" / "llama-bench"
+        fake.parent.mkdir(parents=True)
+        fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, pp=pp, tg=tg))
+        fake.chmod(0o755)
+        fakes.append(str(fake))
     r = subprocess.run([*EMBER, "bench", "-m", str(smollm_gguf), "--trials", "1", "--gen-len", "4", "--prompt-len",
                         "8", "--threads", "1", "--vs", "llama.cpp"], capture_output=True, text=True, timeout=180,
-                       env=dict(os.environ, LLAMA_BENCH=str(fake)))
+                       env=dict(os.environ, LLAMA_BENCH=os.pathsep.join(fakes)))
     assert r.returncode == 0, r.stderr
-    row = next(line for line in r.stdout.splitlines() if line.startswith("| llama.cpp |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "n/a" and float(cells[2]) == 124 and float(cells[3]) == 45.2 and float(cells[5]) > 0
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in r.stdout.splitlines()
+                              if line.startswith("| "))}
+    native, avx2, ember = rows["llama.cpp native"], rows["llama.cpp avx2"], rows["ember"]
+    assert native[1] == "n/a" and float(native[2]) == 124 and float(native[3]) == 45.2 and float(native[5]) > 0
+    assert float(avx2[2]) == 80 and float(avx2[3]) == 60 and fakes[1] in avx2[7]
+    best = next(line for line in r.stderr.splitlines() if "fastest llama.cpp build" in line)
+    m = re.search(r"prefill ([\d.]+)x \(llama.cpp native\), decode ([\d.]+)x \(llama.cpp avx2\)", best)
+    assert m, best  # each figure against its own fastest build; the table's figures are rounded
+    assert float(m[1]) == pytest.approx(float(ember[2]) / 123.5, rel=0.01, abs=0.01)
+    assert float(m[2]) == pytest.approx(float(ember[3]) / 60, rel=0.01, abs=0.01)
     r = subprocess.run([*EMBER, "bench", "-m", str(smollm_gguf), "--trials", "1", "--gen-len", "4", "--vs", "llama.cpp",
                         "--threads", "1"], capture_output=True, text=True, timeout=180,
                        env=dict(os.environ, LLAMA_BENCH=str(tmp_path / "missing")))
