@@ -352,7 +352,7 @@ static void quantize_q8k(const void *x, int x_f32, int64_t m_rows, int64_t k, in
 static qact quantize(const void *x, int x_f32, int64_t m_rows, int64_t k, const tiled_w *w, int two) {
     const int64_t nb = k / 32;
     const int sub16 = w->sub16;
-    qact a = qact_alloc(m_rows, k, two, q8k(w, two), SIGN8 && !two && w->bits8);
+    qact a = qact_alloc(m_rows, k, two, q8k(w, two), SIGN8 && !two && layout_of(w) == BYTES);
     if (q8k(w, two)) {
         quantize_q8k(x, x_f32, m_rows, k, w->zexp, &a);
         return a;
