@@ -32,9 +32,9 @@ HELP = ("llama.cpp's server was not found: build llama.cpp (cmake --build build 
         "llama-server on PATH, or set LLAMA_SERVER=/path/to/llama-server")
 
 
-def binary(name: str = "llama-server") -> str | None:
-    """A llama.cpp program: $LLAMA_SERVER for llama-server (one path), else PATH (llama-bench: bench_builds)."""
-    return os.environ.get(name.upper().replace("-", "_")) or shutil.which(name)
+def binary() -> str | None:
+    """llama-server: $LLAMA_SERVER, else PATH (llama-bench, which may be several builds: bench_builds)."""
+    return os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
 
 
 def bench_builds() -> list[tuple[str, str]]:
