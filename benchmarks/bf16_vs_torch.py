@@ -3,33 +3,23 @@
     python benchmarks/bf16_vs_torch.py                 # the Llama-3.2-1B shape's four linears, 1-512 rows
     python benchmarks/bf16_vs_torch.py -m 64 -m 512 --threads 2
 
-Each linear is timed alternately in one process, best of --trials, and the four are summed. Needs a CPU with
-AVX512-BF16 (ember's bf16 kernel); elsewhere ember keeps torch's dense path and there is nothing to compare.
+Each linear is timed alternately in one process (kernel_ab.race: each goes first every other trial), best
+of --trials, and the four are summed. Needs a CPU with AVX512-BF16 (ember's bf16 kernel); elsewhere ember
+keeps torch's dense path and there is nothing to compare.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from kernel_ab import race  # benchmarks/ is on sys.path when a script in it runs
 
 from ember.quant import bf16tile
 
 SHAPES = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)]  # (N, K): qkv, o, gate_up, down
-
-
-def race(a, b, trials: int) -> tuple[float, float]:
-    """Best times of a and b, called alternately, so a noisy machine hits both alike."""
-    best = [float("inf"), float("inf")]
-    for _ in range(trials):
-        for i, fn in enumerate((a, b)):
-            t = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t)
-    return best[0], best[1]
 
 
 def main() -> None:
@@ -47,10 +37,10 @@ def main() -> None:
             w = (torch.randn(n, k) * 0.02).bfloat16()  # w: [N, K]
             tiles = bf16tile.pack_weight(w)
             x = torch.randn(m, k).bfloat16()  # x: [M, K]
-            te, tt = race(lambda: bf16tile.matmul(tiles, x, n, torch.bfloat16),  # noqa: B023
-                          lambda: F.linear(x, w), args.trials)  # noqa: B023
-            t_ember += te
-            t_torch += tt
+            best, _ = race({"ember": lambda: bf16tile.matmul(tiles, x, n, torch.bfloat16),  # noqa: B023
+                            "torch": lambda: F.linear(x, w)}, args.trials)  # noqa: B023
+            t_ember += best["ember"]
+            t_torch += best["torch"]
         print(f"{m} rows: ember {t_ember * 1e3:.2f} ms, torch bf16 {t_torch * 1e3:.2f} ms, "
               f"torch/ember {t_torch / t_ember:.2f}x")
 
